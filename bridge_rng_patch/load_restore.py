@@ -1,0 +1,245 @@
+"""Load side: Bridge's RNG restore reads the layout the checkpoint stores, restores all or nothing, and hands the
+CUDA RNG tracker its states in the form it keeps (graph-safe or not), as Megatron-Bridge 0.3.0 does.
+
+Three pieces, all scoped to Bridge's checkpointing module; megatron-core is unchanged for everyone else:
+- the ``rng_state`` load request is aligned with the layout stored in the checkpoint's metadata, so a
+  (pp, tp) checkpoint loads under EP > 1, a (pp, tp, dp) one loads under EP == 1, and a DP resize loads;
+- the loaded states are handed to Bridge's restore as a list that checks the entry it picks before the first
+  RNG source is set, and gives a rank without a stored state its own current (fresh) state;
+- ``tensor_parallel`` as that module sees it returns a tracker whose ``set_states`` passes every state through
+  ``convert_cuda_rng_state(state, to_graphable=is_graph_safe_cuda_rng_tracker(tracker))``, in both branches.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+import wrapt
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from bridge_rng_patch import compat, probe
+from bridge_rng_patch.patcher import Decision, report
+from bridge_rng_patch.rng_layout import (
+    RNG_STATE_KEY,
+    RankCoordinates,
+    RngCheckpointError,
+    StoredRngLayout,
+    read_stored_layout,
+)
+
+LOAD_FUNCTION = "_load_checkpoint_from_path"
+DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
+_DIST_LOAD_PARAMETERS = ("load_dir", "ckpt_cfg", "rank0", "sharded_state_dict", "iteration", "release")
+_WHAT_TO_DO = "no RNG state was restored; resume with load_rng=False to start from fresh RNG state"
+
+
+class GraphSafeRestoringTracker(wrapt.ObjectProxy):
+    """The CUDA RNG tracker in use, converting states it is given to the form it keeps."""
+
+    def set_states(self, states: Mapping[str, Any]) -> None:
+        if not isinstance(states, Mapping):
+            raise RngCheckpointError(f"rng_tracker_states is a {type(states).__name__}, expected a dict; {_WHAT_TO_DO}")
+        graph_safe = compat.is_graph_safe_cuda_rng_tracker(self.__wrapped__)
+        self.__wrapped__.set_states(
+            {name: compat.convert_cuda_rng_state(state, to_graphable=graph_safe) for name, state in states.items()}
+        )
+
+
+class BridgeTensorParallel(wrapt.ObjectProxy):
+    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it."""
+
+    def get_cuda_rng_tracker(self, *args: Any, **kwargs: Any) -> GraphSafeRestoringTracker:
+        return GraphSafeRestoringTracker(self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs))
+
+
+def _is_rng_state(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], tuple)
+
+
+def _is_numpy_state(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 5 and value[0] == "MT19937"
+
+
+def _is_byte_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1 and value.numel() > 0
+
+
+def _is_cpu_rng_state(value: Any) -> bool:
+    return _is_byte_tensor(value) and value.numel() == torch.get_rng_state().numel()
+
+
+def _is_tracker_states(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(state, torch.Generator) or _is_byte_tensor(state) for state in value.values())
+    )
+
+
+# What Bridge's restore sets, in its order, with what each must be.
+_ENTRY_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("random_rng_state", _is_rng_state, "a random.getstate() tuple"),
+    ("np_rng_state", _is_numpy_state, "a numpy.random.get_state() tuple"),
+    ("torch_rng_state", _is_cpu_rng_state, "torch.get_rng_state()'s ByteTensor"),
+    ("cuda_rng_state", _is_byte_tensor, "a CUDA RNG ByteTensor"),
+    ("rng_tracker_states", _is_tracker_states, "a non-empty dict of CUDA RNG states (ByteTensor or Generator)"),
+)
+
+
+def check_rng_entry(entry: Any, where: str) -> None:
+    """Raise RngCheckpointError naming ``where`` and the key unless ``entry`` can be restored whole."""
+    if not isinstance(entry, Mapping):
+        raise RngCheckpointError(f"{where} is a {type(entry).__name__}, expected a dict of RNG states; {_WHAT_TO_DO}")
+    for key, is_valid, expected in _ENTRY_CHECKS:
+        if key not in entry:
+            raise RngCheckpointError(f"{where} has no '{key}'; {_WHAT_TO_DO}")
+        if not is_valid(entry[key]):
+            raise RngCheckpointError(f"{where}['{key}'] is {_describe(entry[key])}, expected {expected}; {_WHAT_TO_DO}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def current_rng_state() -> dict[str, Any]:
+    """This rank's live RNG state, in the checkpoint's format: restoring it leaves every source as it is."""
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+class RestorableRngStates(list):
+    """A rank's loaded RNG states, checked when Bridge's restore picks one.
+
+    Bridge's restore indexes this list (``[dp_rank]`` or ``[0]``) and then sets python, numpy, torch, CUDA and
+    tracker state one after another; checking the picked entry first makes that restore all or nothing. A rank
+    the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG.
+    """
+
+    def __init__(self, states: list, checkpoint_dir: str, rank: RankCoordinates) -> None:
+        super().__init__(states)
+        self.checkpoint_dir = checkpoint_dir
+        self.rank = rank
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int):
+            return super().__getitem__(index)
+        if -len(self) <= index < len(self):
+            entry = super().__getitem__(index)
+            check_rng_entry(entry, f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]")
+            return entry
+        report(
+            f"rank {_global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
+            f"checkpoint {self.checkpoint_dir} holds no RNG state for it; it keeps its fresh RNG state",
+            logging.WARNING,
+            every_rank=True,
+        )
+        return current_rng_state()
+
+
+def _global_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _report_layout(stored: StoredRngLayout, requested: ShardedObject) -> None:
+    """One line on rank 0 whenever the stored layout differs from what the running job asked for."""
+    running_per_dp_rank = len(requested.global_shape) == 3
+    where = f"checkpoint {stored.checkpoint_dir}"
+    if running_per_dp_rank and not stored.per_dp_rank:
+        report(
+            f"{where} stores RNG state {stored.describe()}: it was written without EP-aware sharding and carries "
+            "one shared state per (pp, tp), the state of one DP rank (the old bug); every DP rank resumes from "
+            "that state, and the next checkpoint stores each rank's own"
+        )
+    elif stored.per_dp_rank and not running_per_dp_rank:
+        report(
+            f"{where} stores RNG state {stored.describe()} while this job shards it by (pp, tp) (EP == 1): each "
+            "rank restores the state saved at its own (pp, tp, dp) coordinates"
+        )
+    elif stored.per_dp_rank and stored.global_shape[2] != requested.global_shape[2]:
+        stored_dp, running_dp = stored.global_shape[2], requested.global_shape[2]
+        fresh = f"; DP ranks {stored_dp}..{running_dp - 1} keep fresh RNG state" if running_dp > stored_dp else ""
+        report(f"{where} stores RNG state for DP size {stored_dp}, this job runs DP size {running_dp}{fresh}")
+
+
+class LayoutAwareDistLoad:
+    """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shard the checkpoint stores."""
+
+    def __init__(self, checkpointing: ModuleType) -> None:
+        self._checkpointing = checkpointing
+        self._signature = inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION))
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = self._signature.bind(*args, **kwargs).arguments
+        sharded_state_dict = call.get("sharded_state_dict")
+        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        if call.get("rank0") or not isinstance(request, ShardedObject):
+            return wrapped(*args, **kwargs)
+        checkpoint_dir = str(
+            self._checkpointing.get_checkpoint_name(call["load_dir"], call["iteration"], call["release"])
+        )
+        stored = read_stored_layout(checkpoint_dir)
+        if stored is None:
+            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{RNG_STATE_KEY}'; {_WHAT_TO_DO}")
+        _report_layout(stored, request)
+        rank = RankCoordinates.of_request(request)
+        aligned_request = stored.request_for(rank, request.data)
+        if aligned_request is None:
+            del sharded_state_dict[RNG_STATE_KEY]
+        else:
+            sharded_state_dict[RNG_STATE_KEY] = aligned_request
+        result = wrapped(*args, **kwargs)
+        state_dict = result[0]
+        state_dict[RNG_STATE_KEY] = RestorableRngStates(state_dict.get(RNG_STATE_KEY, []), checkpoint_dir, rank)
+        return result
+
+
+class LoadRestorePatch:
+    targets = ("tensor_parallel", DIST_LOAD_FUNCTION)
+
+    def decide(self, checkpointing: ModuleType) -> Decision:
+        missing = [
+            name
+            for name in (LOAD_FUNCTION, DIST_LOAD_FUNCTION, "get_checkpoint_name", "tensor_parallel")
+            if not hasattr(checkpointing, name)
+        ]
+        if missing:
+            return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
+        load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
+        converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
+        if converts is None:
+            return Decision.by_version(f"the source of {LOAD_FUNCTION}", probe.bridge_release_has_fix())
+        if converts:
+            return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
+        if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
+            return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
+        parameters = tuple(inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION)).parameters)
+        if parameters[: len(_DIST_LOAD_PARAMETERS)] != _DIST_LOAD_PARAMETERS:
+            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{parameters}")
+        helpers = (
+            "megatron-core's"
+            if not compat.USES_OWN_HELPERS
+            else "bridge_rng_patch's (this megatron-core lacks convert_cuda_rng_state)"
+        )
+        return Decision.apply(f"restore sets tracker states unconverted and reads one layout; using {helpers} helpers")
+
+    def instrument(self, checkpointing: ModuleType) -> None:
+        checkpointing.tensor_parallel = BridgeTensorParallel(checkpointing.tensor_parallel)
+        wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
+
+
+PATCH = LoadRestorePatch()

@@ -1,0 +1,203 @@
+"""The one place that applies and undoes the patches and keeps their status.
+
+Patches are applied once, when ``megatron.bridge.training.checkpointing`` is imported (or at once if it already
+is), each only after it has probed the installed code. A patch that cannot apply says why and leaves the module
+untouched. Undo puts back the exact original objects. Nothing heavy is imported here: the patch modules, and
+with them torch and megatron, are imported only from the import hook.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from types import ModuleType
+from typing import NamedTuple, Protocol
+
+import wrapt
+
+TARGET_MODULE = "megatron.bridge.training.checkpointing"
+DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
+LOGGER_NAME = "bridge_rng_patch"
+
+PENDING = "pending"
+APPLIED = "applied"
+NOT_NEEDED = "not needed"
+DISABLED = "disabled"
+REFUSED = "refused"
+UNDONE = "undone"
+
+# name -> what it gives an old release; each name is also the module that holds the patch.
+PATCHES = {
+    "save_sharding": "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
+    "load_restore": "RNG restore reads the stored layout, restores all or nothing, converts tracker states",
+}
+
+
+class Decision(NamedTuple):
+    """What a patch's probe concluded about the installed code."""
+
+    state: str
+    reason: str
+
+    @classmethod
+    def apply(cls, reason: str) -> Decision:
+        return cls(APPLIED, reason)
+
+    @classmethod
+    def not_needed(cls, reason: str) -> Decision:
+        return cls(NOT_NEEDED, reason)
+
+    @classmethod
+    def refuse(cls, reason: str) -> Decision:
+        return cls(REFUSED, reason)
+
+    @classmethod
+    def by_version(cls, unavailable: str, release_has_fix: bool | None) -> Decision:
+        """The version number alone decides, for code whose features cannot be probed."""
+        if release_has_fix is None:
+            return cls.refuse(f"{unavailable} is unavailable and the Megatron-Bridge version unknown")
+        if release_has_fix:
+            return cls.not_needed(f"{unavailable} is unavailable; Megatron-Bridge >= 0.3.0 has the fix")
+        return cls.apply(f"{unavailable} is unavailable; Megatron-Bridge < 0.3.0 lacks the fix")
+
+
+class PatchStatus(NamedTuple):
+    name: str
+    summary: str
+    state: str
+    reason: str
+    versions: Mapping[str, str | None]
+
+
+class Patch(Protocol):
+    """One patch: the module attributes it replaces, a probe that decides, and the replacement."""
+
+    targets: tuple[str, ...]
+
+    def decide(self, checkpointing: ModuleType) -> Decision: ...
+
+    def instrument(self, checkpointing: ModuleType) -> None: ...
+
+
+_lock = threading.RLock()
+_states: dict[str, Decision] = {
+    name: Decision(PENDING, f"waiting for {TARGET_MODULE} to be imported") for name in PATCHES
+}
+_originals: dict[str, dict[str, object]] = {}
+_versions: dict[str, str | None] = {}
+_hook_registered = False
+_switched_off = False
+
+
+def report(message: str, level: int | None = None, every_rank: bool = False) -> None:
+    """Log ``message`` once per job: on rank 0 (by torch.distributed, or $RANK before it is initialised)."""
+    import logging
+
+    if every_rank or _is_rank_zero():
+        logging.getLogger(LOGGER_NAME).log(logging.INFO if level is None else level, message)
+
+
+def _is_rank_zero() -> bool:
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def disabled_by_environment() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def install() -> None:
+    """Arrange for the patches to apply when Megatron-Bridge's checkpointing module is imported."""
+    global _hook_registered, _switched_off
+    with _lock:
+        if disabled_by_environment():
+            for name, decision in _states.items():
+                if decision.state in (PENDING, UNDONE):
+                    _record(name, Decision(DISABLED, f"{DISABLE_ENV} is set"))
+            return
+        _switched_off = False
+        if not _hook_registered:
+            _hook_registered = True
+            # Runs the hook at once when the module is already imported.
+            wrapt.register_post_import_hook(_on_checkpointing_imported, TARGET_MODULE)
+
+
+def apply() -> tuple[PatchStatus, ...]:
+    """Apply every patch the installed code needs (again, after ``undo``); returns the status."""
+    install()
+    checkpointing = sys.modules.get(TARGET_MODULE)
+    if checkpointing is not None and not disabled_by_environment():
+        _apply_all(checkpointing)
+    return status()
+
+
+def undo() -> tuple[PatchStatus, ...]:
+    """Put back the original functions and switch the package off until ``apply`` is called."""
+    global _switched_off
+    with _lock:
+        _switched_off = True
+        checkpointing = sys.modules.get(TARGET_MODULE)
+        for name in PATCHES:
+            originals = _originals.pop(name, None)
+            if originals is not None:
+                for attribute, original in originals.items():
+                    setattr(checkpointing, attribute, original)
+                _record(name, Decision(UNDONE, "original functions restored"))
+            elif _states[name].state == PENDING:
+                _record(name, Decision(UNDONE, "switched off before Megatron-Bridge was imported"))
+    return status()
+
+
+def status() -> tuple[PatchStatus, ...]:
+    """Per patch: applied / not needed / disabled / refused / pending / undone, why, and the versions found."""
+    with _lock:
+        if not _versions:
+            from bridge_rng_patch.probe import installed_versions
+
+            _versions.update(installed_versions())
+        return tuple(
+            PatchStatus(name, summary, _states[name].state, _states[name].reason, dict(_versions))
+            for name, summary in PATCHES.items()
+        )
+
+
+def _on_checkpointing_imported(checkpointing: ModuleType) -> None:
+    if not _switched_off and not disabled_by_environment():
+        _apply_all(checkpointing)
+
+
+def _apply_all(checkpointing: ModuleType) -> None:
+    with _lock:
+        for name in PATCHES:
+            if _states[name].state in (PENDING, UNDONE):
+                _apply_one(name, checkpointing)
+
+
+def _apply_one(name: str, checkpointing: ModuleType) -> None:
+    try:
+        patch: Patch = importlib.import_module(f"bridge_rng_patch.{name}").PATCH
+        decision = patch.decide(checkpointing)
+    except Exception as error:  # a probe that breaks must leave Bridge as it is
+        _record(name, Decision.refuse(f"probing the installed code failed: {error!r}"))
+        return
+    if decision.state == APPLIED:
+        originals = {attribute: getattr(checkpointing, attribute) for attribute in patch.targets}
+        try:
+            patch.instrument(checkpointing)
+        except Exception as error:
+            for attribute, original in originals.items():
+                setattr(checkpointing, attribute, original)
+            decision = Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
+        else:
+            _originals[name] = originals
+    _record(name, decision)
+
+
+def _record(name: str, decision: Decision) -> None:
+    _states[name] = decision
+    report(f"{name}: {decision.state}: {decision.reason}")

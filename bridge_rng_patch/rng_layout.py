@@ -1,0 +1,107 @@
+"""The two layouts of the ``rng_state`` ShardedObject in a torch_dist checkpoint, and how to read one back.
+
+- per (pp, tp): global shape ``(pp, tp)``, the DP rank as ``replica_id``; one state per (pp, tp) is written.
+  Old releases write it always; fixed releases write it when EP == 1.
+- per (pp, tp, dp): global shape ``(pp, tp, dp)``, ``replica_id`` 0; every DP rank's state is written.
+  Fixed releases (and this package) write it when EP > 1.
+
+A checkpoint's stored layout, not the running configuration, decides which shard a rank can read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+RNG_STATE_KEY = "rng_state"
+
+
+class RngCheckpointError(RuntimeError):
+    """A checkpoint's RNG state cannot be restored as stored; the message names the checkpoint and the key."""
+
+
+def shard_per_dp_rank(per_pp_tp: ShardedObject, dp_rank: int, dp_size: int) -> ShardedObject:
+    """The same RNG states, sharded by (pp, tp, dp) so that every DP rank's states are written."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp_size, tp_size = per_pp_tp.global_shape
+    pp_rank, tp_rank = per_pp_tp.global_offset
+    return ShardedObject(
+        RNG_STATE_KEY, per_pp_tp.data, (pp_size, tp_size, dp_size), (pp_rank, tp_rank, dp_rank), replica_id=0
+    )
+
+
+@dataclass(frozen=True)
+class RankCoordinates:
+    """Where a rank sits for RNG purposes, as its own load request tells."""
+
+    pp_rank: int
+    tp_rank: int
+    dp_rank: int
+
+    @classmethod
+    def of_request(cls, request: ShardedObject) -> RankCoordinates:
+        pp_rank, tp_rank = request.global_offset[:2]
+        # A (pp, tp) request carries the DP rank (with context parallel) as its replica id.
+        dp_rank = request.global_offset[2] if len(request.global_offset) == 3 else request.replica_id
+        return cls(int(pp_rank), int(tp_rank), int(dp_rank))
+
+
+@dataclass(frozen=True)
+class StoredRngLayout:
+    """The ``rng_state`` shards a checkpoint holds, from its dist_checkpointing metadata."""
+
+    checkpoint_dir: str
+    global_shape: tuple[int, ...]
+    offsets: frozenset[tuple[int, ...]]
+
+    @property
+    def per_dp_rank(self) -> bool:
+        return len(self.global_shape) == 3
+
+    def describe(self) -> str:
+        axes = "(pp, tp, dp)" if self.per_dp_rank else "(pp, tp)"
+        return f"sharded by {axes}, global shape {self.global_shape}"
+
+    def request_for(self, rank: RankCoordinates, data: object) -> ShardedObject | None:
+        """The load request for ``rank``'s stored shard, or None when the checkpoint holds none for it."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        if self.per_dp_rank:
+            offset, replica_id = (rank.pp_rank, rank.tp_rank, rank.dp_rank), 0
+        else:
+            offset, replica_id = (rank.pp_rank, rank.tp_rank), rank.dp_rank
+        if offset not in self.offsets:
+            return None
+        return ShardedObject(RNG_STATE_KEY, data, self.global_shape, offset, replica_id=replica_id)
+
+
+def read_stored_layout(checkpoint_dir: str) -> StoredRngLayout | None:
+    """The RNG layout stored in ``checkpoint_dir``; None when it stores no RNG state."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    shards = [
+        item
+        for item in load_sharded_metadata(checkpoint_dir).values()
+        if isinstance(item, ShardedObject) and item.key == RNG_STATE_KEY
+    ]
+    if not shards:
+        return None
+    shapes = {tuple(shard.global_shape) for shard in shards}
+    offsets = frozenset(tuple(shard.global_offset) for shard in shards)
+    shape = next(iter(shapes)) if len(shapes) == 1 else None
+    if shape is None or len(shape) not in (2, 3) or any(not _inside(offset, shape) for offset in offsets):
+        raise RngCheckpointError(
+            f"checkpoint {checkpoint_dir}: the metadata of '{RNG_STATE_KEY}' fits no known RNG layout "
+            f"(shard shapes {sorted(shapes)}, expected one (pp, tp) or (pp, tp, dp) shape); resume with "
+            f"load_rng=False to start from fresh RNG state"
+        )
+    return StoredRngLayout(checkpoint_dir, shape, offsets)
+
+
+def _inside(offset: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return len(offset) == len(shape) and all(0 <= index < size for index, size in zip(offset, shape, strict=True))

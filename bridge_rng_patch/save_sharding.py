@@ -1,0 +1,86 @@
+"""Save side: with EP > 1, ``get_rng_state`` shards the RNG state by (pp, tp, dp) so every DP rank's is written.
+
+Old releases shard it by (pp, tp) with the DP rank as ``replica_id``, so only one DP rank's state is saved
+while ranks in different expert-parallel groups hold different expert RNG streams. The wrapper keeps
+everything the original does (what it collects, the DP all-gather, fsdp_dtensor) and only re-shards the
+ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import wrapt
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from bridge_rng_patch import probe
+from bridge_rng_patch.patcher import Decision
+from bridge_rng_patch.rng_layout import shard_per_dp_rank
+
+TARGET = "get_rng_state"
+
+
+class EpAwareRngState:
+    """The ``get_rng_state`` wrapper, for either signature the old releases have."""
+
+    def __init__(self, signature: probe.RngStateSignature) -> None:
+        self._pg_collection_position = signature.pg_collection_position
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        rng_state = wrapped(*args, **kwargs)
+        if not isinstance(rng_state, ShardedObject):  # fsdp_dtensor keeps its (pp, tp) dict, as upstream
+            return rng_state
+        ep_size, dp_rank, dp_size = _expert_and_data_parallel(self._pg_collection(args, kwargs))
+        if ep_size <= 1:
+            return rng_state
+        return shard_per_dp_rank(rng_state, dp_rank, dp_size)
+
+    def _pg_collection(self, args: tuple, kwargs: dict) -> Any:
+        position = self._pg_collection_position
+        if position is not None and len(args) > position:
+            return args[position]
+        return kwargs.get("pg_collection")
+
+
+def _expert_and_data_parallel(pg_collection: Any) -> tuple[int, int, int]:
+    """EP size, and DP (with context parallel) rank and size, from ``pg_collection`` or the mpu globals."""
+    if pg_collection is None:
+        return (
+            parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(with_context_parallel=True),
+            parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        )
+    expert_group = getattr(pg_collection, "ep", None)
+    ep_size = 1 if expert_group is None else expert_group.size()
+    return ep_size, pg_collection.dp_cp.rank(), pg_collection.dp_cp.size()
+
+
+class SaveShardingPatch:
+    targets = (TARGET,)
+
+    def decide(self, checkpointing: ModuleType) -> Decision:
+        get_rng_state = getattr(checkpointing, TARGET, None)
+        if get_rng_state is None:
+            return Decision.refuse(f"{checkpointing.__name__} has no {TARGET}")
+        signature = probe.rng_state_signature(get_rng_state)
+        if signature is None:
+            return Decision.refuse(f"unknown signature {TARGET}{probe.describe_signature(get_rng_state)}")
+        shards_by_ep = probe.shards_rng_state_by_ep(get_rng_state)
+        release_has_fix = probe.bridge_release_has_fix()
+        if shards_by_ep is None:
+            return Decision.by_version(f"the source of {TARGET}", release_has_fix)
+        if shards_by_ep:
+            return Decision.not_needed(f"upstream {signature.describe()} already shards RNG state by EP")
+        if not probe.builds_rng_sharded_object(get_rng_state):
+            return Decision.refuse(f"unexpected {TARGET}: its source builds no ShardedObject with a replica_id")
+        note = "; its version number claims the fix, its code does not have it" if release_has_fix else ""
+        return Decision.apply(f"{signature.describe()} shards by (pp, tp) only{note}")
+
+    def instrument(self, checkpointing: ModuleType) -> None:
+        signature = probe.rng_state_signature(getattr(checkpointing, TARGET))
+        wrapt.wrap_function_wrapper(checkpointing, TARGET, EpAwareRngState(signature))
+
+
+PATCH = SaveShardingPatch()

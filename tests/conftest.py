@@ -1,0 +1,60 @@
+"""Fixtures: the real Megatron-Bridge release environments, and running code or jobs inside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.release_envs import FIXED_RELEASES, OLD_RELEASES, RELEASES, ReleaseEnv, ensure  # noqa: E402
+
+JOB = REPO / "tests" / "jobs" / "rng_job.py"
+
+
+def run_python(env: ReleaseEnv, code: str, *, extra_env: dict[str, str] | None = None, timeout: int = 300):
+    """Run ``code`` in a fresh interpreter of ``env``; returns the completed process (stdout, stderr, rc)."""
+    environment = {key: value for key, value in os.environ.items() if key != "BRIDGE_RNG_PATCH_DISABLE"}
+    environment.update(PYTHONWARNINGS="ignore", **(extra_env or {}))
+    return subprocess.run(
+        [str(ensure(env).python), "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def run_job(env: ReleaseEnv, spec: dict, tmp_path: Path, name: str) -> list[dict]:
+    """Run a multi-process RNG job (tests/jobs/rng_job.py) in ``env``; returns one result dict per rank."""
+    out = tmp_path / f"{name}.json"
+    spec = {**spec, "out": str(out)}
+    process = subprocess.run(
+        [str(ensure(env).python), str(JOB), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+        cwd=REPO,
+    )
+    if process.returncode != 0 or not out.exists():
+        raise AssertionError(f"job {name} in {env.name} failed (rc {process.returncode}):\n{process.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session", params=[env.name for env in OLD_RELEASES])
+def old_release(request) -> ReleaseEnv:
+    return ensure(RELEASES[request.param])
+
+
+@pytest.fixture(scope="session", params=[env.name for env in FIXED_RELEASES])
+def fixed_release(request) -> ReleaseEnv:
+    return ensure(RELEASES[request.param])
