@@ -1,0 +1,216 @@
+"""Applying, undoing and reporting, on the real releases' checkpointing module, each in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import RELEASES, run_python
+
+RUNNER = RELEASES["bridge-0.2.0rc6"]
+FIXED = RELEASES["bridge-0.3.1"]
+
+TARGETS = "('get_rng_state', 'tensor_parallel', '_load_global_dist_base_checkpoint')"
+
+
+def _result(process) -> dict:
+    assert process.returncode == 0, process.stderr[-4000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_imports_neither_torch_nor_megatron():
+    result = _result(
+        run_python(
+            RUNNER,
+            """
+            import json, sys
+            import bridge_rng_patch
+            heavy = sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'megatron', 'numpy'))
+            print(json.dumps({'heavy': heavy, 'states': [s.state for s in bridge_rng_patch.status()]}))
+            """,
+        )
+    )
+    assert result == {"heavy": [], "states": ["pending", "pending"]}
+
+
+@pytest.mark.parametrize("order", ["package first", "bridge first"])
+def test_patches_apply_whichever_is_imported_first(order):
+    imports = ["import bridge_rng_patch", "import megatron.bridge.training.checkpointing as checkpointing"]
+    if order == "bridge first":
+        imports.reverse()
+    result = _result(
+        run_python(
+            RUNNER,
+            "\n".join(imports)
+            + f"""
+import json
+print(json.dumps({{
+    "states": [s.state for s in bridge_rng_patch.status()],
+    "wrapped": [hasattr(getattr(checkpointing, name), "__wrapped__") for name in {TARGETS}],
+}}))
+""",
+        )
+    )
+    assert result == {"states": ["applied", "applied"], "wrapped": [True, True, True]}
+
+
+def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
+    process = run_python(
+        RUNNER,
+        """
+        import importlib, json, logging, threading
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        import bridge_rng_patch
+        barrier = threading.Barrier(8)
+        def race():
+            barrier.wait()
+            importlib.import_module("megatron.bridge.training.checkpointing")
+            bridge_rng_patch.apply()
+        threads = [threading.Thread(target=race) for _ in range(8)]
+        [thread.start() for thread in threads]
+        [thread.join() for thread in threads]
+        importlib.reload(bridge_rng_patch)
+        bridge_rng_patch.apply()
+        import megatron.bridge.training.checkpointing as checkpointing
+        # Wrapped once: under the wrapper is the release's own function, not another wrapper.
+        print(json.dumps({
+            "inner": checkpointing.get_rng_state.__wrapped__.__module__,
+            "inner_is_plain_function": type(checkpointing.get_rng_state.__wrapped__).__name__,
+            "tracker_proxy_depth": type(checkpointing.tensor_parallel.__wrapped__).__name__,
+        }))
+        """,
+    )
+    result = _result(process)
+    assert result == {
+        "inner": "megatron.bridge.training.checkpointing",
+        "inner_is_plain_function": "function",
+        "tracker_proxy_depth": "module",
+    }
+    assert process.stderr.count("save_sharding: applied") == 1
+    assert process.stderr.count("load_restore: applied") == 1
+
+
+def test_disable_environment_variable_leaves_bridge_untouched():
+    result = _result(
+        run_python(
+            RUNNER,
+            f"""
+            import json
+            import bridge_rng_patch
+            import megatron.bridge.training.checkpointing as checkpointing
+            print(json.dumps({{
+                "states": [s.state for s in bridge_rng_patch.status()],
+                "wrapped": [hasattr(getattr(checkpointing, n), "__wrapped__") for n in {TARGETS}],
+            }}))
+            """,
+            extra_env={"BRIDGE_RNG_PATCH_DISABLE": "1"},
+        )
+    )
+    assert result == {"states": ["disabled", "disabled"], "wrapped": [False, False, False]}
+
+
+def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
+    result = _result(
+        run_python(
+            RUNNER,
+            f"""
+            import json
+            import megatron.bridge.training.checkpointing as checkpointing
+            originals = {{name: getattr(checkpointing, name) for name in {TARGETS}}}
+            import bridge_rng_patch
+            patched = [getattr(checkpointing, name) is not original for name, original in originals.items()]
+            bridge_rng_patch.undo()
+            restored = [getattr(checkpointing, name) is original for name, original in originals.items()]
+            undone = [s.state for s in bridge_rng_patch.status()]
+            bridge_rng_patch.apply()
+            reapplied = [s.state for s in bridge_rng_patch.status()]
+            print(json.dumps(dict(patched=patched, restored=restored, undone=undone, reapplied=reapplied)))
+            """,
+        )
+    )
+    assert result == {
+        "patched": [True, True, True],
+        "restored": [True, True, True],
+        "undone": ["undone", "undone"],
+        "reapplied": ["applied", "applied"],
+    }
+
+
+def test_undo_before_bridge_is_imported_keeps_it_unpatched():
+    result = _result(
+        run_python(
+            RUNNER,
+            f"""
+            import json
+            import bridge_rng_patch
+            bridge_rng_patch.undo()
+            import megatron.bridge.training.checkpointing as checkpointing
+            print(json.dumps({{
+                "states": [s.state for s in bridge_rng_patch.status()],
+                "wrapped": [hasattr(getattr(checkpointing, n), "__wrapped__") for n in {TARGETS}],
+            }}))
+            """,
+        )
+    )
+    assert result == {"states": ["undone", "undone"], "wrapped": [False, False, False]}
+
+
+def test_fixed_release_is_detected_and_left_exactly_as_it_is():
+    result = _result(
+        run_python(
+            FIXED,
+            f"""
+            import json
+            import megatron.bridge.training.checkpointing as checkpointing
+            originals = {{name: getattr(checkpointing, name) for name in {TARGETS}}}
+            import bridge_rng_patch
+            print(json.dumps({{
+                "states": [s.state for s in bridge_rng_patch.status()],
+                "originals": [getattr(checkpointing, name) is original for name, original in originals.items()],
+            }}))
+            """,
+        )
+    )
+    assert result == {"states": ["not needed", "not needed"], "originals": [True, True, True]}
+
+
+def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
+    process = run_python(
+        RUNNER,
+        """
+        import json, logging, sys, types
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        # A checkpointing module from some other fork: get_rng_state takes arguments no release has.
+        unknown = types.ModuleType("megatron.bridge.training.checkpointing")
+        def get_rng_state(seed, layout):
+            return None
+        unknown.get_rng_state = get_rng_state
+        sys.modules[unknown.__name__] = unknown
+        import bridge_rng_patch
+        print(json.dumps({
+            "states": [s.state for s in bridge_rng_patch.status()],
+            "untouched": unknown.get_rng_state is get_rng_state,
+        }))
+        """,
+    )
+    assert _result(process) == {"states": ["refused", "refused"], "untouched": True}
+    refusals = [line for line in process.stderr.splitlines() if "refused" in line]
+    assert refusals == [
+        "bridge_rng_patch: save_sharding: refused: unknown signature get_rng_state(seed, layout)",
+        "bridge_rng_patch: load_restore: refused: megatron.bridge.training.checkpointing lacks "
+        "_load_checkpoint_from_path, _load_global_dist_base_checkpoint, get_checkpoint_name, tensor_parallel",
+    ]
+
+
+@pytest.mark.parametrize("release", ["bridge-0.2.0rc6", "bridge-0.3.1"])
+def test_cli_prints_each_patch_state_with_reason_and_versions(release):
+    process = run_python(RELEASES[release], "import runpy; runpy.run_module('bridge_rng_patch', run_name='__main__')")
+    expected_state = "applied" if release == "bridge-0.2.0rc6" else "not needed"
+    lines = process.stdout.splitlines()
+    assert f"megatron-bridge {release.removeprefix('bridge-')}" in lines[0]
+    assert [line.split()[:2] for line in lines if line.startswith(("save_sharding", "load_restore"))] == [
+        ["save_sharding", *expected_state.split()[:1]],
+        ["load_restore", *expected_state.split()[:1]],
+    ]
+    assert sum(line.strip().startswith("why: ") for line in lines) == 2
+    assert process.returncode == 0
