@@ -1,0 +1,331 @@
+"""A multi-process (gloo, CPU) Megatron-Bridge job around the REAL ``save_checkpoint`` / ``load_checkpoint``.
+
+Run as ``python tests/jobs/rng_job.py '<json spec>'`` with the python of a release environment. Every rank
+seeds all its RNG sources with values of its own (the tracker through megatron-core's real
+``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), then saves or loads a
+checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py).
+
+Spec keys: world, tp, pp, ep, action ("save" or "load"), checkpoint_dir, out; optional: patched (default
+true), package_first (default true), data_parallel_random_init, graph_safe_tracker, load_rng, finetune,
+tamper ("torch_rng_state", "empty_tracker" or "unknown_layout", at save).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SAVE_SEED = 1000
+FRESH_SEED = 5000
+STEP = 10
+
+
+def main(spec: dict) -> None:
+    """Import in the parent (as the spec orders), fork one process per rank, write the ranks' reports."""
+    if spec.get("patched", True) and spec.get("package_first", True):
+        import bridge_rng_patch  # noqa: F401
+    importlib.import_module("megatron.bridge.training.checkpointing")
+    if spec.get("patched", True):
+        import bridge_rng_patch  # noqa: F401, F811
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    reports = context.Queue()
+    ranks = [context.Process(target=_rank_main, args=(rank, port, spec, reports)) for rank in range(spec["world"])]
+    for process in ranks:
+        process.start()
+    results = sorted((reports.get(timeout=400) for _ in ranks), key=lambda result: result["rank"])
+    for process in ranks:
+        process.join(timeout=60)
+    Path(spec["out"]).write_text(json.dumps(results, indent=1))
+
+
+def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
+    try:
+        reports.put(_run_rank(rank, port, spec))
+    except BaseException:
+        reports.put({"rank": rank, "crash": traceback.format_exc()})
+
+
+def _run_rank(rank: int, port: int, spec: dict) -> dict:
+    import fake_cuda
+    import torch
+    from megatron.core import parallel_state as mpu
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"])
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=spec["world"])
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=spec["tp"],
+        pipeline_model_parallel_size=spec["pp"],
+        expert_model_parallel_size=spec["ep"],
+    )
+    device_generator = fake_cuda.install(seed=rank)
+    logs = _capture_package_logs()
+    state, model = _build_state_and_model(spec)
+    report = {
+        "rank": rank,
+        "coords": {
+            "pp": mpu.get_pipeline_model_parallel_rank(),
+            "tp": mpu.get_tensor_model_parallel_rank(),
+            "dp": mpu.get_data_parallel_rank(with_context_parallel=True),
+            "ep": mpu.get_expert_model_parallel_rank(),
+        },
+    }
+    if spec["action"] == "save":
+        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
+        report["sharded_object"] = _describe_rng_request(spec)
+        report["saved"] = rng_fingerprint(device_generator)
+        with _tampered(spec.get("tamper")):
+            _checkpointing().save_checkpoint(state, model, None, None, 0)
+        report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
+    else:
+        _seed_every_source(FRESH_SEED, rank, device_generator, spec)
+        report["fresh"] = rng_fingerprint(device_generator)
+        try:
+            _checkpointing().load_checkpoint(state, model, None, None)
+            report["error"] = None
+        except BaseException as error:  # Bridge's own restore failure path calls sys.exit()
+            report["error"] = f"{type(error).__name__}: {error}"
+        report["loaded"] = rng_fingerprint(device_generator)
+    report["logs"] = logs
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return report
+
+
+def _checkpointing() -> Any:
+    return sys.modules["megatron.bridge.training.checkpointing"]
+
+
+def _capture_package_logs() -> list[str]:
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.levelname}: {record.getMessage()}")
+
+    logger = logging.getLogger("bridge_rng_patch")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Collect())
+    return messages
+
+
+def _build_state_and_model(spec: dict) -> tuple[Any, list]:
+    """A real GlobalState with a real ConfigContainer, and a one-parameter real MegatronModule."""
+    import torch
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+    from megatron.bridge.training.config import (
+        CheckpointConfig,
+        ConfigContainer,
+        FinetuningDatasetConfig,
+        LoggerConfig,
+        OptimizerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TrainingConfig,
+    )
+    from megatron.bridge.training.state import GlobalState
+    from megatron.bridge.training.tokenizers.config import TokenizerConfig
+    from megatron.core import parallel_state as mpu
+    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+    from megatron.core.transformer.module import MegatronModule
+
+    model_config = GPTModelProvider(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=1,
+        tensor_model_parallel_size=spec["tp"],
+        pipeline_model_parallel_size=spec["pp"],
+        expert_model_parallel_size=spec["ep"],
+    )
+    data_parallel_size = mpu.get_data_parallel_world_size()
+    config = ConfigContainer(
+        train=TrainingConfig(micro_batch_size=1, global_batch_size=data_parallel_size, train_iters=STEP),
+        model=model_config,
+        optimizer=OptimizerConfig(),
+        scheduler=SchedulerConfig(),
+        dataset=FinetuningDatasetConfig(seq_length=8),
+        logger=LoggerConfig(),
+        tokenizer=TokenizerConfig(),
+        checkpoint=CheckpointConfig(
+            save=spec["checkpoint_dir"],
+            load=spec["checkpoint_dir"],
+            ckpt_format="torch_dist",
+            save_rng=True,
+            load_rng=spec.get("load_rng", True),
+            finetune=spec.get("finetune", False),
+            save_optim=False,
+            load_optim=False,
+            async_save=False,
+        ),
+        rng=RNGConfig(seed=1234, data_parallel_random_init=spec.get("data_parallel_random_init", False)),
+    )
+    state = GlobalState()
+    state.cfg = config
+    state.train_state.step = STEP
+    init_num_microbatches_calculator(
+        torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
+    )
+
+    class OneWeight(MegatronModule):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config=config)
+            self.weight = torch.nn.Parameter(torch.arange(4, dtype=torch.float32))
+
+    return state, [OneWeight(model_config)]
+
+
+def _seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
+    """Rank-specific states everywhere; tracker states from megatron-core's real seeding (per TP/EP rank)."""
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if spec.get("graph_safe_tracker"):
+        _switch_to_graph_safe_tracker()
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    device_generator.manual_seed(seed + 100 + rank)
+
+
+def _switch_to_graph_safe_tracker() -> None:
+    """A tracker made with ``use_cudagraphable_rng=True``, holding the same states as graph-safe Generators.
+
+    Its own ``add`` needs a CUDA device, so the states the real seeding produced are put in as CPU
+    Generators holding them: the form a graph-safe tracker keeps.
+    """
+    import torch
+    from megatron.core import tensor_parallel
+
+    seeded = tensor_parallel.get_cuda_rng_tracker().get_states()
+    tensor_parallel.initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name: _generator_holding(state) for name, state in seeded.items()}
+    )
+    assert tensor_parallel.get_cuda_rng_tracker().use_cudagraphable_rng
+
+
+def _generator_holding(state: Any) -> Any:
+    import torch
+
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
+
+
+def _describe_rng_request(spec: dict) -> dict:
+    """The ShardedObject the installed (and maybe patched) get_rng_state builds for this rank."""
+    checkpointing = _checkpointing()
+    kwargs = {}
+    if "pg_collection" in inspect.signature(checkpointing.get_rng_state).parameters:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
+    sharded = checkpointing.get_rng_state(spec.get("data_parallel_random_init", False), "torch_dist", **kwargs)
+    return {
+        "key": sharded.key,
+        "global_shape": list(sharded.global_shape),
+        "global_offset": list(sharded.global_offset),
+        "replica_id": sharded.replica_id,
+        "states": len(sharded.data),
+    }
+
+
+@contextlib.contextmanager
+def _tampered(tamper: str | None):
+    """Write a damaged RNG state on purpose, to see how a load treats it."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    checkpointing = _checkpointing()
+    if tamper is None:
+        yield
+    elif tamper == "torch_rng_state":
+        real = torch.get_rng_state
+        torch.get_rng_state = lambda: torch.zeros(3)
+        yield
+        torch.get_rng_state = real
+    elif tamper == "empty_tracker":
+        tensor_parallel.get_cuda_rng_tracker().set_states({})
+        yield
+    elif tamper == "unknown_layout":
+        real = checkpointing.get_rng_state
+
+        def one_dimensional(*args: Any, **kwargs: Any) -> Any:
+            from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+            sharded = real(*args, **kwargs)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            return ShardedObject("rng_state", sharded.data, (world,), (rank,), replica_id=0)
+
+        checkpointing.get_rng_state = one_dimensional
+        yield
+        checkpointing.get_rng_state = real
+    else:
+        raise ValueError(f"unknown tamper {tamper!r}")
+
+
+def _stored_rng_keys(checkpoint_dir: str) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    iteration_dir = Path(checkpoint_dir) / f"iter_{STEP:07d}"
+    metadata = FileSystemReader(str(iteration_dir)).read_metadata()
+    return sorted(key for key in metadata.state_dict_metadata if key.startswith("rng_state/"))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _as_tensor(state: Any) -> Any:
+    import torch
+
+    return state.get_state() if isinstance(state, torch.Generator) else state
+
+
+def rng_fingerprint(device_generator: Any) -> dict:
+    """Digests of every RNG source Bridge checkpoints, and the next draw of two of the streams."""
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    tracker_states = tensor_parallel.get_cuda_rng_tracker().get_states()
+    python_copy = random.Random()
+    python_copy.setstate(random.getstate())
+    expert_state = tracker_states.get("expert-parallel-rng")
+    expert_draw = None if expert_state is None else torch.rand(1, generator=_generator_holding(_as_tensor(expert_state)))
+    return {
+        "random": _digest(pickle.dumps(random.getstate())),
+        "numpy": _digest(pickle.dumps(np.random.get_state())),
+        "torch": _digest(torch.get_rng_state().numpy().tobytes()),
+        "cuda": _digest(device_generator.get_state().numpy().tobytes()),
+        "tracker": {
+            name: [type(state).__name__, _digest(_as_tensor(state).numpy().tobytes())] for name, state in sorted(tracker_states.items())
+        },
+        "next_random": python_copy.random(),
+        "next_expert": None if expert_draw is None else round(float(expert_draw), 6),
+    }
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
