@@ -58,3 +58,35 @@ def old_release(request) -> ReleaseEnv:
 @pytest.fixture(scope="session", params=[env.name for env in FIXED_RELEASES])
 def fixed_release(request) -> ReleaseEnv:
     return ensure(RELEASES[request.param])
+
+
+class Jobs:
+    """Runs each named job once per test session, so that several tests can read one checkpoint's results."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._results: dict[str, list[dict]] = {}
+
+    def checkpoint_dir(self, name: str) -> str:
+        return str(self.base / name)
+
+    def run(self, env: ReleaseEnv, name: str, **spec) -> list[dict]:
+        if name not in self._results:
+            results = run_job(env, spec, self.base, name)
+            crashes = [result["crash"] for result in results if "crash" in result]
+            assert not crashes, f"job {name} in {env.name} crashed:\n{crashes[0]}"
+            self._results[name] = results
+        return self._results[name]
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory) -> Jobs:
+    return Jobs(tmp_path_factory.mktemp("jobs"))
+
+
+def coordinates(result: dict) -> tuple[int, int, int]:
+    return result["coords"]["pp"], result["coords"]["tp"], result["coords"]["dp"]
+
+
+def saved_by_coordinates(save_results: list[dict]) -> dict[tuple[int, int, int], dict]:
+    return {coordinates(result): result["saved"] for result in save_results}

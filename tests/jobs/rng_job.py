@@ -38,10 +38,10 @@ STEP = 10
 def main(spec: dict) -> None:
     """Import in the parent (as the spec orders), fork one process per rank, write the ranks' reports."""
     if spec.get("patched", True) and spec.get("package_first", True):
-        import bridge_rng_patch  # noqa: F401
+        import bridge_rng_patch
     importlib.import_module("megatron.bridge.training.checkpointing")
     if spec.get("patched", True):
-        import bridge_rng_patch  # noqa: F401, F811
+        import bridge_rng_patch  # noqa: F401
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         port = probe_socket.getsockname()[1]
@@ -68,9 +68,7 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
     import torch
     from megatron.core import parallel_state as mpu
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"])
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=spec["world"])
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=spec["tp"],
@@ -89,7 +87,9 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
             "ep": mpu.get_expert_model_parallel_rank(),
         },
     }
-    if spec["action"] == "save":
+    if spec["action"] == "signatures":
+        report["by_signature"] = _requests_for_each_signature()
+    elif spec["action"] == "save":
         _seed_every_source(SAVE_SEED, rank, device_generator, spec)
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
@@ -190,22 +190,39 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
             super().__init__(config=config)
             self.weight = torch.nn.Parameter(torch.arange(4, dtype=torch.float32))
 
+        def sharded_state_dict(self, prefix: str = "", *args: Any, **kwargs: Any) -> dict:
+            # Each pipeline stage holds its own layers, so its weight has a key of its own.
+            stage = mpu.get_pipeline_model_parallel_rank()
+            return super().sharded_state_dict(f"{prefix}stage{stage}.", *args, **kwargs)
+
     return state, [OneWeight(model_config)]
 
 
 def _seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
-    """Rank-specific states everywhere; tracker states from megatron-core's real seeding (per TP/EP rank)."""
+    """Seed as Bridge's real training start does; with EP > 1, let each rank's streams move on differently.
+
+    Bridge's own ``_set_random_seed`` seeds python, numpy and torch per PP stage (and per DP rank with
+    data_parallel_random_init) and the tracker through megatron-core per TP and EP rank. Under EP, ranks then
+    consume different randomness (expert dropout, router noise): a few rank-specific draws stand in for that.
+    """
     import numpy as np
     import torch
-    from megatron.core import tensor_parallel
+    from megatron.bridge.training.initialize import _set_random_seed
 
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    kwargs = {}
+    if "pg_collection" in inspect.signature(_set_random_seed).parameters:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
+    _set_random_seed(seed, spec.get("data_parallel_random_init", False), **kwargs)
     if spec.get("graph_safe_tracker"):
         _switch_to_graph_safe_tracker()
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-    device_generator.manual_seed(seed + 100 + rank)
+    if spec["ep"] > 1:
+        draws = 1 + rank
+        random.getrandbits(32 * draws)
+        np.random.random(draws)
+        torch.rand(draws)
+        torch.rand(draws, generator=device_generator)
 
 
 def _switch_to_graph_safe_tracker() -> None:
@@ -214,7 +231,6 @@ def _switch_to_graph_safe_tracker() -> None:
     Its own ``add`` needs a CUDA device, so the states the real seeding produced are put in as CPU
     Generators holding them: the form a graph-safe tracker keeps.
     """
-    import torch
     from megatron.core import tensor_parallel
 
     seeded = tensor_parallel.get_cuda_rng_tracker().get_states()
@@ -241,7 +257,46 @@ def _describe_rng_request(spec: dict) -> dict:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
-    sharded = checkpointing.get_rng_state(spec.get("data_parallel_random_init", False), "torch_dist", **kwargs)
+    return _describe(checkpointing.get_rng_state(spec.get("data_parallel_random_init", False), "torch_dist", **kwargs))
+
+
+def _requests_for_each_signature() -> dict:
+    """The patched get_rng_state under every signature old releases have.
+
+    No release has the later-main signature (``pg_collection`` as third argument), so functions with that
+    signature delegate to this release's own get_rng_state and get the package's wrapper, as the patcher
+    would give them. A ``pg_collection`` without an EP group must win over the mpu globals (EP 2 here).
+    """
+    import wrapt
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from bridge_rng_patch import probe
+    from bridge_rng_patch.save_sharding import EpAwareRngState
+
+    checkpointing = _checkpointing()
+    release_own = checkpointing.get_rng_state.__wrapped__
+
+    def positional(data_parallel_random_init, ckpt_format="torch_dist", pg_collection=None):
+        return release_own(data_parallel_random_init, ckpt_format)
+
+    def keyword_only(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection):
+        return release_own(data_parallel_random_init, ckpt_format)
+
+    def patched(function: Any) -> Any:
+        return wrapt.FunctionWrapper(function, EpAwareRngState(probe.rng_state_signature(function)))
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    without_ep = ProcessGroupCollection.use_mpu_process_groups()
+    without_ep.ep = None
+    return {
+        "mpu globals": _describe(checkpointing.get_rng_state(False, "torch_dist")),
+        "pg_collection positional": _describe(patched(positional)(False, "torch_dist", groups)),
+        "pg_collection keyword": _describe(patched(keyword_only)(False, "torch_dist", pg_collection=groups)),
+        "pg_collection without ep": _describe(patched(keyword_only)(False, "torch_dist", pg_collection=without_ep)),
+    }
+
+
+def _describe(sharded: Any) -> dict:
     return {
         "key": sharded.key,
         "global_shape": list(sharded.global_shape),
@@ -313,14 +368,17 @@ def rng_fingerprint(device_generator: Any) -> dict:
     python_copy = random.Random()
     python_copy.setstate(random.getstate())
     expert_state = tracker_states.get("expert-parallel-rng")
-    expert_draw = None if expert_state is None else torch.rand(1, generator=_generator_holding(_as_tensor(expert_state)))
+    expert_draw = (
+        None if expert_state is None else torch.rand(1, generator=_generator_holding(_as_tensor(expert_state)))
+    )
     return {
         "random": _digest(pickle.dumps(random.getstate())),
         "numpy": _digest(pickle.dumps(np.random.get_state())),
         "torch": _digest(torch.get_rng_state().numpy().tobytes()),
         "cuda": _digest(device_generator.get_state().numpy().tobytes()),
         "tracker": {
-            name: [type(state).__name__, _digest(_as_tensor(state).numpy().tobytes())] for name, state in sorted(tracker_states.items())
+            name: [type(state).__name__, _digest(_as_tensor(state).numpy().tobytes())]
+            for name, state in sorted(tracker_states.items())
         },
         "next_random": python_copy.random(),
         "next_expert": None if expert_draw is None else round(float(expert_draw), 6),

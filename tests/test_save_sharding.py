@@ -1,0 +1,107 @@
+"""Save side on real old releases: the patched get_rng_state shards RNG state as Megatron-Bridge 0.3.0 does."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import RELEASES
+
+# (world, tp, pp, ep): DP = world / (tp * pp)
+LAYOUTS = [(4, 1, 1, 2), (8, 2, 1, 2), (8, 1, 2, 2), (4, 2, 1, 1)]
+
+
+def _layout_id(layout: tuple[int, int, int, int]) -> str:
+    world, tp, pp, ep = layout
+    return f"world{world}-tp{tp}-pp{pp}-ep{ep}"
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=_layout_id)
+def saved(request, old_release, jobs):
+    world, tp, pp, ep = request.param
+    name = f"save-{old_release.name}-{_layout_id(request.param)}"
+    layout = {"world": world, "tp": tp, "pp": pp, "ep": ep}
+    results = jobs.run(old_release, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout)
+    return layout, results
+
+
+def test_rng_sharded_object_follows_the_fixed_upstream_layout(saved):
+    layout, results = saved
+    dp_size = layout["world"] // (layout["tp"] * layout["pp"])
+    for result in results:
+        pp, tp, dp = result["coords"]["pp"], result["coords"]["tp"], result["coords"]["dp"]
+        if layout["ep"] > 1:
+            expected = {"global_shape": [layout["pp"], layout["tp"], dp_size], "global_offset": [pp, tp, dp]}
+            expected["replica_id"] = 0
+        else:
+            expected = {"global_shape": [layout["pp"], layout["tp"]], "global_offset": [pp, tp], "replica_id": dp}
+        assert result["sharded_object"] == {"key": "rng_state", "states": 1, **expected}
+
+
+def test_checkpoint_stores_one_rng_shard_per_rank_with_ep_and_per_pp_tp_without(saved):
+    layout, results = saved
+    dp_size = layout["world"] // (layout["tp"] * layout["pp"])
+    shape = [layout["pp"], layout["tp"]] + ([dp_size] if layout["ep"] > 1 else [])
+    expected = sorted(
+        f"rng_state/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}" for offset in _offsets(shape)
+    )
+    assert all(result["stored_keys"] == expected for result in results)
+
+
+def _offsets(shape: list[int]) -> list[tuple[int, ...]]:
+    offsets = [()]
+    for size in shape:
+        offsets = [(*offset, index) for offset in offsets for index in range(size)]
+    return offsets
+
+
+def test_every_rank_resumes_its_own_rng_state_bit_exact(saved, old_release, jobs):
+    layout, save_results = saved
+    name = f"load-{old_release.name}-{_layout_id(tuple(layout.values()))}"
+    checkpoint_dir = save_results and jobs.checkpoint_dir(name.replace("load-", "save-", 1))
+    load_results = jobs.run(old_release, name, action="load", checkpoint_dir=checkpoint_dir, **layout)
+    for saved_rank, loaded_rank in zip(save_results, load_results, strict=True):
+        assert loaded_rank["error"] is None
+        assert loaded_rank["fresh"] != saved_rank["saved"]
+        assert loaded_rank["loaded"] == saved_rank["saved"]
+
+
+def test_unpatched_old_release_writes_one_dp_ranks_state_and_loses_the_others(jobs):
+    """The bug itself, on the real release: proves the round-trip check above can fail."""
+    env = RELEASES["bridge-0.2.0rc6"]
+    layout = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+    checkpoint_dir = jobs.checkpoint_dir("unpatched-ep2")
+    save = jobs.run(env, "unpatched-ep2", action="save", checkpoint_dir=checkpoint_dir, patched=False, **layout)
+    load = jobs.run(env, "unpatched-ep2-load", action="load", checkpoint_dir=checkpoint_dir, patched=False, **layout)
+    assert save[0]["stored_keys"] == ["rng_state/shard_0.0_1.1"]
+    dp0_state = save[0]["saved"]
+    for saved_rank, loaded_rank in zip(save, load, strict=True):
+        assert loaded_rank["loaded"] == dp0_state
+        if saved_rank["coords"]["dp"] != 0:
+            assert loaded_rank["loaded"] != saved_rank["saved"]
+    # Ranks on the other EP rank resume on EP rank 0's expert stream.
+    assert load[1]["coords"]["ep"] == 1
+    assert load[1]["loaded"]["tracker"]["expert-parallel-rng"] != save[1]["saved"]["tracker"]["expert-parallel-rng"]
+
+
+def test_patched_get_rng_state_handles_mpu_and_pg_collection_signatures(jobs):
+    """The later-main signature (pg_collection) has no release; see rng_job._requests_for_each_signature."""
+    env = RELEASES["bridge-0.2.0rc6"]
+    results = jobs.run(
+        env,
+        "signatures",
+        action="signatures",
+        checkpoint_dir=jobs.checkpoint_dir("signatures"),
+        world=4,
+        tp=1,
+        pp=1,
+        ep=2,
+    )
+    for result in results:
+        dp = result["coords"]["dp"]
+        per_rank = {"key": "rng_state", "global_shape": [1, 1, 4], "global_offset": [0, 0, dp], "replica_id": 0}
+        per_pp_tp = {"key": "rng_state", "global_shape": [1, 1], "global_offset": [0, 0], "replica_id": dp}
+        assert result["by_signature"] == {
+            "mpu globals": {**per_rank, "states": 1},
+            "pg_collection positional": {**per_rank, "states": 1},
+            "pg_collection keyword": {**per_rank, "states": 1},
+            "pg_collection without ep": {**per_pp_tp, "states": 1},
+        }
