@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import wrapt
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge_rng_patch import compat, probe
@@ -155,7 +155,7 @@ def _global_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _report_layout(stored: StoredRngLayout, requested: ShardedObject) -> None:
+def _report_layout(stored: StoredRngLayout, requested: ShardedObject, dp_size: int) -> None:
     """One line on rank 0 whenever the stored layout differs from what the running job asked for."""
     running_per_dp_rank = len(requested.global_shape) == 3
     where = f"checkpoint {stored.checkpoint_dir}"
@@ -170,10 +170,13 @@ def _report_layout(stored: StoredRngLayout, requested: ShardedObject) -> None:
             f"{where} stores RNG state {stored.describe()} while this job shards it by (pp, tp) (EP == 1): each "
             "rank restores the state saved at its own (pp, tp, dp) coordinates"
         )
-    elif stored.per_dp_rank and stored.global_shape[2] != requested.global_shape[2]:
-        stored_dp, running_dp = stored.global_shape[2], requested.global_shape[2]
-        fresh = f"; DP ranks {stored_dp}..{running_dp - 1} keep fresh RNG state" if running_dp > stored_dp else ""
-        report(f"{where} stores RNG state for DP size {stored_dp}, this job runs DP size {running_dp}{fresh}")
+    if stored.per_dp_rank and stored.global_shape[2] != dp_size:
+        stored_dp = stored.global_shape[2]
+        if dp_size > stored_dp:
+            consequence = f"DP ranks {stored_dp}..{dp_size - 1} keep fresh RNG state"
+        else:
+            consequence = f"the states stored for DP ranks {dp_size}..{stored_dp - 1} go unused"
+        report(f"{where} stores RNG state for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
 
 
 class LayoutAwareDistLoad:
@@ -195,16 +198,18 @@ class LayoutAwareDistLoad:
         stored = read_stored_layout(checkpoint_dir)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{RNG_STATE_KEY}'; {_WHAT_TO_DO}")
-        _report_layout(stored, request)
+        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        _report_layout(stored, request, dp_size)
         rank = RankCoordinates.of_request(request)
-        aligned_request = stored.request_for(rank, request.data)
-        if aligned_request is None:
-            del sharded_state_dict[RNG_STATE_KEY]
-        else:
-            sharded_state_dict[RNG_STATE_KEY] = aligned_request
+        requests = stored.requests_for(rank, dp_size, request.data)
+        del sharded_state_dict[RNG_STATE_KEY]
+        sharded_state_dict.update(requests)
         result = wrapped(*args, **kwargs)
         state_dict = result[0]
-        state_dict[RNG_STATE_KEY] = RestorableRngStates(state_dict.get(RNG_STATE_KEY, []), checkpoint_dir, rank)
+        own_states = state_dict.get(RNG_STATE_KEY, [])
+        for key in requests:
+            state_dict.pop(key, None)
+        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank)
         return result
 
 

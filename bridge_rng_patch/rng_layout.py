@@ -66,14 +66,29 @@ class StoredRngLayout:
         axes = "(pp, tp, dp)" if self.per_dp_rank else "(pp, tp)"
         return f"sharded by {axes}, global shape {self.global_shape}"
 
-    def request_for(self, rank: RankCoordinates, data: object) -> ShardedObject | None:
-        """The load request for ``rank``'s stored shard, or None when the checkpoint holds none for it."""
+    def requests_for(self, rank: RankCoordinates, dp_size: int, data: object) -> dict[str, ShardedObject]:
+        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks.
+
+        Its own stored shard (none when the checkpoint holds none for it) under ``rng_state``; after a DP
+        shrink, also the shards of DP ranks that no longer exist, since dist_checkpointing requires a load
+        to cover every stored shard of a ShardedObject. Those extra states are read and dropped.
+        """
+        requests = {}
+        own = self._shard(rank, rank.dp_rank, data)
+        if own is not None:
+            requests[RNG_STATE_KEY] = own
+        if self.per_dp_rank:
+            for orphan_dp_rank in range(dp_size + rank.dp_rank, self.global_shape[2], dp_size):
+                requests[f"{RNG_STATE_KEY}.of_dp_rank_{orphan_dp_rank}"] = self._shard(rank, orphan_dp_rank, data)
+        return requests
+
+    def _shard(self, rank: RankCoordinates, dp_rank: int, data: object) -> ShardedObject | None:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         if self.per_dp_rank:
-            offset, replica_id = (rank.pp_rank, rank.tp_rank, rank.dp_rank), 0
+            offset, replica_id = (rank.pp_rank, rank.tp_rank, dp_rank), 0
         else:
-            offset, replica_id = (rank.pp_rank, rank.tp_rank), rank.dp_rank
+            offset, replica_id = (rank.pp_rank, rank.tp_rank), dp_rank
         if offset not in self.offsets:
             return None
         return ShardedObject(RNG_STATE_KEY, data, self.global_shape, offset, replica_id=replica_id)

@@ -13,6 +13,7 @@ tamper ("torch_rng_state", "empty_tracker" or "unknown_layout", at save).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import importlib
 import inspect
@@ -50,7 +51,7 @@ def main(spec: dict) -> None:
     ranks = [context.Process(target=_rank_main, args=(rank, port, spec, reports)) for rank in range(spec["world"])]
     for process in ranks:
         process.start()
-    results = sorted((reports.get(timeout=400) for _ in ranks), key=lambda result: result["rank"])
+    results = sorted((reports.get(timeout=240) for _ in ranks), key=lambda result: result["rank"])
     for process in ranks:
         process.join(timeout=60)
     Path(spec["out"]).write_text(json.dumps(results, indent=1))
@@ -69,7 +70,10 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
     from megatron.core import parallel_state as mpu
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=spec["world"])
+    # A rank that fails must not leave the others waiting in a collective for long.
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=spec["world"], timeout=datetime.timedelta(seconds=90)
+    )
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=spec["tp"],
         pipeline_model_parallel_size=spec["pp"],
@@ -226,15 +230,18 @@ def _seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) 
 
 
 def _switch_to_graph_safe_tracker() -> None:
-    """A tracker made with ``use_cudagraphable_rng=True``, holding the same states as graph-safe Generators.
+    """A graph-safe tracker (``use_cudagraphable_rng``), holding the same states as graph-safe Generators.
 
-    Its own ``add`` needs a CUDA device, so the states the real seeding produced are put in as CPU
+    Its constructor refuses graph-safe mode without CUDA graph support and its ``add`` needs a CUDA device,
+    so the flag is set after construction, and the states the real seeding produced are put in as CPU
     Generators holding them: the form a graph-safe tracker keeps.
     """
     from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     seeded = tensor_parallel.get_cuda_rng_tracker().get_states()
-    tensor_parallel.initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+    initialize_rng_tracker(force_reset=True)
+    tensor_parallel.get_cuda_rng_tracker().use_cudagraphable_rng = True
     tensor_parallel.get_cuda_rng_tracker().set_states(
         {name: _generator_holding(state) for name, state in seeded.items()}
     )

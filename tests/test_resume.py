@@ -1,0 +1,164 @@
+"""Resuming across layouts, resizes and versions, on the real releases: no rank's RNG state is lost.
+
+Each test is one row of the README's resume table. Jobs run the real ``save_checkpoint`` / ``load_checkpoint``
+in 2 to 8 gloo processes (see jobs/rng_job.py); with EP > 1 every rank's streams differ, so a rank that got
+another rank's state shows up as a fingerprint mismatch.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import OLD_RELEASES, RELEASES, coordinates, saved_by_coordinates
+
+OLD = RELEASES["bridge-0.2.0rc6"]
+FIXED = RELEASES["bridge-0.3.1"]
+EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+
+
+def _save(jobs, env, name, layout=EP2_DP4, **spec):
+    return jobs.run(env, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout, **spec)
+
+
+def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
+    return jobs.run(env, name, action="load", checkpoint_dir=jobs.checkpoint_dir(checkpoint), **layout, **spec)
+
+
+def _assert_each_rank_resumes_its_own_state(saved, loaded):
+    own = saved_by_coordinates(saved)
+    for rank in loaded:
+        assert rank["error"] is None
+        assert rank["fresh"] != own[coordinates(rank)]
+        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
+
+
+def _rank_zero_logs(results):
+    return "\n".join(results[0]["logs"])
+
+
+def test_unpatched_checkpoint_loads_under_the_patch_from_its_one_shared_state(jobs):
+    saved = _save(jobs, OLD, "unpatched-ep2", patched=False)
+    loaded = _load(jobs, OLD, "unpatched-ep2", "unpatched-ep2-then-patched")
+    shared = next(rank["saved"] for rank in saved if rank["coords"]["dp"] == 0)
+    assert all(rank["error"] is None and rank["loaded"] == shared for rank in loaded)
+    assert "carries one shared state per (pp, tp)" in _rank_zero_logs(loaded)
+    assert "(the old bug)" in _rank_zero_logs(loaded)
+
+
+def test_patched_checkpoint_resumes_every_rank_bit_exact(jobs):
+    saved = _save(jobs, OLD, "patched-ep2")
+    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD, "patched-ep2", "patched-ep2-load"))
+
+
+def test_patched_checkpoint_loads_with_ep_now_1_and_each_rank_takes_its_own_coordinates_state(jobs):
+    saved = _save(jobs, OLD, "patched-ep2")
+    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-ep1", layout={**EP2_DP4, "ep": 1})
+    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in _rank_zero_logs(loaded)
+
+
+def test_patched_checkpoint_loads_on_fixed_upstream_bit_exact(jobs):
+    saved = _save(jobs, OLD, "patched-ep2")
+    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, FIXED, "patched-ep2", "patched-ep2-load-on-fixed"))
+
+
+@pytest.mark.parametrize("old", [env.name for env in OLD_RELEASES])
+def test_fixed_upstream_checkpoint_loads_on_patched_old_release_bit_exact(jobs, old):
+    saved = _save(jobs, FIXED, "fixed-ep2")
+    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))
+
+
+def test_dp_shrink_from_4_to_2_gives_each_remaining_rank_its_own_state(jobs):
+    saved = _save(jobs, OLD, "patched-ep2")
+    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-dp2", layout={**EP2_DP4, "world": 2})
+    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert "stores RNG state for DP size 4, this job runs DP size 2" in _rank_zero_logs(loaded)
+
+
+def test_dp_growth_from_4_to_8_keeps_fresh_rng_on_new_ranks_and_names_them(jobs):
+    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2"))
+    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-dp8", layout={**EP2_DP4, "world": 8})
+    for rank in loaded:
+        assert rank["error"] is None
+        dp = rank["coords"]["dp"]
+        if dp < 4:
+            assert rank["loaded"] == saved[coordinates(rank)]
+            assert not any(line.startswith("WARNING") for line in rank["logs"])
+        else:
+            assert rank["loaded"] == rank["fresh"]
+            assert any(
+                line.startswith(f"WARNING: rank {rank['rank']} (pp 0, tp 0, dp {dp}): checkpoint ")
+                and line.endswith("holds no RNG state for it; it keeps its fresh RNG state")
+                for line in rank["logs"]
+            )
+    assert "DP ranks 4..7 keep fresh RNG state" in _rank_zero_logs(loaded)
+
+
+def test_unpatched_old_release_cannot_load_a_patched_checkpoint_but_loads_with_load_rng_false(jobs):
+    """The README's advice for this row: import the package, or resume with load_rng=False."""
+    _save(jobs, OLD, "patched-ep2")
+    failed = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-unpatched", patched=False)
+    assert all("rng_state/shard_0.0_1.1" in rank["error"] for rank in failed)
+    assert all(rank["loaded"] == rank["fresh"] for rank in failed)
+    without_rng = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-unpatched-no-rng", patched=False, load_rng=False)
+    assert all(rank["error"] is None and rank["loaded"] == rank["fresh"] for rank in without_rng)
+
+
+@pytest.mark.parametrize("option", [{"load_rng": False}, {"finetune": True}], ids=["load_rng=False", "finetune"])
+def test_load_rng_false_and_finetune_leave_rng_state_alone_as_upstream(jobs, option):
+    _save(jobs, OLD, "patched-ep2")
+    loaded = _load(jobs, OLD, "patched-ep2", f"patched-ep2-load-{next(iter(option))}", **option)
+    assert all(rank["error"] is None and rank["loaded"] == rank["fresh"] for rank in loaded)
+
+
+def test_data_parallel_random_init_round_trip_is_bit_exact(jobs):
+    saved = _save(jobs, OLD, "patched-ep2-dp-random-init", data_parallel_random_init=True)
+    assert all(rank["sharded_object"]["states"] == 4 for rank in saved)  # the DP all-gather is kept
+    loaded = _load(
+        jobs, OLD, "patched-ep2-dp-random-init", "patched-ep2-dp-random-init-load", data_parallel_random_init=True
+    )
+    _assert_each_rank_resumes_its_own_state(saved, loaded)
+
+
+def test_tensor_states_restore_into_a_graph_safe_tracker_as_generators(jobs):
+    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2"))
+    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-graph-safe", graph_safe_tracker=True)
+    for rank in loaded:
+        assert rank["error"] is None
+        expected = {name: ["Generator", digest] for name, (_, digest) in saved[coordinates(rank)]["tracker"].items()}
+        assert rank["loaded"]["tracker"] == expected
+
+
+def test_unpatched_release_hands_a_graph_safe_tracker_byte_tensors(jobs):
+    """The second bug, on the real release: the tracker ends up holding the wrong form of state."""
+    _save(jobs, OLD, "unpatched-ep2", patched=False)
+    loaded = _load(jobs, OLD, "unpatched-ep2", "unpatched-ep2-load-graph-safe", patched=False, graph_safe_tracker=True)
+    assert all(kind == "Tensor" for rank in loaded for kind, _ in rank["loaded"]["tracker"].values())
+
+
+def test_generator_states_from_a_graph_safe_tracker_restore_into_a_plain_tracker_as_tensors(jobs):
+    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2-graph-safe", graph_safe_tracker=True))
+    assert all(kind == "Generator" for rank in saved.values() for kind, _ in rank["tracker"].values())
+    loaded = _load(jobs, OLD, "patched-ep2-graph-safe", "patched-ep2-graph-safe-load-plain")
+    for rank in loaded:
+        assert rank["error"] is None
+        expected = {name: ["Tensor", digest] for name, (_, digest) in saved[coordinates(rank)]["tracker"].items()}
+        assert rank["loaded"]["tracker"] == expected
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ("torch_rng_state", "'rng_state'[0]['torch_rng_state'] is a torch.float32 tensor of shape (3,), expected"),
+        ("empty_tracker", "'rng_state'[0]['rng_tracker_states'] is a dict, expected a non-empty dict"),
+        ("unknown_layout", "the metadata of 'rng_state' fits no known RNG layout (shard shapes [(4,)]"),
+    ],
+)
+def test_bad_rng_state_fails_naming_checkpoint_and_key_and_restores_nothing(jobs, tamper, message):
+    name = f"tampered-{tamper}"
+    _save(jobs, OLD, name, tamper=tamper)
+    loaded = _load(jobs, OLD, name, f"{name}-load")
+    for rank in loaded:
+        assert rank["error"].startswith(f"RngCheckpointError: checkpoint {jobs.checkpoint_dir(name)}/iter_0000010")
+        assert message in rank["error"]
+        assert "resume with load_rng=False" in rank["error"]
+        assert rank["loaded"] == rank["fresh"]

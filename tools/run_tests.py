@@ -1,0 +1,24 @@
+"""Build the release environments if needed, then run the test suite with the runner environment's pytest.
+
+``python3 tools/run_tests.py [pytest arguments]``: the README's test command, and what CI runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.release_envs import REPO, RUNNER, ensure_all
+
+
+def main() -> int:
+    ensure_all()
+    command = [str(RUNNER.python), "-m", "pytest", *(sys.argv[1:] or ["tests"])]
+    return subprocess.run(command, cwd=REPO, env=None).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
