@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tools.jobs import run_job  # noqa: E402
 from tools.release_envs import FIXED_RELEASES, OLD_RELEASES, RELEASES, ReleaseEnv, ensure  # noqa: E402
-
-JOB = REPO / "tests" / "jobs" / "rng_job.py"
 
 
 def run_python(env: ReleaseEnv, code: str, *, extra_env: dict[str, str] | None = None, timeout: int = 300):
@@ -31,23 +29,6 @@ def run_python(env: ReleaseEnv, code: str, *, extra_env: dict[str, str] | None =
         timeout=timeout,
         cwd=REPO,
     )
-
-
-def run_job(env: ReleaseEnv, spec: dict, tmp_path: Path, name: str) -> list[dict]:
-    """Run a multi-process RNG job (tests/jobs/rng_job.py) in ``env``; returns one result dict per rank."""
-    out = tmp_path / f"{name}.json"
-    spec = {**spec, "out": str(out)}
-    process = subprocess.run(
-        [str(ensure(env).python), str(JOB), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        timeout=600,
-        cwd=REPO,
-    )
-    if process.returncode != 0 or not out.exists():
-        raise AssertionError(f"job {name} in {env.name} failed (rc {process.returncode}):\n{process.stderr[-6000:]}")
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="session", params=[env.name for env in OLD_RELEASES])

@@ -72,7 +72,8 @@ RELEASES = {
     env.name: env
     for env in (
         ReleaseEnv(bridge="0.1.0rc4", core="0.14.0", has_upstream_fix=False),
-        ReleaseEnv(bridge="0.2.0rc6", core="0.15.3", has_upstream_fix=False),
+        # Also the test runner's environment, hence ruff.
+        ReleaseEnv(bridge="0.2.0rc6", core="0.15.3", has_upstream_fix=False, extra_requirements=("ruff",)),
         ReleaseEnv(
             bridge="0.3.1",
             core="0.16.1",

@@ -1,0 +1,28 @@
+"""Run the multi-process RNG job (tests/jobs/rng_job.py) in a release environment and read its reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tools.release_envs import REPO, ReleaseEnv, ensure
+
+JOB = REPO / "tests" / "jobs" / "rng_job.py"
+
+
+def run_job(env: ReleaseEnv, spec: dict, out_dir: Path, name: str) -> list[dict]:
+    """One report per rank; raises with the job's stderr when it fails."""
+    out = out_dir / f"{name}.json"
+    process = subprocess.run(
+        [str(ensure(env).python), str(JOB), json.dumps({**spec, "out": str(out)})],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+        cwd=REPO,
+    )
+    if process.returncode != 0 or not out.exists():
+        raise RuntimeError(f"job {name} in {env.name} failed (rc {process.returncode}):\n{process.stderr[-6000:]}")
+    return json.loads(out.read_text())
