@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.jobs import run_job  # noqa: E402
-from tools.release_envs import RELEASES  # noqa: E402
+from tools.jobs import run_job
+from tools.release_envs import RELEASES
 
 ENV = RELEASES["bridge-0.2.0rc6"]
 LAYOUT = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
@@ -42,7 +42,10 @@ def main() -> int:
     stored = {patched: runs[patched][0][0]["stored_keys"] for patched in runs}
     print(f"RNG shards written, unpatched: {stored[False]}")
     print(f"RNG shards written, patched:   {stored[True]}\n")
-    header = f"{'rank':>4} {'dp':>2} {'ep':>2}  {'stream':<8} {'at save':>9}  {'resumed, unpatched':>20}  {'resumed, patched':>18}"
+    header = (
+        f"{'rank':>4} {'dp':>2} {'ep':>2}  {'stream':<8} {'at save':>9}  "
+        f"{'resumed, unpatched':>20}  {'resumed, patched':>18}"
+    )
     print(header)
     print("-" * len(header))
     all_kept, any_lost_unpatched = True, False
@@ -51,9 +54,11 @@ def main() -> int:
             saved_unpatched, resumed_unpatched = runs[False][0][rank]["saved"], runs[False][1][rank]["loaded"]
             saved_patched, resumed_patched = runs[True][0][rank]["saved"], runs[True][1][rank]["loaded"]
             coords = runs[True][1][rank]["coords"]
+            unpatched_cell = _cell(saved_unpatched, resumed_unpatched, key)
+            patched_cell = _cell(saved_patched, resumed_patched, key)
             print(
                 f"{rank:>4} {coords['dp']:>2} {coords['ep']:>2}  {stream:<8} {saved_patched[key]:>9.6f}  "
-                f"{_cell(saved_unpatched, resumed_unpatched, key):>20}  {_cell(saved_patched, resumed_patched, key):>18}"
+                f"{unpatched_cell:>20}  {patched_cell:>18}"
             )
             all_kept &= resumed_patched == saved_patched
             any_lost_unpatched |= resumed_unpatched != saved_unpatched
