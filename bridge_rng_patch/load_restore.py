@@ -12,6 +12,7 @@ Three pieces, all scoped to Bridge's checkpointing module; megatron-core is unch
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import random
@@ -72,8 +73,13 @@ def _is_byte_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1 and value.numel() > 0
 
 
+@functools.cache
+def _cpu_rng_state_size() -> int:
+    return torch.get_rng_state().numel()
+
+
 def _is_cpu_rng_state(value: Any) -> bool:
-    return _is_byte_tensor(value) and value.numel() == torch.get_rng_state().numel()
+    return _is_byte_tensor(value) and value.numel() == _cpu_rng_state_size()
 
 
 def _is_tracker_states(value: Any) -> bool:

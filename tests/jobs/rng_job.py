@@ -93,6 +93,11 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
     }
     if spec["action"] == "signatures":
         report["by_signature"] = _requests_for_each_signature()
+    elif spec["action"] in TIMED_ACTIONS:
+        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
+        torch.distributed.barrier()
+        if rank == 0:  # the other ranks wait, so that the timing has the CPU to itself
+            report["timing"] = TIMED_ACTIONS[spec["action"]](spec)
     elif spec["action"] == "save":
         _seed_every_source(SAVE_SEED, rank, device_generator, spec)
         report["sharded_object"] = _describe_rng_request(spec)
@@ -113,6 +118,111 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return report
+
+
+def _time_get_rng_state(spec: dict) -> dict:
+    """Seconds per call of the installed get_rng_state, called as save_checkpoint calls it."""
+    return {"seconds_per_call": _seconds_per_call(_installed_get_rng_state(), spec)}
+
+
+def _time_restore(spec: dict) -> dict:
+    """Seconds per RNG restore of a saved entry, in the sequence the installed release's restore runs.
+
+    The restore sits inside ``_load_checkpoint_from_path`` and cannot be called alone, so its steps are
+    repeated here as each release runs them: the old release (with the patch) picks the entry from the
+    loaded list and sets the tracker through its module's ``tensor_parallel``; 0.3.x converts every tracker
+    state with megatron-core's helper first. Also counts conversions per restore.
+    """
+    import numpy as np
+    import torch
+
+    from bridge_rng_patch import compat
+
+    tensor_parallel = _checkpointing().tensor_parallel
+    entry = _installed_get_rng_state()().data[0]
+    conversions: list[int] = []
+
+    def counted(convert: Any) -> Any:
+        def count_and_convert(state: Any, to_graphable: bool = False) -> Any:
+            conversions.append(1)
+            return convert(state, to_graphable=to_graphable)
+
+        return count_and_convert
+
+    def set_sources(rng_state: dict) -> None:
+        random.setstate(rng_state["random_rng_state"])
+        np.random.set_state(rng_state["np_rng_state"])
+        torch.set_rng_state(rng_state["torch_rng_state"])
+        torch.cuda.set_rng_state(rng_state["cuda_rng_state"])
+
+    if _release_restore_converts():
+        convert = tensor_parallel.convert_cuda_rng_state
+
+        def restore() -> None:
+            tracker = tensor_parallel.get_cuda_rng_tracker()
+            graph_safe = tensor_parallel.is_graph_safe_cuda_rng_tracker(tracker)
+            rng_state = [entry][0]
+            set_sources(rng_state)
+            states = rng_state["rng_tracker_states"]
+            tracker.set_states({name: convert(state, to_graphable=graph_safe) for name, state in states.items()})
+
+        convert = counted(convert)
+        restore()
+        convert = tensor_parallel.convert_cuda_rng_state
+    else:
+        from bridge_rng_patch.load_restore import RestorableRngStates
+        from bridge_rng_patch.rng_layout import RankCoordinates
+
+        def restore() -> None:
+            rng_state = RestorableRngStates([entry], "benchmark", RankCoordinates(0, 0, 0))[0]
+            set_sources(rng_state)
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
+
+        convert = compat.convert_cuda_rng_state
+        compat.convert_cuda_rng_state = counted(convert)
+        restore()
+        compat.convert_cuda_rng_state = convert
+    return {
+        "seconds_per_call": _seconds_per_call(restore, spec),
+        "tracker_states": len(entry["rng_tracker_states"]),
+        "conversions_per_restore": len(conversions),
+    }
+
+
+def _release_restore_converts() -> bool:
+    from bridge_rng_patch import probe
+
+    return bool(probe.restore_converts_tracker_states(_checkpointing()._load_checkpoint_from_path))
+
+
+def _installed_get_rng_state() -> Any:
+    """The installed get_rng_state, bound to the arguments save_checkpoint gives it."""
+    checkpointing = _checkpointing()
+    kwargs = {}
+    if "pg_collection" in inspect.signature(checkpointing.get_rng_state).parameters:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
+    return lambda data_parallel_random_init=False: checkpointing.get_rng_state(
+        data_parallel_random_init, "torch_dist", **kwargs
+    )
+
+
+def _seconds_per_call(call: Any, spec: dict) -> float:
+    """Median over ``repeats`` of the mean seconds per call over ``calls`` calls."""
+    import statistics
+    import time
+
+    samples = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        for _ in range(spec["calls"]):
+            call()
+        samples.append((time.perf_counter() - start) / spec["calls"])
+    return statistics.median(samples)
+
+
+TIMED_ACTIONS = {"time_get_rng_state": _time_get_rng_state, "time_restore": _time_restore}
 
 
 def _checkpointing() -> Any:
@@ -258,13 +368,7 @@ def _generator_holding(state: Any) -> Any:
 
 def _describe_rng_request(spec: dict) -> dict:
     """The ShardedObject the installed (and maybe patched) get_rng_state builds for this rank."""
-    checkpointing = _checkpointing()
-    kwargs = {}
-    if "pg_collection" in inspect.signature(checkpointing.get_rng_state).parameters:
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
-    return _describe(checkpointing.get_rng_state(spec.get("data_parallel_random_init", False), "torch_dist", **kwargs))
+    return _describe(_installed_get_rng_state()(spec.get("data_parallel_random_init", False)))
 
 
 def _requests_for_each_signature() -> dict:

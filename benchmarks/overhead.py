@@ -1,0 +1,156 @@
+"""What the package costs a training job, measured side by side in one run. Not a test: nothing here fails.
+
+``python3 benchmarks/overhead.py`` (``--quick`` for a short smoke run). Builds the release environments if
+needed, then reports medians over repeated runs, as ratios where there is something to compare against:
+
+1. ``import bridge_rng_patch`` in a fresh interpreter: time, and whether torch or megatron got imported.
+2. importing ``megatron.bridge.training.checkpointing`` with the package active vs without (0.2.0rc6).
+3. one call of the patched ``get_rng_state`` on 0.2.0rc6 vs the fixed upstream one on 0.3.1, 4 ranks, EP 2
+   (and the unpatched 0.2.0rc6 one, to show the package's own share).
+4. the RNG restore with the patch (0.2.0rc6) vs upstream's fixed restore (0.3.1), tracker with 3 states,
+   with the number of conversions per restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.jobs import run_job
+from tools.release_envs import RELEASES, ReleaseEnv, ensure
+
+OLD = RELEASES["bridge-0.2.0rc6"]
+FIXED = RELEASES["bridge-0.3.1"]
+EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+
+TIME_PACKAGE_IMPORT = """
+import json, sys, time
+start = time.perf_counter()
+import bridge_rng_patch
+elapsed = time.perf_counter() - start
+heavy = sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'megatron', 'numpy'})
+print(json.dumps({'seconds': elapsed, 'heavy': heavy}))
+"""
+
+TIME_BRIDGE_IMPORT = """
+import json, sys, time
+if sys.argv[1] == 'active':
+    import bridge_rng_patch
+start = time.perf_counter()
+import megatron.bridge.training.checkpointing
+elapsed = time.perf_counter() - start
+states = [s.state for s in bridge_rng_patch.status()] if sys.argv[1] == 'active' else []
+print(json.dumps({'seconds': elapsed, 'states': states}))
+"""
+
+
+def _fresh_interpreter(env: ReleaseEnv, code: str, *args: str) -> dict:
+    process = subprocess.run(
+        [str(env.python), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def package_import(runs: int) -> dict:
+    samples = [_fresh_interpreter(OLD, TIME_PACKAGE_IMPORT) for _ in range(runs)]
+    return {
+        "median_ms": 1000 * statistics.median(sample["seconds"] for sample in samples),
+        "imported_heavy_modules": sorted({name for sample in samples for name in sample["heavy"]}),
+    }
+
+
+def bridge_import(runs: int) -> dict:
+    timings: dict[str, list[float]] = {"active": [], "without": []}
+    states = []
+    for _ in range(runs):  # interleaved, so drifts in machine load hit both sides alike
+        for mode in timings:
+            sample = _fresh_interpreter(OLD, TIME_BRIDGE_IMPORT, mode)
+            timings[mode].append(sample["seconds"])
+            states = sample["states"] or states
+    active, without = (statistics.median(timings[mode]) for mode in ("active", "without"))
+    return {"active_s": active, "without_s": without, "ratio": active / without, "patch_states": states}
+
+
+def timed_job(env: ReleaseEnv, action: str, work: Path, name: str, runs: int, calls: int, **spec) -> list[dict]:
+    """Rank 0's timing from ``runs`` separate jobs (each the median of 5 repeats of ``calls`` calls)."""
+    timings = []
+    for run in range(runs):
+        results = run_job(
+            env,
+            {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 5, **EP2, **spec},
+            work,
+            f"{name}-{run}",
+        )
+        if "crash" in results[0]:
+            raise RuntimeError(results[0]["crash"])
+        timings.append(results[0]["timing"])
+    return timings
+
+
+def _median_seconds(timings: list[dict]) -> float:
+    return statistics.median(timing["seconds_per_call"] for timing in timings)
+
+
+def get_rng_state_cost(work: Path, runs: int, calls: int) -> dict:
+    patched = _median_seconds(timed_job(OLD, "time_get_rng_state", work, "grs-patched", runs, calls))
+    unpatched = _median_seconds(timed_job(OLD, "time_get_rng_state", work, "grs-unpatched", runs, calls, patched=False))
+    upstream = _median_seconds(timed_job(FIXED, "time_get_rng_state", work, "grs-upstream", runs, calls))
+    return {
+        "patched_old_us": 1e6 * patched,
+        "fixed_upstream_us": 1e6 * upstream,
+        "unpatched_old_us": 1e6 * unpatched,
+        "ratio_vs_fixed_upstream": patched / upstream,
+        "ratio_vs_unpatched_old": patched / unpatched,
+    }
+
+
+def restore_cost(work: Path, runs: int, calls: int) -> dict:
+    patched = timed_job(OLD, "time_restore", work, "restore-patched", runs, calls)
+    upstream = timed_job(FIXED, "time_restore", work, "restore-upstream", runs, calls)
+    return {
+        "patched_old_us": 1e6 * _median_seconds(patched),
+        "fixed_upstream_us": 1e6 * _median_seconds(upstream),
+        "ratio_vs_fixed_upstream": _median_seconds(patched) / _median_seconds(upstream),
+        "tracker_states": patched[0]["tracker_states"],
+        "conversions_per_restore": {
+            "patched": patched[0]["conversions_per_restore"],
+            "upstream": upstream[0]["conversions_per_restore"],
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: few repeats, rough figures")
+    options = parser.parse_args()
+    runs, calls = (2, 200) if options.quick else (7, 3000)
+    ensure(OLD)
+    ensure(FIXED)
+    report = {"runs": runs}
+    print("1. import bridge_rng_patch ...", flush=True)
+    report["package_import"] = package_import(runs * 3)
+    print("2. import megatron.bridge.training.checkpointing, active vs without ...", flush=True)
+    report["bridge_import"] = bridge_import(runs)
+    with tempfile.TemporaryDirectory() as work_dir:
+        print("3. get_rng_state per call, 4 ranks, EP 2 ...", flush=True)
+        report["get_rng_state"] = get_rng_state_cost(Path(work_dir), runs, calls)
+        print("4. RNG restore per call, tracker with 3 states ...", flush=True)
+        report["restore"] = restore_cost(Path(work_dir), runs, calls)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
