@@ -230,6 +230,9 @@ class LoadRestorePatch:
         ]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
+        parameters = tuple(inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION)).parameters)
+        if parameters[: len(_DIST_LOAD_PARAMETERS)] != _DIST_LOAD_PARAMETERS:
+            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{parameters}")
         load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
         converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
         if converts is None:
@@ -238,9 +241,6 @@ class LoadRestorePatch:
             return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
         if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
             return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
-        parameters = tuple(inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION)).parameters)
-        if parameters[: len(_DIST_LOAD_PARAMETERS)] != _DIST_LOAD_PARAMETERS:
-            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{parameters}")
         helpers = (
             "megatron-core's"
             if not compat.USES_OWN_HELPERS
