@@ -11,6 +11,14 @@ RUNNER = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
 
 TARGETS = "('get_rng_state', 'tensor_parallel', '_load_global_dist_base_checkpoint')"
+# Prints the patch states and, per patched attribute of Bridge's checkpointing module, whether it is wrapped.
+PRINT_STATES_AND_WRAPPED = f"""
+import json
+print(json.dumps({{
+    "states": [s.state for s in bridge_rng_patch.status()],
+    "wrapped": [hasattr(getattr(checkpointing, name), "__wrapped__") for name in {TARGETS}],
+}}))
+"""
 
 
 def _result(process) -> dict:
@@ -41,14 +49,7 @@ def test_patches_apply_whichever_is_imported_first(order):
     result = _result(
         run_python(
             RUNNER,
-            "\n".join(imports)
-            + f"""
-import json
-print(json.dumps({{
-    "states": [s.state for s in bridge_rng_patch.status()],
-    "wrapped": [hasattr(getattr(checkpointing, name), "__wrapped__") for name in {TARGETS}],
-}}))
-""",
+            "\n".join(imports) + PRINT_STATES_AND_WRAPPED,
         )
     )
     assert result == {"states": ["applied", "applied"], "wrapped": [True, True, True]}
@@ -94,15 +95,8 @@ def test_disable_environment_variable_leaves_bridge_untouched():
     result = _result(
         run_python(
             RUNNER,
-            f"""
-            import json
-            import bridge_rng_patch
-            import megatron.bridge.training.checkpointing as checkpointing
-            print(json.dumps({{
-                "states": [s.state for s in bridge_rng_patch.status()],
-                "wrapped": [hasattr(getattr(checkpointing, n), "__wrapped__") for n in {TARGETS}],
-            }}))
-            """,
+            "import bridge_rng_patch\nimport megatron.bridge.training.checkpointing as checkpointing"
+            + PRINT_STATES_AND_WRAPPED,
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": "1"},
         )
     )
@@ -140,16 +134,8 @@ def test_undo_before_bridge_is_imported_keeps_it_unpatched():
     result = _result(
         run_python(
             RUNNER,
-            f"""
-            import json
-            import bridge_rng_patch
-            bridge_rng_patch.undo()
-            import megatron.bridge.training.checkpointing as checkpointing
-            print(json.dumps({{
-                "states": [s.state for s in bridge_rng_patch.status()],
-                "wrapped": [hasattr(getattr(checkpointing, n), "__wrapped__") for n in {TARGETS}],
-            }}))
-            """,
+            "import bridge_rng_patch\nbridge_rng_patch.undo()\n"
+            "import megatron.bridge.training.checkpointing as checkpointing" + PRINT_STATES_AND_WRAPPED,
         )
     )
     assert result == {"states": ["undone", "undone"], "wrapped": [False, False, False]}
