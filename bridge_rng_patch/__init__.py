@@ -5,10 +5,21 @@
 where the fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to switch it off; ``undo()`` restores the originals.
 """
 
+from typing import Any
+
 from bridge_rng_patch.patcher import PatchStatus, apply, install, status, undo
-from bridge_rng_patch.rng_layout import RngCheckpointError
 
 __all__ = ["PatchStatus", "RngCheckpointError", "apply", "status", "undo"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # RngCheckpointError lives with the layouts, whose module would add dataclasses to every import.
+    if name == "RngCheckpointError":
+        from bridge_rng_patch.rng_layout import RngCheckpointError
+
+        return RngCheckpointError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 install()

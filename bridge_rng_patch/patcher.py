@@ -3,7 +3,7 @@
 Patches are applied once, when ``megatron.bridge.training.checkpointing`` is imported (or at once if it already
 is), each only after it has probed the installed code. A patch that cannot apply says why and leaves the module
 untouched. Undo puts back the exact original objects. Nothing heavy is imported here: the patch modules, and
-with them torch and megatron, are imported only from the import hook.
+with them wrapt, torch and megatron, are imported only when the target module is.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from types import ModuleType
-from typing import NamedTuple, Protocol
-
-import wrapt
+from typing import Any, NamedTuple, Protocol
 
 TARGET_MODULE = "megatron.bridge.training.checkpointing"
 DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
@@ -88,8 +86,39 @@ _states: dict[str, Decision] = {
 }
 _originals: dict[str, dict[str, object]] = {}
 _versions: dict[str, str | None] = {}
-_hook_registered = False
 _switched_off = False
+
+
+class _PostImportHook:
+    """Patches the target module right after it has executed, like wrapt's ``register_post_import_hook``.
+
+    wrapt's own hook would import wrapt at ``import bridge_rng_patch``, which costs 40-60 ms with wrapt 2
+    (it imports asyncio); wrapt is imported only when patching, after Megatron-Bridge's seconds-long import.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != TARGET_MODULE:
+            return None
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find_spec is None else find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                _patch_after_execution(spec.loader)
+                return spec
+        return None
+
+
+def _patch_after_execution(loader: Any) -> None:
+    execute = loader.exec_module
+
+    def execute_then_patch(module: ModuleType) -> None:
+        execute(module)
+        _on_checkpointing_imported(module)
+
+    loader.exec_module = execute_then_patch
+
+
+_hook = _PostImportHook()
 
 
 def report(message: str, level: int | None = None, every_rank: bool = False) -> None:
@@ -113,7 +142,7 @@ def disabled_by_environment() -> bool:
 
 def install() -> None:
     """Arrange for the patches to apply when Megatron-Bridge's checkpointing module is imported."""
-    global _hook_registered, _switched_off
+    global _switched_off
     with _lock:
         if disabled_by_environment():
             for name, decision in _states.items():
@@ -121,18 +150,16 @@ def install() -> None:
                     _record(name, Decision(DISABLED, f"{DISABLE_ENV} is set"))
             return
         _switched_off = False
-        if not _hook_registered:
-            _hook_registered = True
-            # Runs the hook at once when the module is already imported.
-            wrapt.register_post_import_hook(_on_checkpointing_imported, TARGET_MODULE)
+        checkpointing = sys.modules.get(TARGET_MODULE)
+        if checkpointing is not None:
+            _on_checkpointing_imported(checkpointing)
+        elif _hook not in sys.meta_path:
+            sys.meta_path.insert(0, _hook)
 
 
 def apply() -> tuple[PatchStatus, ...]:
     """Apply every patch the installed code needs (again, after ``undo``); returns the status."""
     install()
-    checkpointing = sys.modules.get(TARGET_MODULE)
-    if checkpointing is not None and not disabled_by_environment():
-        _apply_all(checkpointing)
     return status()
 
 

@@ -17,7 +17,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge_rng_patch import probe
 from bridge_rng_patch.patcher import Decision
-from bridge_rng_patch.rng_layout import shard_per_dp_rank
+from bridge_rng_patch.rng_layout import reshard_per_dp_rank
 
 TARGET = "get_rng_state"
 
@@ -32,10 +32,11 @@ class EpAwareRngState:
         rng_state = wrapped(*args, **kwargs)
         if not isinstance(rng_state, ShardedObject):  # fsdp_dtensor keeps its (pp, tp) dict, as upstream
             return rng_state
-        ep_size, dp_rank, dp_size = _expert_and_data_parallel(self._pg_collection(args, kwargs))
-        if ep_size <= 1:
+        pg_collection = self._pg_collection(args, kwargs)
+        if _expert_parallel_size(pg_collection) <= 1:
             return rng_state
-        return shard_per_dp_rank(rng_state, dp_rank, dp_size)
+        # The release made its replica id the DP rank with context parallel: the DP offset of the new layout.
+        return reshard_per_dp_rank(rng_state, rng_state.replica_id, _data_parallel_size(pg_collection))
 
     def _pg_collection(self, args: tuple, kwargs: dict) -> Any:
         position = self._pg_collection_position
@@ -44,17 +45,18 @@ class EpAwareRngState:
         return kwargs.get("pg_collection")
 
 
-def _expert_and_data_parallel(pg_collection: Any) -> tuple[int, int, int]:
-    """EP size, and DP (with context parallel) rank and size, from ``pg_collection`` or the mpu globals."""
+def _expert_parallel_size(pg_collection: Any) -> int:
     if pg_collection is None:
-        return (
-            parallel_state.get_expert_model_parallel_world_size(),
-            parallel_state.get_data_parallel_rank(with_context_parallel=True),
-            parallel_state.get_data_parallel_world_size(with_context_parallel=True),
-        )
+        return parallel_state.get_expert_model_parallel_world_size()
     expert_group = getattr(pg_collection, "ep", None)
-    ep_size = 1 if expert_group is None else expert_group.size()
-    return ep_size, pg_collection.dp_cp.rank(), pg_collection.dp_cp.size()
+    return 1 if expert_group is None else expert_group.size()
+
+
+def _data_parallel_size(pg_collection: Any) -> int:
+    """DP size with context parallel, as the release's own replica ids count it."""
+    if pg_collection is None:
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    return pg_collection.dp_cp.size()
 
 
 class SaveShardingPatch:
