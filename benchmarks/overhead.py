@@ -83,50 +83,54 @@ def bridge_import(runs: int) -> dict:
     return {"active_s": active, "without_s": without, "ratio": active / without, "patch_states": states}
 
 
-def timed_job(env: ReleaseEnv, action: str, work: Path, name: str, runs: int, calls: int, **spec) -> list[dict]:
-    """Rank 0's timing from ``runs`` separate jobs (each the median of 5 repeats of ``calls`` calls)."""
-    timings = []
+def timed_arms(action: str, arms: dict[str, tuple[ReleaseEnv, dict]], work: Path, runs: int, calls: int) -> dict:
+    """Rank 0's timings per arm from ``runs`` jobs each, the arms interleaved so that drift hits all alike.
+
+    Each job reports the median of 5 repeats of ``calls`` calls; the arm's figure is the median over jobs.
+    """
+    timings: dict[str, list[dict]] = {arm: [] for arm in arms}
     for run in range(runs):
-        results = run_job(
-            env,
-            {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 5, **EP2, **spec},
-            work,
-            f"{name}-{run}",
-        )
-        if "crash" in results[0]:
-            raise RuntimeError(results[0]["crash"])
-        timings.append(results[0]["timing"])
+        for arm, (env, spec) in arms.items():
+            results = run_job(
+                env,
+                {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 5, **EP2, **spec},
+                work,
+                f"{action}-{arm}-{run}",
+            )
+            if "crash" in results[0]:
+                raise RuntimeError(results[0]["crash"])
+            timings[arm].append(results[0]["timing"])
     return timings
 
 
-def _median_seconds(timings: list[dict]) -> float:
-    return statistics.median(timing["seconds_per_call"] for timing in timings)
+def _microseconds(timings: list[dict]) -> dict:
+    per_call = [1e6 * timing["seconds_per_call"] for timing in timings]
+    return {"median_us": statistics.median(per_call), "range_us": [min(per_call), max(per_call)]}
 
 
 def get_rng_state_cost(work: Path, runs: int, calls: int) -> dict:
-    patched = _median_seconds(timed_job(OLD, "time_get_rng_state", work, "grs-patched", runs, calls))
-    unpatched = _median_seconds(timed_job(OLD, "time_get_rng_state", work, "grs-unpatched", runs, calls, patched=False))
-    upstream = _median_seconds(timed_job(FIXED, "time_get_rng_state", work, "grs-upstream", runs, calls))
+    arms = {"patched old": (OLD, {}), "fixed upstream": (FIXED, {}), "unpatched old": (OLD, {"patched": False})}
+    figures = {
+        arm: _microseconds(timings)
+        for arm, timings in timed_arms("time_get_rng_state", arms, work, runs, calls).items()
+    }
+    patched = figures["patched old"]["median_us"]
     return {
-        "patched_old_us": 1e6 * patched,
-        "fixed_upstream_us": 1e6 * upstream,
-        "unpatched_old_us": 1e6 * unpatched,
-        "ratio_vs_fixed_upstream": patched / upstream,
-        "ratio_vs_unpatched_old": patched / unpatched,
+        **figures,
+        "ratio_vs_fixed_upstream": patched / figures["fixed upstream"]["median_us"],
+        "ratio_vs_unpatched_old": patched / figures["unpatched old"]["median_us"],
     }
 
 
 def restore_cost(work: Path, runs: int, calls: int) -> dict:
-    patched = timed_job(OLD, "time_restore", work, "restore-patched", runs, calls)
-    upstream = timed_job(FIXED, "time_restore", work, "restore-upstream", runs, calls)
+    timings = timed_arms("time_restore", {"patched old": (OLD, {}), "fixed upstream": (FIXED, {})}, work, runs, calls)
+    figures = {arm: _microseconds(arm_timings) for arm, arm_timings in timings.items()}
     return {
-        "patched_old_us": 1e6 * _median_seconds(patched),
-        "fixed_upstream_us": 1e6 * _median_seconds(upstream),
-        "ratio_vs_fixed_upstream": _median_seconds(patched) / _median_seconds(upstream),
-        "tracker_states": patched[0]["tracker_states"],
+        **figures,
+        "ratio_vs_fixed_upstream": figures["patched old"]["median_us"] / figures["fixed upstream"]["median_us"],
+        "tracker_states": timings["patched old"][0]["tracker_states"],
         "conversions_per_restore": {
-            "patched": patched[0]["conversions_per_restore"],
-            "upstream": upstream[0]["conversions_per_restore"],
+            arm: arm_timings[0]["conversions_per_restore"] for arm, arm_timings in timings.items()
         },
     }
 
@@ -135,7 +139,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: few repeats, rough figures")
     options = parser.parse_args()
-    runs, calls = (2, 200) if options.quick else (7, 3000)
+    runs, calls = (2, 200) if options.quick else (9, 5000)
     ensure(OLD)
     ensure(FIXED)
     report = {"runs": runs}
