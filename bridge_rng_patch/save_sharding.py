@@ -8,12 +8,12 @@ ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import wrapt
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge_rng_patch import probe
 from bridge_rng_patch.patcher import Decision
@@ -22,27 +22,24 @@ from bridge_rng_patch.rng_layout import reshard_per_dp_rank
 TARGET = "get_rng_state"
 
 
-class EpAwareRngState:
-    """The ``get_rng_state`` wrapper, for either signature the old releases have."""
+def ep_aware_rng_state(signature: probe.RngStateSignature) -> Callable[..., Any]:
+    """The ``get_rng_state`` wrapper for a release's signature (mpu globals, or a ``pg_collection`` argument).
 
-    def __init__(self, signature: probe.RngStateSignature) -> None:
-        self._pg_collection_position = signature.pg_collection_position
+    A plain function and cheap checks: it runs at every checkpoint save, next to the release's own code.
+    """
+    position = signature.pg_collection_position
 
-    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         rng_state = wrapped(*args, **kwargs)
-        if not isinstance(rng_state, ShardedObject):  # fsdp_dtensor keeps its (pp, tp) dict, as upstream
+        if isinstance(rng_state, dict):  # fsdp_dtensor keeps its (pp, tp) dict, as upstream
             return rng_state
-        pg_collection = self._pg_collection(args, kwargs)
+        pg_collection = args[position] if position is not None and len(args) > position else kwargs.get("pg_collection")
         if _expert_parallel_size(pg_collection) <= 1:
             return rng_state
         # The release made its replica id the DP rank with context parallel: the DP offset of the new layout.
         return reshard_per_dp_rank(rng_state, rng_state.replica_id, _data_parallel_size(pg_collection))
 
-    def _pg_collection(self, args: tuple, kwargs: dict) -> Any:
-        position = self._pg_collection_position
-        if position is not None and len(args) > position:
-            return args[position]
-        return kwargs.get("pg_collection")
+    return wrapper
 
 
 def _expert_parallel_size(pg_collection: Any) -> int:
@@ -82,7 +79,7 @@ class SaveShardingPatch:
 
     def instrument(self, checkpointing: ModuleType) -> None:
         signature = probe.rng_state_signature(getattr(checkpointing, TARGET))
-        wrapt.wrap_function_wrapper(checkpointing, TARGET, EpAwareRngState(signature))
+        wrapt.wrap_function_wrapper(checkpointing, TARGET, ep_aware_rng_state(signature))
 
 
 PATCH = SaveShardingPatch()

@@ -382,7 +382,7 @@ def _requests_for_each_signature() -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from bridge_rng_patch import probe
-    from bridge_rng_patch.save_sharding import EpAwareRngState
+    from bridge_rng_patch.save_sharding import ep_aware_rng_state
 
     checkpointing = _checkpointing()
     release_own = checkpointing.get_rng_state.__wrapped__
@@ -394,7 +394,7 @@ def _requests_for_each_signature() -> dict:
         return release_own(data_parallel_random_init, ckpt_format)
 
     def patched(function: Any) -> Any:
-        return wrapt.FunctionWrapper(function, EpAwareRngState(probe.rng_state_signature(function)))
+        return wrapt.FunctionWrapper(function, ep_aware_rng_state(probe.rng_state_signature(function)))
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     without_ep = ProcessGroupCollection.use_mpu_process_groups()
