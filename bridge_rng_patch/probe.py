@@ -6,6 +6,7 @@ release number is only a second signal, reported beside them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -54,7 +55,9 @@ def describe_signature(function: Callable) -> str:
         return "(?)"
 
 
+@functools.cache
 def source_of(function: Callable) -> str | None:
+    """The function's source, read once: each patch asks about its target more than once."""
     try:
         return inspect.getsource(function)
     except (OSError, TypeError):
