@@ -23,14 +23,15 @@ class RngCheckpointError(RuntimeError):
     """A checkpoint's RNG state cannot be restored as stored; the message names the checkpoint and the key."""
 
 
-def reshard_per_dp_rank(per_pp_tp: ShardedObject, dp_rank: int, dp_size: int) -> ShardedObject:
+def reshard_per_dp_rank(per_pp_tp: ShardedObject, dp_size: int) -> ShardedObject:
     """The same RNG states, sharded by (pp, tp, dp) so that every DP rank's states are written.
 
+    The (pp, tp) layout's replica id is the DP rank (with context parallel): the DP offset of the new layout.
     Re-shards in place the ShardedObject that ``get_rng_state`` has just built for its caller alone: cheaper
     than building a second one, on a path that runs at every checkpoint save.
     """
     per_pp_tp.global_shape = (*per_pp_tp.global_shape, dp_size)
-    per_pp_tp.global_offset = (*per_pp_tp.global_offset, dp_rank)
+    per_pp_tp.global_offset = (*per_pp_tp.global_offset, per_pp_tp.replica_id)
     per_pp_tp.replica_id = 0
     return per_pp_tp
 

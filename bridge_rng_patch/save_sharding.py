@@ -36,8 +36,7 @@ def ep_aware_rng_state(signature: probe.RngStateSignature) -> Callable[..., Any]
         pg_collection = args[position] if position is not None and len(args) > position else kwargs.get("pg_collection")
         if _expert_parallel_size(pg_collection) <= 1:
             return rng_state
-        # The release made its replica id the DP rank with context parallel: the DP offset of the new layout.
-        return reshard_per_dp_rank(rng_state, rng_state.replica_id, _data_parallel_size(pg_collection))
+        return reshard_per_dp_rank(rng_state, _data_parallel_size(pg_collection))
 
     return wrapper
 
