@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.jobs import run_job
-from tools.release_envs import RELEASES, ReleaseEnv, ensure
+from tools.release_envs import RELEASES, Release, ensure
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
@@ -52,13 +52,13 @@ print(json.dumps({'seconds': elapsed, 'states': states}))
 """
 
 
-def _fresh_interpreter(env: ReleaseEnv, code: str, *args: str) -> dict:
+def _fresh_interpreter(env: Release, code: str, *args: str) -> dict:
     process = subprocess.run(
         [str(env.python), "-c", code, *args],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env=env.environment({**os.environ, "PYTHONWARNINGS": "ignore"}),
     )
     return json.loads(process.stdout.strip().splitlines()[-1])
 
@@ -83,7 +83,7 @@ def bridge_import(runs: int) -> dict:
     return {"active_s": active, "without_s": without, "ratio": active / without, "patch_states": states}
 
 
-def timed_arms(action: str, arms: dict[str, tuple[ReleaseEnv, dict]], work: Path, runs: int, calls: int) -> dict:
+def timed_arms(action: str, arms: dict[str, tuple[Release, dict]], work: Path, runs: int, calls: int) -> dict:
     """Rank 0's timings per arm from ``runs`` jobs each, the arms interleaved so that drift hits all alike.
 
     Each job reports the median of 5 repeats of ``calls`` calls; the arm's figure is the median over jobs.

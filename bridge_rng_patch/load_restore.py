@@ -38,7 +38,8 @@ from bridge_rng_patch.rng_layout import (
 
 LOAD_FUNCTION = "_load_checkpoint_from_path"
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
-_DIST_LOAD_PARAMETERS = ("load_dir", "ckpt_cfg", "rank0", "sharded_state_dict", "iteration", "release")
+# What the dist-load wrapper binds by name; the config parameter is ``cfg`` in 0.1.0a0, ``ckpt_cfg`` later.
+_DIST_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict", "iteration", "release")
 _WHAT_TO_DO = "no RNG state was restored; resume with load_rng=False to start from fresh RNG state"
 
 
@@ -230,15 +231,21 @@ class LoadRestorePatch:
         ]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        parameters = tuple(inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION)).parameters)
-        if parameters[: len(_DIST_LOAD_PARAMETERS)] != _DIST_LOAD_PARAMETERS:
-            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{parameters}")
         load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
+        # Is the fix already there? Asked first: fixed releases change the dist-load signature too.
         converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
-        if converts is None:
-            return Decision.by_version(f"the source of {LOAD_FUNCTION}", probe.bridge_release_has_fix())
         if converts:
             return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
+        release_has_fix = probe.bridge_release_has_fix()
+        if converts is None and release_has_fix:
+            return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix)
+        dist_load = getattr(checkpointing, DIST_LOAD_FUNCTION)
+        unbound = probe.missing_parameters(dist_load, _DIST_LOAD_ARGUMENTS)
+        if unbound:
+            shown = probe.describe_signature(dist_load)
+            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{shown}: no {', '.join(unbound)}")
+        if converts is None:
+            return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix)
         if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
             return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
         helpers = (

@@ -1,4 +1,4 @@
-"""Find out what is installed: versions from package metadata, features from the code actually loaded.
+"""Find out what is installed: versions and features (signatures, source, helpers) of the code actually loaded.
 
 Patches decide by the features (signatures, what a function's source does, which helpers exist); the
 release number is only a second signal, reported beside them.
@@ -7,11 +7,14 @@ release number is only a second signal, reported beside them.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 
 from packaging.version import InvalidVersion, Version
@@ -20,21 +23,62 @@ BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
 # The first Megatron-Bridge release with EP-aware RNG sharding and graph-safe RNG restore (PR #2092).
 FIRST_FIXED_BRIDGE = Version("0.3.0")
+# Where each Megatron package states its version in its own code, for sources on PYTHONPATH without metadata.
+_PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "megatron.core"}
+UNKNOWN = "unknown"
+NOT_INSTALLED = "not installed"
 
-_RNG_STATE_FIRST_PARAMETERS = ("data_parallel_random_init", "ckpt_format")
 _EP_AWARE_SHARDING = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel")
 
 
 def installed_version(distribution: str) -> str | None:
-    """The installed version of ``distribution``, or None when it is not installed from a package."""
+    """The version of ``distribution`` as the code that gets imported states it, else its package metadata.
+
+    Training images that put Megatron sources on ``PYTHONPATH`` have no metadata, or metadata of another copy,
+    so the code's own ``package_info`` comes first. "unknown" for code that states none; None when absent.
+    """
+    package = _PACKAGE_INFO.get(distribution)
+    present, version = _code_version(package) if package else (False, None)
+    if version is not None:
+        return version
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
-        return None
+        return UNKNOWN if present else None
 
 
-def installed_versions() -> dict[str, str | None]:
-    return {name: installed_version(name) for name in (BRIDGE_DISTRIBUTION, CORE_DISTRIBUTION, "torch", "wrapt")}
+def _code_version(package: str) -> tuple[bool, str | None]:
+    """Whether ``package`` is importable, and its ``package_info.__version__``, read without importing it.
+
+    Importing Megatron-Bridge takes seconds; its ``package_info`` holds constants only.
+    """
+    loaded = sys.modules.get(f"{package}.package_info")
+    if loaded is not None:
+        return True, getattr(loaded, "__version__", None)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return False, None
+    if spec is None:
+        return False, None
+    for location in spec.submodule_search_locations or ():
+        path = Path(location) / "package_info.py"
+        if path.is_file():
+            namespace: dict = {}
+            try:
+                exec(compile(path.read_text(), str(path), "exec"), namespace)
+            except Exception:
+                return True, None
+            version = namespace.get("__version__")
+            return True, version if isinstance(version, str) else None
+    return True, None
+
+
+def installed_versions() -> dict[str, str]:
+    return {
+        name: installed_version(name) or NOT_INSTALLED
+        for name in (BRIDGE_DISTRIBUTION, CORE_DISTRIBUTION, "torch", "wrapt")
+    }
 
 
 def bridge_release_has_fix() -> bool | None:
@@ -49,10 +93,16 @@ def bridge_release_has_fix() -> bool | None:
 
 
 def describe_signature(function: Callable) -> str:
+    """``(name, ..., *, name)``: the parameters a function binds, without annotations or defaults."""
     try:
-        return str(inspect.signature(function))
+        signature = inspect.signature(function)
     except (TypeError, ValueError):
         return "(?)"
+    bare = [
+        parameter.replace(annotation=parameter.empty, default=parameter.empty)
+        for parameter in signature.parameters.values()
+    ]
+    return str(signature.replace(parameters=bare, return_annotation=signature.empty))
 
 
 @functools.cache
@@ -66,32 +116,46 @@ def source_of(function: Callable) -> str | None:
 
 @dataclass(frozen=True)
 class RngStateSignature:
-    """How a ``get_rng_state`` takes its process groups: mpu globals, or a ``pg_collection`` argument."""
+    """How a ``get_rng_state`` takes what the save wrapper needs, known by the parameters it binds.
 
-    pg_collection_position: int | None
-    takes_pg_collection: bool
+    Old releases take ``data_parallel_random_init`` and, from 0.1.0rc3, ``ckpt_format`` (without it the format
+    is always torch_dist); unreleased main between 0.2.2 and the fix adds ``pg_collection``, positional or
+    keyword-only. Process groups come from ``pg_collection`` where it is given, else from mpu globals.
+    """
+
+    names: tuple[str, ...]
+    keyword_only: frozenset[str]
+    shown: str
+
+    @property
+    def pg_collection_position(self) -> int | None:
+        """Where ``pg_collection`` may come positionally; None when it is keyword-only or not taken."""
+        if "pg_collection" not in self.names or "pg_collection" in self.keyword_only:
+            return None
+        return self.names.index("pg_collection")
 
     def describe(self) -> str:
-        parameters = ", ".join(_RNG_STATE_FIRST_PARAMETERS)
-        if not self.takes_pg_collection:
-            return f"get_rng_state({parameters}) with mpu globals"
-        keyword_only = "*, " if self.pg_collection_position is None else ""
-        return f"get_rng_state({parameters}, {keyword_only}pg_collection)"
+        groups = "" if "pg_collection" in self.names else " with mpu globals"
+        return f"get_rng_state{self.shown}{groups}"
+
+
+_RNG_STATE_REQUIRED = "data_parallel_random_init"
+_RNG_STATE_OPTIONAL = frozenset({"ckpt_format", "pg_collection"})
 
 
 def rng_state_signature(get_rng_state: Callable) -> RngStateSignature | None:
-    """The signature of ``get_rng_state`` if it is one the old releases have, else None."""
+    """The signature of ``get_rng_state`` if every parameter is one the package knows how to fix, else None."""
     try:
         parameters = list(inspect.signature(get_rng_state).parameters.values())
     except (TypeError, ValueError):
         return None
     names = tuple(parameter.name for parameter in parameters)
-    if names == _RNG_STATE_FIRST_PARAMETERS:
-        return RngStateSignature(pg_collection_position=None, takes_pg_collection=False)
-    if names != (*_RNG_STATE_FIRST_PARAMETERS, "pg_collection"):
+    if not names or names[0] != _RNG_STATE_REQUIRED or not set(names[1:]) <= _RNG_STATE_OPTIONAL:
         return None
-    keyword_only = parameters[2].kind is inspect.Parameter.KEYWORD_ONLY
-    return RngStateSignature(pg_collection_position=None if keyword_only else 2, takes_pg_collection=True)
+    if parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+        return None
+    keyword_only = frozenset(parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY)
+    return RngStateSignature(names, keyword_only, describe_signature(get_rng_state))
 
 
 def shards_rng_state_by_ep(get_rng_state: Callable) -> bool | None:
@@ -111,6 +175,15 @@ def restore_converts_tracker_states(load_checkpoint_from_path: Callable) -> bool
     """Whether Bridge's RNG restore already converts tracker states (the upstream fix)."""
     source = source_of(load_checkpoint_from_path)
     return None if source is None else "convert_cuda_rng_state" in source
+
+
+def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` ``function`` cannot bind by name; all of them when it has no signature."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return list(names)
+    return [name for name in names if name not in parameters]
 
 
 def restore_sets_tracker_states(load_checkpoint_from_path: Callable) -> bool | None:

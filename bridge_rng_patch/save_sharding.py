@@ -62,15 +62,19 @@ class SaveShardingPatch:
         get_rng_state = getattr(checkpointing, TARGET, None)
         if get_rng_state is None:
             return Decision.refuse(f"{checkpointing.__name__} has no {TARGET}")
+        # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
+        shards_by_ep = probe.shards_rng_state_by_ep(get_rng_state)
+        if shards_by_ep:
+            shown = probe.describe_signature(get_rng_state)
+            return Decision.not_needed(f"upstream {TARGET}{shown} already shards RNG state by EP")
+        release_has_fix = probe.bridge_release_has_fix()
+        if shards_by_ep is None and release_has_fix:
+            return Decision.by_version(f"the source of {TARGET}", release_has_fix)
         signature = probe.rng_state_signature(get_rng_state)
         if signature is None:
             return Decision.refuse(f"unknown signature {TARGET}{probe.describe_signature(get_rng_state)}")
-        shards_by_ep = probe.shards_rng_state_by_ep(get_rng_state)
-        release_has_fix = probe.bridge_release_has_fix()
         if shards_by_ep is None:
             return Decision.by_version(f"the source of {TARGET}", release_has_fix)
-        if shards_by_ep:
-            return Decision.not_needed(f"upstream {signature.describe()} already shards RNG state by EP")
         if not probe.builds_rng_sharded_object(get_rng_state):
             return Decision.refuse(f"unexpected {TARGET}: its source builds no ShardedObject with a replica_id")
         note = "; its version number claims the fix, its code does not have it" if release_has_fix else ""

@@ -14,12 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tools.jobs import run_job  # noqa: E402
-from tools.release_envs import FIXED_RELEASES, OLD_RELEASES, RELEASES, ReleaseEnv, ensure  # noqa: E402
+from tools.release_envs import Release, ensure  # noqa: E402
 
 
-def run_python(env: ReleaseEnv, code: str, *, extra_env: dict[str, str] | None = None, timeout: int = 300):
+def run_python(env: Release, code: str, *, extra_env: dict[str, str] | None = None, timeout: int = 300):
     """Run ``code`` in a fresh interpreter of ``env``; returns the completed process (stdout, stderr, rc)."""
-    environment = {key: value for key, value in os.environ.items() if key != "BRIDGE_RNG_PATCH_DISABLE"}
+    inherited = {key: value for key, value in os.environ.items() if key != "BRIDGE_RNG_PATCH_DISABLE"}
+    environment = env.environment(inherited)
     environment.update(PYTHONWARNINGS="ignore", **(extra_env or {}))
     return subprocess.run(
         [str(ensure(env).python), "-c", textwrap.dedent(code)],
@@ -29,16 +30,6 @@ def run_python(env: ReleaseEnv, code: str, *, extra_env: dict[str, str] | None =
         timeout=timeout,
         cwd=REPO,
     )
-
-
-@pytest.fixture(scope="session", params=[env.name for env in OLD_RELEASES])
-def old_release(request) -> ReleaseEnv:
-    return ensure(RELEASES[request.param])
-
-
-@pytest.fixture(scope="session", params=[env.name for env in FIXED_RELEASES])
-def fixed_release(request) -> ReleaseEnv:
-    return ensure(RELEASES[request.param])
 
 
 class Jobs:
@@ -51,9 +42,9 @@ class Jobs:
     def checkpoint_dir(self, name: str) -> str:
         return str(self.base / name)
 
-    def run(self, env: ReleaseEnv, name: str, **spec) -> list[dict]:
+    def run(self, env: Release, name: str, **spec) -> list[dict]:
         if name not in self._results:
-            results = run_job(env, spec, self.base, name)
+            results = run_job(ensure(env), spec, self.base, name)
             crashes = [result["crash"] for result in results if "crash" in result]
             assert not crashes, f"job {name} in {env.name} crashed:\n{crashes[0]}"
             self._results[name] = results

@@ -11,10 +11,11 @@ import json
 
 import pytest
 import torch
-from conftest import RELEASES, run_python
+from conftest import run_python
 
 import bridge_rng_patch
 from bridge_rng_patch import compat
+from tools.release_envs import RELEASES
 
 
 @pytest.fixture

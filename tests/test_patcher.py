@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RELEASES, run_python
+from conftest import run_python
+
+from tools.release_envs import RELEASES
 
 RUNNER = RELEASES["bridge-0.2.0rc6"]
-FIXED = RELEASES["bridge-0.3.1"]
 
 TARGETS = "('get_rng_state', 'tensor_parallel', '_load_global_dist_base_checkpoint')"
 # Prints the patch states and, per patched attribute of Bridge's checkpointing module, whether it is wrapped.
@@ -139,25 +140,6 @@ def test_undo_before_bridge_is_imported_keeps_it_unpatched():
         )
     )
     assert result == {"states": ["undone", "undone"], "wrapped": [False, False, False]}
-
-
-def test_fixed_release_is_detected_and_left_exactly_as_it_is():
-    result = _result(
-        run_python(
-            FIXED,
-            f"""
-            import json
-            import megatron.bridge.training.checkpointing as checkpointing
-            originals = {{name: getattr(checkpointing, name) for name in {TARGETS}}}
-            import bridge_rng_patch
-            print(json.dumps({{
-                "states": [s.state for s in bridge_rng_patch.status()],
-                "originals": [getattr(checkpointing, name) is original for name, original in originals.items()],
-            }}))
-            """,
-        )
-    )
-    assert result == {"states": ["not needed", "not needed"], "originals": [True, True, True]}
 
 
 def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():

@@ -8,7 +8,9 @@ another rank's state shows up as a fingerprint mismatch.
 from __future__ import annotations
 
 import pytest
-from conftest import OLD_RELEASES, RELEASES, coordinates, saved_by_coordinates
+from conftest import coordinates, saved_by_coordinates
+
+from tools.release_envs import RELEASES, SIGNATURE_FAMILIES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
@@ -61,7 +63,7 @@ def test_patched_checkpoint_loads_on_fixed_upstream_bit_exact(jobs):
     _assert_each_rank_resumes_its_own_state(saved, _load(jobs, FIXED, "patched-ep2", "patched-ep2-load-on-fixed"))
 
 
-@pytest.mark.parametrize("old", [env.name for env in OLD_RELEASES])
+@pytest.mark.parametrize("old", list(SIGNATURE_FAMILIES.values()))
 def test_fixed_upstream_checkpoint_loads_on_patched_old_release_bit_exact(jobs, old):
     saved = _save(jobs, FIXED, "fixed-ep2")
     _assert_each_rank_resumes_its_own_state(saved, _load(jobs, RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))

@@ -1,9 +1,15 @@
-"""Save side on real old releases: the patched get_rng_state shards RNG state as Megatron-Bridge 0.3.0 does."""
+"""Save side on a real old release: the patched get_rng_state shards RNG state as Megatron-Bridge 0.3.0 does.
+
+Layouts across TP, PP, EP and DP on 0.2.0rc6; every signature family resumes bit-exact in test_release_matrix.
+"""
 
 from __future__ import annotations
 
 import pytest
-from conftest import RELEASES
+
+from tools.release_envs import RELEASES
+
+RUNNER = RELEASES["bridge-0.2.0rc6"]
 
 # (world, tp, pp, ep): DP = world / (tp * pp)
 LAYOUTS = [(4, 1, 1, 2), (8, 2, 1, 2), (8, 1, 2, 2), (4, 2, 1, 1)]
@@ -15,11 +21,11 @@ def _layout_id(layout: tuple[int, int, int, int]) -> str:
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=_layout_id)
-def saved(request, old_release, jobs):
+def saved(request, jobs):
     world, tp, pp, ep = request.param
-    name = f"save-{old_release.name}-{_layout_id(request.param)}"
+    name = f"save-{RUNNER.name}-{_layout_id(request.param)}"
     layout = {"world": world, "tp": tp, "pp": pp, "ep": ep}
-    results = jobs.run(old_release, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout)
+    results = jobs.run(RUNNER, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout)
     return layout, results
 
 
@@ -53,11 +59,11 @@ def _offsets(shape: list[int]) -> list[tuple[int, ...]]:
     return offsets
 
 
-def test_every_rank_resumes_its_own_rng_state_bit_exact(saved, old_release, jobs):
+def test_every_rank_resumes_its_own_rng_state_bit_exact(saved, jobs):
     layout, save_results = saved
-    name = f"load-{old_release.name}-{_layout_id(tuple(layout.values()))}"
-    checkpoint_dir = save_results and jobs.checkpoint_dir(name.replace("load-", "save-", 1))
-    load_results = jobs.run(old_release, name, action="load", checkpoint_dir=checkpoint_dir, **layout)
+    name = f"load-{RUNNER.name}-{_layout_id(tuple(layout.values()))}"
+    checkpoint_dir = jobs.checkpoint_dir(name.replace("load-", "save-", 1))
+    load_results = jobs.run(RUNNER, name, action="load", checkpoint_dir=checkpoint_dir, **layout)
     for saved_rank, loaded_rank in zip(save_results, load_results, strict=True):
         assert loaded_rank["error"] is None
         assert loaded_rank["fresh"] != saved_rank["saved"]
@@ -66,7 +72,7 @@ def test_every_rank_resumes_its_own_rng_state_bit_exact(saved, old_release, jobs
 
 def test_unpatched_old_release_writes_one_dp_ranks_state_and_loses_the_others(jobs):
     """The bug itself, on the real release: proves the round-trip check above can fail."""
-    env = RELEASES["bridge-0.2.0rc6"]
+    env = RUNNER
     layout = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
     checkpoint_dir = jobs.checkpoint_dir("unpatched-ep2")
     save = jobs.run(env, "unpatched-ep2", action="save", checkpoint_dir=checkpoint_dir, patched=False, **layout)
@@ -84,9 +90,8 @@ def test_unpatched_old_release_writes_one_dp_ranks_state_and_loses_the_others(jo
 
 def test_patched_get_rng_state_handles_mpu_and_pg_collection_signatures(jobs):
     """The later-main signature (pg_collection) has no release; see rng_job._requests_for_each_signature."""
-    env = RELEASES["bridge-0.2.0rc6"]
     results = jobs.run(
-        env,
+        RUNNER,
         "signatures",
         action="signatures",
         checkpoint_dir=jobs.checkpoint_dir("signatures"),

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.jobs import run_job
-from tools.release_envs import RELEASES
+from tools.release_envs import RELEASES, ensure
 
 ENV = RELEASES["bridge-0.2.0rc6"]
 LAYOUT = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
@@ -35,6 +35,7 @@ def _cell(saved: dict, resumed: dict, key: str) -> str:
 
 
 def main() -> int:
+    ensure(ENV)
     print(f"megatron-bridge {ENV.bridge}, megatron-core {ENV.core}; 4 ranks, TP 1, PP 1, EP 2, DP 4", flush=True)
     with tempfile.TemporaryDirectory() as work_dir:
         work = Path(work_dir)

@@ -7,19 +7,19 @@ import os
 import subprocess
 from pathlib import Path
 
-from tools.release_envs import REPO, ReleaseEnv, ensure
+from tools.release_envs import REPO, Release
 
 JOB = REPO / "tests" / "jobs" / "rng_job.py"
 
 
-def run_job(env: ReleaseEnv, spec: dict, out_dir: Path, name: str) -> list[dict]:
-    """One report per rank; raises with the job's stderr when it fails."""
+def run_job(env: Release, spec: dict, out_dir: Path, name: str) -> list[dict]:
+    """One report per rank; raises with the job's stderr when it fails. ``env`` must be built already."""
     out = out_dir / f"{name}.json"
     process = subprocess.run(
-        [str(ensure(env).python), str(JOB), json.dumps({**spec, "out": str(out)})],
+        [str(env.python), str(JOB), json.dumps({**spec, "out": str(out)})],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env=env.environment({**os.environ, "PYTHONWARNINGS": "ignore"}),
         timeout=600,
         cwd=REPO,
     )

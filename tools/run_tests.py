@@ -1,4 +1,4 @@
-"""Build the release environments if needed, then run the test suite with the runner environment's pytest.
+"""Build the release environments if needed, then run the test suite in the runner release (0.2.0rc6).
 
 ``python3 tools/run_tests.py [pytest arguments]``: the README's test command, and what CI runs.
 """
@@ -17,7 +17,7 @@ from tools.release_envs import REPO, RUNNER, ensure_all
 def main() -> int:
     ensure_all()
     command = [str(RUNNER.python), "-m", "pytest", *(sys.argv[1:] or ["tests"])]
-    return subprocess.run(command, cwd=REPO, env=None).returncode
+    return subprocess.run(command, cwd=REPO, env=RUNNER.environment()).returncode
 
 
 if __name__ == "__main__":

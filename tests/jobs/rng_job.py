@@ -196,16 +196,17 @@ def _release_restore_converts() -> bool:
 
 
 def _installed_get_rng_state() -> Any:
-    """The installed get_rng_state, bound to the arguments save_checkpoint gives it."""
+    """The installed get_rng_state, bound by name to the arguments save_checkpoint gives it."""
     checkpointing = _checkpointing()
-    kwargs = {}
-    if "pg_collection" in inspect.signature(checkpointing.get_rng_state).parameters:
+    parameters = inspect.signature(checkpointing.get_rng_state).parameters
+    kwargs: dict[str, Any] = {}
+    if "ckpt_format" in parameters:  # releases without it always write torch_dist
+        kwargs["ckpt_format"] = "torch_dist"
+    if "pg_collection" in parameters:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
-    return lambda data_parallel_random_init=False: checkpointing.get_rng_state(
-        data_parallel_random_init, "torch_dist", **kwargs
-    )
+    return lambda data_parallel_random_init=False: checkpointing.get_rng_state(data_parallel_random_init, **kwargs)
 
 
 def _seconds_per_call(call: Any, spec: dict) -> float:
@@ -269,6 +270,9 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         tensor_model_parallel_size=spec["tp"],
         pipeline_model_parallel_size=spec["pp"],
         expert_model_parallel_size=spec["ep"],
+        # Older megatron-core refuses EP without experts, and MoE with linear biases.
+        num_moe_experts=spec["ep"] if spec["ep"] > 1 else None,
+        add_bias_linear=spec["ep"] == 1,
     )
     data_parallel_size = mpu.get_data_parallel_world_size()
     config = ConfigContainer(
