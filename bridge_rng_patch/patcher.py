@@ -67,7 +67,7 @@ class PatchStatus(NamedTuple):
     summary: str
     state: str
     reason: str
-    versions: Mapping[str, str | None]
+    versions: Mapping[str, str]
 
 
 class Patch(Protocol):
@@ -85,7 +85,7 @@ _states: dict[str, Decision] = {
     name: Decision(PENDING, f"waiting for {TARGET_MODULE} to be imported") for name in PATCHES
 }
 _originals: dict[str, dict[str, object]] = {}
-_versions: dict[str, str | None] = {}
+_versions: dict[str, str] = {}
 _switched_off = False
 
 
