@@ -186,6 +186,29 @@ def _report_layout(stored: StoredRngLayout, requested: ShardedObject, dp_size: i
         report(f"{where} stores RNG state for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
 
 
+def _stored_layout_read_once_per_job(checkpoint_dir: str) -> StoredRngLayout | None:
+    """Rank 0 reads the stored layout and every rank receives it, or the same error.
+
+    One read per checkpoint load, not one per rank of the same file on shared storage; every rank leaves the
+    broadcast, whatever rank 0 met, so none is left waiting in a collective.
+    """
+    distributed = torch.distributed
+    if not distributed.is_initialized() or distributed.get_world_size() == 1:
+        return read_stored_layout(checkpoint_dir)
+    outcome: list[Any] = [None]
+    if distributed.get_rank() == 0:
+        try:
+            outcome[0] = read_stored_layout(checkpoint_dir)
+        except RngCheckpointError as error:
+            outcome[0] = error
+        except Exception as error:
+            outcome[0] = RngCheckpointError(f"checkpoint {checkpoint_dir}: its RNG layout cannot be read: {error!r}")
+    distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], RngCheckpointError):
+        raise outcome[0]
+    return outcome[0]
+
+
 class LayoutAwareDistLoad:
     """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shard the checkpoint stores."""
 
@@ -202,7 +225,7 @@ class LayoutAwareDistLoad:
         checkpoint_dir = str(
             self._checkpointing.get_checkpoint_name(call["load_dir"], call["iteration"], call["release"])
         )
-        stored = read_stored_layout(checkpoint_dir)
+        stored = _stored_layout_read_once_per_job(checkpoint_dir)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{RNG_STATE_KEY}'; {_WHAT_TO_DO}")
         dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)

@@ -7,6 +7,8 @@ another rank's state shows up as a fingerprint mismatch.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import coordinates, saved_by_coordinates
 
@@ -145,6 +147,27 @@ def test_generator_states_from_a_graph_safe_tracker_restore_into_a_plain_tracker
         assert rank["error"] is None
         expected = {name: ["Tensor", digest] for name, (_, digest) in saved[coordinates(rank)]["tracker"].items()}
         assert rank["loaded"]["tracker"] == expected
+
+
+def test_one_rank_reads_the_stored_layout_and_the_others_receive_it(jobs):
+    """One read of the checkpoint's metadata per load for the whole job, not one per rank."""
+    _save(jobs, OLD, "patched-ep2")
+    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load")
+    assert [rank["layout_reads"] for rank in loaded] == [1, 0, 0, 0]
+
+
+def test_unreadable_metadata_fails_every_rank_with_the_same_error_and_none_waits(jobs):
+    _save(jobs, OLD, "truncated-metadata", tamper="truncated_metadata")
+    loaded = _load(jobs, OLD, "truncated-metadata", "truncated-metadata-load")
+    errors = {rank["error"] for rank in loaded}
+    assert len(errors) == 1
+    assert re.fullmatch(
+        f"RngCheckpointError: checkpoint {re.escape(jobs.checkpoint_dir('truncated-metadata'))}/iter_0000010: "
+        r"\.metadata is truncated or corrupt \(\d+ bytes, not a whole pickle\), so nothing of this checkpoint can "
+        r"be loaded; resume from another checkpoint",
+        errors.pop(),
+    )
+    assert all(rank["loaded"] == rank["fresh"] for rank in loaded)
 
 
 @pytest.mark.parametrize(

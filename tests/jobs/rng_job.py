@@ -7,7 +7,8 @@ checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are fa
 
 Spec keys: world, tp, pp, ep, action ("save" or "load"), checkpoint_dir, out; optional: patched (default
 true), package_first (default true), data_parallel_random_init, graph_safe_tracker, load_rng, finetune,
-tamper ("torch_rng_state", "empty_tracker" or "unknown_layout", at save).
+tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
+(how many small parameters the model has, default 8).
 """
 
 from __future__ import annotations
@@ -98,22 +99,32 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
         torch.distributed.barrier()
         if rank == 0:  # the other ranks wait, so that the timing has the CPU to itself
             report["timing"] = TIMED_ACTIONS[spec["action"]](spec)
+    elif spec["action"] == "time_checkpoint":
+        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
+        report["timing"] = _time_checkpoint(state, model, spec)
     elif spec["action"] == "save":
         _seed_every_source(SAVE_SEED, rank, device_generator, spec)
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
         with _tampered(spec.get("tamper")):
             _checkpointing().save_checkpoint(state, model, None, None, 0)
-        report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
+        torch.distributed.barrier()
+        if spec.get("tamper") == "truncated_metadata":
+            if rank == 0:
+                _truncate(_iteration_dir(spec) / ".metadata")
+        else:
+            report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
     else:
         _seed_every_source(FRESH_SEED, rank, device_generator, spec)
         report["fresh"] = rng_fingerprint(device_generator)
+        layout_reads = _count_layout_reads(spec)
         try:
             _checkpointing().load_checkpoint(state, model, None, None)
             report["error"] = None
         except BaseException as error:  # Bridge's own restore failure path calls sys.exit()
             report["error"] = f"{type(error).__name__}: {error}"
         report["loaded"] = rng_fingerprint(device_generator)
+        report["layout_reads"] = layout_reads()
     report["logs"] = logs
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -129,9 +140,10 @@ def _time_restore(spec: dict) -> dict:
     """Seconds per RNG restore of a saved entry, in the sequence the installed release's restore runs.
 
     The restore sits inside ``_load_checkpoint_from_path`` and cannot be called alone, so its steps are
-    repeated here as each release runs them: the old release (with the patch) picks the entry from the
-    loaded list and sets the tracker through its module's ``tensor_parallel``; 0.3.x converts every tracker
-    state with megatron-core's helper first. Also counts conversions per restore.
+    repeated here as each release runs them: the old release picks the entry from the loaded list (with the
+    patch: the checked list) and sets the tracker through its module's ``tensor_parallel`` (with the patch:
+    the converting proxy); 0.3.x converts every tracker state with megatron-core's helper first. Also counts
+    conversions per restore.
     """
     import numpy as np
     import torch
@@ -169,7 +181,7 @@ def _time_restore(spec: dict) -> dict:
         convert = counted(convert)
         restore()
         convert = tensor_parallel.convert_cuda_rng_state
-    else:
+    elif spec.get("patched", True):
         from bridge_rng_patch.load_restore import RestorableRngStates
         from bridge_rng_patch.rng_layout import RankCoordinates
 
@@ -182,6 +194,13 @@ def _time_restore(spec: dict) -> dict:
         compat.convert_cuda_rng_state = counted(convert)
         restore()
         compat.convert_cuda_rng_state = convert
+    else:  # the old release as it is: a plain list, the tracker's own set_states
+
+        def restore() -> None:
+            rng_state = [entry][0]
+            set_sources(rng_state)
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
+
     return {
         "seconds_per_call": _seconds_per_call(restore, spec),
         "tracker_states": len(entry["rng_tracker_states"]),
@@ -223,6 +242,65 @@ def _seconds_per_call(call: Any, spec: dict) -> float:
     return statistics.median(samples)
 
 
+def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
+    """Seconds of the real save_checkpoint, then the real load_checkpoint of what it wrote, across the job."""
+    import time
+
+    import torch
+
+    checkpointing = _checkpointing()
+    layout_reads = _count_layout_reads(spec)
+
+    def across_the_job(call: Any) -> float:
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        call()
+        torch.distributed.barrier()
+        return time.perf_counter() - start
+
+    timing = {
+        "save_s": across_the_job(lambda: checkpointing.save_checkpoint(state, model, None, None, 0)),
+        "load_s": across_the_job(lambda: checkpointing.load_checkpoint(state, model, None, None)),
+        "layout_reads": layout_reads(),
+    }
+    if spec.get("patched", True) and torch.distributed.get_rank() == 0:
+        timing.update(_time_layout_reads(str(_iteration_dir(spec))))
+    return timing
+
+
+def _time_layout_reads(iteration_dir: str) -> dict:
+    """The package's read of the stored RNG layout, and megatron-core's full metadata read it replaced."""
+    import time
+
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    from bridge_rng_patch.rng_layout import read_stored_layout
+
+    timings = {}
+    for name, read in (("layout_read_s", read_stored_layout), ("load_sharded_metadata_s", load_sharded_metadata)):
+        start = time.perf_counter()
+        read(iteration_dir)
+        timings[name] = time.perf_counter() - start
+    return timings
+
+
+def _count_layout_reads(spec: dict) -> Any:
+    """Counts this rank's reads of the stored RNG layout from now on; returns the counter."""
+    if not spec.get("patched", True):
+        return lambda: 0
+    from bridge_rng_patch import load_restore
+
+    reads = []
+    read = load_restore.read_stored_layout
+
+    def counted(checkpoint_dir: str) -> Any:
+        reads.append(checkpoint_dir)
+        return read(checkpoint_dir)
+
+    load_restore.read_stored_layout = counted
+    return lambda: len(reads)
+
+
 TIMED_ACTIONS = {"time_get_rng_state": _time_get_rng_state, "time_restore": _time_restore}
 
 
@@ -244,7 +322,10 @@ def _capture_package_logs() -> list[str]:
 
 
 def _build_state_and_model(spec: dict) -> tuple[Any, list]:
-    """A real GlobalState with a real ConfigContainer, and a one-parameter real MegatronModule."""
+    """A real GlobalState with a real ConfigContainer, and a real MegatronModule of ``tensors`` small parameters.
+
+    Enough of them (8 by default) that megatron-core's fully parallel save gives every DP rank some to write.
+    """
     import torch
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.training.config import (
@@ -303,17 +384,19 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
     )
 
-    class OneWeight(MegatronModule):
-        def __init__(self, config: Any) -> None:
+    class SmallWeights(MegatronModule):
+        def __init__(self, config: Any, tensors: int) -> None:
             super().__init__(config=config)
-            self.weight = torch.nn.Parameter(torch.arange(4, dtype=torch.float32))
+            self.weights = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.arange(4, dtype=torch.float32) + index) for index in range(tensors)
+            )
 
         def sharded_state_dict(self, prefix: str = "", *args: Any, **kwargs: Any) -> dict:
             # Each pipeline stage holds its own layers, so its weight has a key of its own.
             stage = mpu.get_pipeline_model_parallel_rank()
             return super().sharded_state_dict(f"{prefix}stage{stage}.", *args, **kwargs)
 
-    return state, [OneWeight(model_config)]
+    return state, [SmallWeights(model_config, spec.get("tensors", 8))]
 
 
 def _seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
@@ -438,6 +521,8 @@ def _tampered(tamper: str | None):
     elif tamper == "empty_tracker":
         tensor_parallel.get_cuda_rng_tracker().set_states({})
         yield
+    elif tamper == "truncated_metadata":  # done after the save, see _run_rank
+        yield
     elif tamper == "unknown_layout":
         real = checkpointing.get_rng_state
 
@@ -453,6 +538,16 @@ def _tampered(tamper: str | None):
         checkpointing.get_rng_state = real
     else:
         raise ValueError(f"unknown tamper {tamper!r}")
+
+
+def _iteration_dir(spec: dict) -> Path:
+    return Path(spec["checkpoint_dir"]) / f"iter_{STEP:07d}"
+
+
+def _truncate(path: Path) -> None:
+    """A metadata file cut short, as a save interrupted while writing it leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _stored_rng_keys(checkpoint_dir: str) -> list[str]:

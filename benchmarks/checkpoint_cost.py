@@ -1,0 +1,90 @@
+"""What the package costs a checkpoint save and resume end to end, on real checkpoints. Not a test.
+
+``python3 benchmarks/checkpoint_cost.py`` (``--quick`` for a short smoke run). Megatron-Bridge 0.2.0rc6,
+2 ranks, EP 2, a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real
+``save_checkpoint``, then the real ``load_checkpoint`` of what it wrote, timing both across the job (barrier to
+barrier). Unpatched and patched jobs alternate, so that drift in machine load hits both sides alike. Also
+reports the RNG layout read's own time (the package's scan, and megatron-core's ``load_sharded_metadata`` that
+earlier versions used, for reference) and how many reads of the layout one load makes across all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.jobs import run_job
+from tools.release_envs import RELEASES, ensure
+
+RELEASE = RELEASES["bridge-0.2.0rc6"]
+LAYOUT = {"world": 2, "tp": 1, "pp": 1, "ep": 2}
+
+
+def _one_job(work: Path, tensors: int, patched: bool, run: int) -> dict:
+    name = f"{'patched' if patched else 'unpatched'}-{tensors}-{run}"
+    spec = {
+        "action": "time_checkpoint",
+        "checkpoint_dir": str(work / name),
+        "tensors": tensors,
+        "patched": patched,
+        **LAYOUT,
+    }
+    results = run_job(RELEASE, spec, work, name)
+    crashes = [result["crash"] for result in results if "crash" in result]
+    if crashes:
+        raise RuntimeError(crashes[0])
+    timing = results[0]["timing"]
+    timing["layout_reads"] = sum(result["timing"]["layout_reads"] for result in results)
+    return timing
+
+
+def _summary(samples: list[float]) -> dict:
+    return {"median_s": statistics.median(samples), "range_s": [min(samples), max(samples)]}
+
+
+def measure(tensors: int, runs: int, work: Path) -> dict:
+    sides: dict[bool, list[dict]] = {False: [], True: []}
+    for run in range(runs):
+        for patched in (False, True):
+            sides[patched].append(_one_job(work, tensors, patched, run))
+    figures: dict = {"tensors": tensors, "runs": runs}
+    for what in ("save_s", "load_s"):
+        unpatched = _summary([timing[what] for timing in sides[False]])
+        patched = _summary([timing[what] for timing in sides[True]])
+        figures[what.removesuffix("_s")] = {
+            "unpatched": unpatched,
+            "patched": patched,
+            "ratio": patched["median_s"] / unpatched["median_s"],
+        }
+    figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in sides[True])
+    figures["load_sharded_metadata_ms"] = statistics.median(
+        timing["load_sharded_metadata_s"] * 1e3 for timing in sides[True]
+    )
+    figures["layout_reads_per_load"] = sorted({timing["layout_reads"] for timing in sides[True]})
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="300 tensors, 2 runs: a smoke run, rough figures")
+    parser.add_argument("--runs", type=int, default=5)
+    options = parser.parse_args()
+    sizes, runs = ((300,), 2) if options.quick else ((300, 3000, 30000), options.runs)
+    ensure(RELEASE)
+    report = []
+    with tempfile.TemporaryDirectory() as work_dir:
+        for tensors in sizes:
+            print(f"{tensors} tensors, {runs} runs per side ...", flush=True)
+            report.append(measure(tensors, runs, Path(work_dir)))
+            print(json.dumps(report[-1], indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
