@@ -9,16 +9,20 @@ from typing import Any
 
 from bridge_rng_patch.patcher import PatchStatus, apply, install, status, undo
 
-__all__ = ["PatchStatus", "RngCheckpointError", "apply", "status", "undo"]
+__all__ = ["PatchStatus", "RngCheckpointError", "apply", "inspect_checkpoint", "status", "undo"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # RngCheckpointError lives with the layouts, whose module would add dataclasses to every import.
+    # Loaded on first use: their modules would add dataclasses and re to every import.
     if name == "RngCheckpointError":
         from bridge_rng_patch.rng_layout import RngCheckpointError
 
         return RngCheckpointError
+    if name == "inspect_checkpoint":
+        from bridge_rng_patch.inspection import inspect_checkpoint
+
+        return inspect_checkpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,27 +1,47 @@
-"""``python -m bridge_rng_patch``: import Megatron-Bridge's checkpointing module and say what was patched.
+"""``python -m bridge_rng_patch``: what the package does here; ``... inspect CHECKPOINT``: what a checkpoint holds.
 
-Exits 0 when every patch is applied or not needed, 1 when one was refused, 2 when Megatron-Bridge's
-checkpointing module cannot be imported here (nothing was checked).
+Without a command: imports Megatron-Bridge's checkpointing module and says what was patched. Exits 0 when every
+patch is applied or not needed, 1 when one was refused, 2 when that module cannot be imported here.
+
+``inspect``: per iteration, the RNG layout stored, the parallel layout of the run that wrote it, and a verdict.
+Exits 0 when every iteration is complete, 1 when one is incomplete or has no RNG state, 2 when one is
+unreadable or the path is not a Megatron-Bridge checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 
-import bridge_rng_patch
-from bridge_rng_patch.patcher import REFUSED, TARGET_MODULE
-
 EXIT_OK, EXIT_REFUSED, EXIT_NOT_CHECKED = 0, 1, 2
+EXIT_UNREADABLE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bridge_rng_patch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge_rng_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quiet", action="store_true", help="print the table only, not the decision log lines")
+    commands = parser.add_subparsers(dest="command", metavar="{inspect}")
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds of its ranks' RNG state")
+    inspect.add_argument("checkpoint", help="a checkpoint save directory (every iter_*) or one iteration's directory")
+    inspect.add_argument("--iteration", type=int, help="only this iteration of a save directory")
+    inspect.add_argument("--resume-with", metavar="LAYOUT", help="a target layout, e.g. dp=8,ep=2: what each rank gets")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if options.quiet else logging.INFO, format="%(name)s: %(message)s")
+    if options.command == "inspect":
+        return inspect_command(options)
+    return status_command(options.quiet)
+
+
+def status_command(quiet: bool) -> int:
+    import bridge_rng_patch
+    from bridge_rng_patch.patcher import REFUSED, TARGET_MODULE
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     try:
         importlib.import_module(TARGET_MODULE)
     except Exception as error:  # whatever an image lacks (Bridge, megatron-core, torch), say it in one line
@@ -37,6 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     for patch in statuses:
         print(f"{patch.name:<14} {patch.state:<11} {patch.summary}\n{'':<27}why: {patch.reason}")
     return EXIT_REFUSED if any(patch.state == REFUSED for patch in statuses) else EXIT_OK
+
+
+def inspect_command(options: argparse.Namespace) -> int:
+    from bridge_rng_patch.inspection import CheckpointInputError, inspect_checkpoint
+
+    try:
+        reports = inspect_checkpoint(options.checkpoint, options.iteration, options.resume_with)
+    except CheckpointInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    if options.json:
+        print(json.dumps([report.as_dict() for report in reports], indent=1))
+    else:
+        print("\n\n".join(report.as_table() for report in reports))
+    return max(report.exit_code for report in reports)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,287 @@
+"""What a checkpoint already on disk holds of its ranks' RNG state, and what a patched resume would do with it.
+
+Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
+``.metadata`` (scanned, see ``rng_layout``) and the ``run_config.yaml`` Megatron-Bridge saves beside them. Needs
+no GPU, no torch.distributed, and no Megatron import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge_rng_patch.rng_layout import METADATA_FILE, RngCheckpointError, StoredRngLayout, read_stored_layout
+
+COMPLETE, INCOMPLETE, NO_RNG_STATE, UNREADABLE = "complete", "incomplete", "no RNG state", "unreadable"
+EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, NO_RNG_STATE: 1, UNREADABLE: 2}
+OWN, SHARED, FRESH = "own state", "shared state", "fresh state"
+PARALLEL_SIZES = {
+    "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size",
+    "ep": "expert_model_parallel_size",
+    "cp": "context_parallel_size",
+}
+_ITERATION_DIR = re.compile(r"iter_(\d+)")
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
+
+
+class CheckpointInputError(ValueError):
+    """The path given is not something this inspector can read; the message says what it is and why."""
+
+
+@dataclass
+class RunLayout:
+    """The parallel layout of the run that wrote a checkpoint, from its saved configuration."""
+
+    tp: int
+    pp: int
+    ep: int
+    cp: int
+    dp: int | None
+    dp_source: str
+    data_parallel_random_init: bool
+
+
+@dataclass
+class IterationReport:
+    checkpoint: str
+    iteration: int | None
+    verdict: str
+    summary: str
+    run: RunLayout | None = None
+    rng_layout: dict[str, Any] | None = None
+    resume: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def as_table(self) -> str:
+        where = "" if self.iteration is None else f" (iteration {self.iteration})"
+        if self.verdict == UNREADABLE:
+            return f"checkpoint {self.checkpoint}{where}: {UNREADABLE}: {self.summary}"
+        lines = [f"checkpoint   {self.checkpoint}{where}"]
+        if self.run is not None:
+            run = self.run
+            dp = "?" if run.dp is None else run.dp
+            sizes = f"TP {run.tp}, PP {run.pp}, EP {run.ep}, CP {run.cp}, DP {dp}"
+            lines.append(f"written by   {sizes} (DP: {run.dp_source})")
+        if self.rng_layout is not None:
+            layout = self.rng_layout
+            shape = tuple(layout["global_shape"])
+            shards = f"{layout['shards']} shard{'s' if layout['shards'] != 1 else ''} stored"
+            lines.append(f"RNG layout   by {layout['axes']}, global shape {shape}, {shards}")
+        lines.append(f"verdict      {self.verdict}: {self.summary}")
+        if self.resume:
+            lines.append("on a patched resume:")
+            lines.append("    pp   tp   dp  gets")
+            lines.extend(f"  {rank['pp']:>4} {rank['tp']:>4} {rank['dp']:>4}  {rank['gets']}" for rank in self.resume)
+        return "\n".join(lines)
+
+
+def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
+    """The iteration directories ``checkpoint`` names, latest first; raises CheckpointInputError if none."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointInputError(f"{checkpoint}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointInputError(f"{checkpoint}: not a directory; give a checkpoint save directory or an iter_* one")
+    if _is_iteration_dir(path):
+        if iteration is not None and _iteration_number(path) != iteration:
+            raise CheckpointInputError(f"{checkpoint} is iteration {_iteration_number(path)}, not {iteration}")
+        return [path]
+    found = sorted(
+        (child for child in path.iterdir() if child.is_dir() and _ITERATION_DIR.fullmatch(child.name)),
+        key=_iteration_number,
+        reverse=True,
+    )
+    if iteration is not None:
+        found = [child for child in found if _iteration_number(child) == iteration]
+        if not found:
+            raise CheckpointInputError(f"{checkpoint}: no iteration {iteration} (no iter_{iteration:07d})")
+    if not found:
+        raise CheckpointInputError(
+            f"{checkpoint}: not a Megatron-Bridge checkpoint (no iter_* directories, no {METADATA_FILE} or "
+            "metadata.json)"
+        )
+    return found
+
+
+def _is_iteration_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("metadata.json", METADATA_FILE, "run_config.yaml")) or any(
+        child.name.startswith("mp_rank_") for child in path.iterdir()
+    )
+
+
+def _iteration_number(path: Path) -> int | None:
+    match = _ITERATION_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None) -> IterationReport:
+    """One iteration's verdict; every problem becomes an "unreadable" report that says why."""
+    report = IterationReport(str(directory), _iteration_number(directory), UNREADABLE, "")
+    try:
+        _check_format(directory)
+        report.run = _run_layout(directory)
+        stored = read_stored_layout(str(directory))
+    except (CheckpointInputError, RngCheckpointError) as error:
+        report.summary = str(error)
+        return report
+    if stored is not None and stored.per_dp_rank:
+        report.run.dp, report.run.dp_source = stored.global_shape[2], "the stored RNG layout"
+    if stored is None:
+        report.verdict = NO_RNG_STATE
+        report.summary = "the checkpoint stores no RNG state (saved with save_rng=False): every rank resumes fresh"
+        return report
+    report.rng_layout = {
+        "axes": "(pp, tp, dp)" if stored.per_dp_rank else "(pp, tp)",
+        "global_shape": list(stored.global_shape),
+        "shards": len(stored.offsets),
+    }
+    report.verdict, report.summary = _verdict(stored, report.run)
+    if resume_with is not None:
+        report.resume = _resume_plan(stored, report.run, resume_with)
+    return report
+
+
+def _check_format(directory: Path) -> None:
+    """Only torch_dist checkpoints are read; say what the others are and why not."""
+    metadata_json = directory / "metadata.json"
+    if metadata_json.is_file():
+        try:
+            backend = json.loads(metadata_json.read_text()).get("sharded_backend")
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointInputError(f"{metadata_json}: not readable dist_checkpointing metadata ({error})") from None
+        if backend != "torch_dist":
+            raise CheckpointInputError(
+                f"{directory}: a {backend!r} dist_checkpointing checkpoint; only torch_dist is supported"
+            )
+        return
+    if (directory / METADATA_FILE).is_file():
+        raise CheckpointInputError(
+            f"{directory}: an fsdp_dtensor checkpoint (PyTorch DCP without dist_checkpointing's metadata.json); "
+            "it keeps RNG state in a dict per (pp, tp), which this inspector does not read: only torch_dist is "
+            "supported"
+        )
+    if any(child.name.startswith("mp_rank_") for child in directory.iterdir()):
+        raise CheckpointInputError(
+            f"{directory}: a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt per rank), which holds "
+            "RNG state inside each rank's pickle: only torch_dist is supported"
+        )
+    raise CheckpointInputError(f"{directory}: not a Megatron-Bridge checkpoint (no metadata.json, no {METADATA_FILE})")
+
+
+def _run_layout(directory: Path) -> RunLayout:
+    config_file = directory / "run_config.yaml"
+    if not config_file.is_file():
+        raise CheckpointInputError(
+            f"{directory}: run_config.yaml is missing, so the parallel layout of the run that wrote it is unknown"
+        )
+    try:
+        import yaml
+    except ImportError:
+        raise CheckpointInputError("reading run_config.yaml needs PyYAML (a dependency of Megatron-Bridge)") from None
+    try:
+        config = yaml.safe_load(config_file.read_text())
+        model, rng = config["model"], config.get("rng") or {}
+        sizes = {axis: int(model.get(key) or 1) for axis, key in PARALLEL_SIZES.items()}
+    except Exception as error:
+        raise CheckpointInputError(f"{config_file}: not a readable run configuration ({error!r})") from None
+    dp, dp_source = _data_parallel_size(directory, sizes)
+    return RunLayout(
+        **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=bool(rng.get("data_parallel_random_init"))
+    )
+
+
+def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | None, str]:
+    """DP size, which no saved configuration records: from the stored RNG layout, else from the writers.
+
+    A (pp, tp, dp) layout has it as its last axis. Otherwise the shard files tell how many ranks wrote data
+    (``__{rank}_{n}.distcp``); where fewer ranks wrote than ran, this undercounts, and says so.
+    """
+    ranks = {int(match.group(1)) for child in directory.iterdir() if (match := _RANK_FILE.fullmatch(child.name))}
+    model_parallel = sizes["tp"] * sizes["pp"] * sizes["cp"]
+    if not ranks:
+        return None, "no shard files"
+    world = max(ranks) + 1
+    if world % model_parallel:
+        return None, f"{world} ranks wrote shard files, not a multiple of TP x PP x CP = {model_parallel}"
+    return world // model_parallel, f"{world} ranks wrote shard files (a lower bound where some ranks wrote none)"
+
+
+def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
+    if stored.per_dp_rank:
+        expected = stored.global_shape[0] * stored.global_shape[1] * stored.global_shape[2]
+        if len(stored.offsets) < expected:
+            return INCOMPLETE, f"{len(stored.offsets)} of {expected} (pp, tp, dp) RNG shards are stored"
+        return COMPLETE, f"every DP rank's RNG state is stored ({expected} shards, one per (pp, tp, dp))"
+    if run.ep <= 1:
+        return COMPLETE, "written with EP 1: the DP ranks of each (pp, tp) share one RNG state, and it is stored"
+    if run.data_parallel_random_init:
+        return COMPLETE, ("written with data_parallel_random_init: each (pp, tp) shard holds every DP rank's RNG state")
+    stored_states = len(stored.offsets)
+    if run.dp is None:
+        lost = (
+            "the RNG streams of every rank but DP rank 0 of each (pp, tp) were never written "
+            f"(DP size unknown: {run.dp_source})"
+        )
+    else:
+        ranks = stored.global_shape[0] * stored.global_shape[1] * run.dp * run.cp
+        lost = f"{ranks - stored_states} of {ranks} ranks' RNG streams were never written"
+    return INCOMPLETE, (
+        f"written with EP {run.ep} and one RNG state per (pp, tp) (the old bug): {lost}; "
+        "a resume gives those ranks DP rank 0's streams"
+    )
+
+
+def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]) -> list[dict[str, Any]]:
+    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package."""
+    pp_size, tp_size = target.get("pp", run.pp), target.get("tp", run.tp)
+    dp_size = target.get("dp", run.dp)
+    if dp_size is None:
+        raise CheckpointInputError("--resume-with needs dp=N: the DP size of the run that wrote it is unknown")
+    plan = []
+    for pp in range(pp_size):
+        for tp in range(tp_size):
+            for dp in range(dp_size):
+                plan.append({"pp": pp, "tp": tp, "dp": dp, "gets": _what_rank_restores(stored, run, pp, tp, dp)})
+    return plan
+
+
+def _what_rank_restores(stored: StoredRngLayout, run: RunLayout, pp: int, tp: int, dp: int) -> str:
+    if stored.per_dp_rank:
+        return OWN if (pp, tp, dp) in stored.offsets else FRESH
+    if (pp, tp) not in stored.offsets:
+        return FRESH
+    if run.data_parallel_random_init:  # the shard holds one state per saved DP rank, picked by DP rank
+        return OWN if run.dp is not None and dp < run.dp else FRESH
+    return OWN if run.ep <= 1 or dp == 0 else SHARED
+
+
+def parse_layout(text: str) -> dict[str, int]:
+    """``dp=8,ep=2`` -> {"dp": 8, "ep": 2}; raises CheckpointInputError naming what is wrong."""
+    layout = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in ("dp", *PARALLEL_SIZES) or not value.isdigit() or int(value) < 1:
+            raise CheckpointInputError(
+                f"--resume-with {text!r}: {item!r} is not AXIS=SIZE with AXIS one of dp, tp, pp, ep, cp and SIZE >= 1"
+            )
+        layout[name] = int(value)
+    return layout
+
+
+def inspect_checkpoint(
+    checkpoint: str, iteration: int | None = None, resume_with: str | None = None
+) -> list[IterationReport]:
+    """One report per iteration of ``checkpoint``, latest first. Raises CheckpointInputError for a path that
+    is no checkpoint at all; an iteration that cannot be read gets an "unreadable" report saying why."""
+    target = parse_layout(resume_with) if resume_with else None
+    return [inspect_iteration(directory, target) for directory in iteration_dirs(checkpoint, iteration)]

@@ -1,0 +1,178 @@
+"""``python -m bridge_rng_patch inspect``: what checkpoints written by the real releases hold of each rank's RNG.
+
+The checkpoints come from the same multi-process jobs as the resume tests (jobs/rng_job.py). The inspector
+runs as a user runs it, in a fresh interpreter, and reads metadata only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+import bridge_rng_patch
+from tools.release_envs import RELEASES
+
+OLD = RELEASES["bridge-0.2.0rc6"]
+FIXED = RELEASES["bridge-0.3.1"]
+EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+
+
+def _checkpoint(jobs, env, name, **spec) -> str:
+    layout = {**EP2_DP4, **{key: spec.pop(key) for key in list(spec) if key in EP2_DP4}}
+    jobs.run(env, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout, **spec)
+    return jobs.checkpoint_dir(name)
+
+
+def _inspect(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(OLD.python), "-m", "bridge_rng_patch", "inspect", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=OLD.environment(),
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def _inspect_json(*args: object) -> tuple[int, list[dict]]:
+    process = _inspect(*args, "--json")
+    assert "Traceback" not in process.stderr, process.stderr
+    return process.returncode, json.loads(process.stdout)
+
+
+def test_unpatched_old_release_with_ep_2_is_incomplete_with_3_of_4_streams_never_written(jobs):
+    code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "unpatched-ep2", patched=False))
+    assert code == 1
+    assert report["verdict"] == "incomplete"
+    assert report["rng_layout"] == {"axes": "(pp, tp)", "global_shape": [1, 1], "shards": 1}
+    assert (report["run"]["ep"], report["run"]["dp"]) == (2, 4)
+    assert "3 of 4 ranks' RNG streams were never written" in report["summary"]
+    assert "a resume gives those ranks DP rank 0's streams" in report["summary"]
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "spec"),
+    [(OLD, "patched-ep2", {}), (FIXED, "fixed-ep2", {}), (OLD, "patched-ep1", {"ep": 1})],
+    ids=["patched old release", "fixed 0.3.1", "EP 1"],
+)
+def test_checkpoint_with_every_ranks_state_is_complete(jobs, env, name, spec):
+    code, (report,) = _inspect_json(_checkpoint(jobs, env, name, **spec))
+    assert (code, report["verdict"]) == (0, "complete")
+    expected_axes = "(pp, tp)" if spec.get("ep") == 1 else "(pp, tp, dp)"
+    assert report["rng_layout"]["axes"] == expected_axes
+    assert report["run"]["dp"] == 4
+
+
+def test_table_names_layout_run_and_verdict_and_the_function_agrees(jobs):
+    checkpoint = _checkpoint(jobs, OLD, "unpatched-ep2", patched=False)
+    process = _inspect(checkpoint)
+    assert process.returncode == 1
+    lines = process.stdout.splitlines()
+    assert lines[0] == f"checkpoint   {checkpoint}/iter_0000010 (iteration 10)"
+    assert lines[1].startswith("written by   TP 1, PP 1, EP 2, CP 1, DP 4 (DP: 4 ranks wrote shard files")
+    assert lines[2] == "RNG layout   by (pp, tp), global shape (1, 1), 1 shard stored"
+    assert lines[3].startswith("verdict      incomplete: written with EP 2 and one RNG state per (pp, tp)")
+    assert [report.verdict for report in bridge_rng_patch.inspect_checkpoint(checkpoint)] == ["incomplete"]
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("dp=8,ep=2", ["own state"] * 4 + ["fresh state"] * 4),
+        ("dp=2", ["own state"] * 2),
+    ],
+    ids=["DP grows to 8", "DP shrinks to 2"],
+)
+def test_resume_with_a_resized_dp_tells_what_each_rank_gets(jobs, target, expected):
+    code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "patched-ep2"), "--resume-with", target)
+    assert code == 0
+    assert [(rank["dp"], rank["gets"]) for rank in report["resume"]] == list(enumerate(expected))
+
+
+def test_resume_of_an_incomplete_checkpoint_gives_dp_rank_0_its_own_and_the_others_the_shared_state(jobs):
+    code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "unpatched-ep2", patched=False), "--resume-with", "dp=4")
+    assert code == 1
+    assert [rank["gets"] for rank in report["resume"]] == ["own state"] + ["shared state"] * 3
+
+
+@pytest.fixture
+def copy_of_patched_checkpoint(jobs, tmp_path) -> Path:
+    iteration = Path(_checkpoint(jobs, OLD, "patched-ep2")) / "iter_0000010"
+    return Path(shutil.copytree(iteration, tmp_path / "iter_0000010"))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _scramble(path: Path) -> None:
+    path.write_bytes(b"not a pickle at all" * 10)
+
+
+def _fsdp_dtensor_checkpoint(iteration: Path) -> None:
+    """A real PyTorch DCP checkpoint, as the fsdp_dtensor format writes it: no dist_checkpointing metadata.json."""
+    shutil.rmtree(iteration)
+    code = "import sys, torch, torch.distributed.checkpoint as dcp\n"
+    code += "dcp.save({'w': torch.zeros(2)}, checkpoint_id=sys.argv[1])"
+    subprocess.run([str(OLD.python), "-c", code, str(iteration)], check=True, env=OLD.environment(), timeout=120)
+
+
+def _legacy_torch_checkpoint(iteration: Path) -> None:
+    """The legacy torch format: one pickle per model-parallel rank."""
+    shutil.rmtree(iteration)
+    (iteration / "mp_rank_00").mkdir(parents=True)
+    code = "import sys, torch\ntorch.save({'iteration': 10, 'rng_state': []}, sys.argv[1])"
+    target = iteration / "mp_rank_00" / "model_optim_rng.pt"
+    subprocess.run([str(OLD.python), "-c", code, str(target)], check=True, env=OLD.environment(), timeout=120)
+
+
+BAD_ITERATIONS = {
+    "truncated metadata": (lambda iteration: _truncate(iteration / ".metadata"), ".metadata is truncated or corrupt"),
+    "corrupt metadata": (lambda iteration: _scramble(iteration / ".metadata"), ".metadata is truncated or corrupt"),
+    "missing run configuration": (
+        lambda iteration: (iteration / "run_config.yaml").unlink(),
+        "run_config.yaml is missing, so the parallel layout of the run that wrote it is unknown",
+    ),
+    "corrupt run configuration": (
+        lambda iteration: (iteration / "run_config.yaml").write_text("model: [unclosed"),
+        "run_config.yaml: not a readable run configuration",
+    ),
+    "fsdp_dtensor": (_fsdp_dtensor_checkpoint, "an fsdp_dtensor checkpoint (PyTorch DCP without"),
+    "legacy torch format": (_legacy_torch_checkpoint, "a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_ITERATIONS))
+def test_unreadable_iteration_gets_one_clear_line_and_exit_code_2(copy_of_patched_checkpoint, damage):
+    spoil, message = BAD_ITERATIONS[damage]
+    spoil(copy_of_patched_checkpoint)
+    process = _inspect(copy_of_patched_checkpoint)
+    assert process.returncode == 2
+    assert "Traceback" not in process.stdout + process.stderr
+    (line,) = process.stdout.splitlines()
+    assert line.startswith(f"checkpoint {copy_of_patched_checkpoint} (iteration 10): unreadable: ")
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["/no/such/checkpoint"], "error: /no/such/checkpoint: no such file or directory"),
+        (["{empty}"], "not a Megatron-Bridge checkpoint (no iter_* directories"),
+        (["{patched}", "--iteration", "7"], "no iteration 7 (no iter_0000007)"),
+        (["{patched}", "--resume-with", "dp=eight"], "'dp=eight' is not AXIS=SIZE"),
+    ],
+    ids=["missing path", "not a checkpoint", "no such iteration", "bad target layout"],
+)
+def test_bad_input_gets_one_clear_line_and_exit_code_2(jobs, tmp_path, arguments, message):
+    places = {"empty": tmp_path, "patched": _checkpoint(jobs, OLD, "patched-ep2")}
+    process = _inspect(*(argument.format(**places) for argument in arguments))
+    assert process.returncode == 2
+    assert process.stdout == ""
+    (line,) = process.stderr.splitlines()
+    assert line.startswith("error: ") and message in line
