@@ -134,8 +134,9 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     except (CheckpointInputError, RngCheckpointError) as error:
         report.summary = str(error)
         return report
-    if stored is not None and stored.per_dp_rank:
-        report.run.dp, report.run.dp_source = stored.global_shape[2], "the stored RNG layout"
+    if stored is not None and stored.per_dp_rank and stored.global_shape[2] % report.run.cp == 0:
+        # The third axis counts DP ranks with context parallel, as Bridge's replica ids do.
+        report.run.dp, report.run.dp_source = stored.global_shape[2] // report.run.cp, "the stored RNG layout"
     if stored is None:
         report.verdict = NO_RNG_STATE
         report.summary = "the checkpoint stores no RNG state (saved with save_rng=False): every rank resumes fresh"
@@ -242,7 +243,8 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
 
 
 def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]) -> list[dict[str, Any]]:
-    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package."""
+    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package; dp counts DP
+    ranks with context parallel, as the RNG layout does."""
     pp_size, tp_size = target.get("pp", run.pp), target.get("tp", run.tp)
     dp_size = target.get("dp", run.dp)
     if dp_size is None:
@@ -250,7 +252,7 @@ def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]
     plan = []
     for pp in range(pp_size):
         for tp in range(tp_size):
-            for dp in range(dp_size):
+            for dp in range(dp_size * target.get("cp", run.cp)):
                 plan.append({"pp": pp, "tp": tp, "dp": dp, "gets": _what_rank_restores(stored, run, pp, tp, dp)})
     return plan
 
