@@ -2,10 +2,11 @@
 
 ``python3 benchmarks/checkpoint_cost.py`` (``--quick`` for a short smoke run). Megatron-Bridge 0.2.0rc6,
 2 ranks, EP 2, a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real
-``save_checkpoint``, then the real ``load_checkpoint`` of what it wrote, timing both across the job (barrier to
-barrier). Unpatched and patched jobs alternate, so that drift in machine load hits both sides alike. Also
-reports the RNG layout read's own time (the package's scan, and megatron-core's ``load_sharded_metadata`` that
-earlier versions used, for reference) and how many reads of the layout one load makes across all ranks.
+``save_checkpoint``, then the real ``load_checkpoint`` of what it wrote, as a resume does, timing each across
+the job (barrier to barrier). Unpatched and patched jobs alternate, so that drift in machine load hits both
+sides alike. Also reports the RNG layout read's own time (the package's scan, and megatron-core's
+``load_sharded_metadata`` that earlier versions used, for reference) and how many reads of the layout one
+load makes across all ranks.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def measure(tensors: int, runs: int, work: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="300 tensors, 2 runs: a smoke run, rough figures")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="jobs per side and size (default 5)")
+    parser.add_argument("--tensors", type=int, nargs="+", default=[300, 3000, 30000], help="model sizes")
     options = parser.parse_args()
-    sizes, runs = ((300,), 2) if options.quick else ((300, 3000, 30000), options.runs)
+    sizes, runs = ((300,), 2) if options.quick else (options.tensors, options.runs)
     ensure(RELEASE)
     report = []
     with tempfile.TemporaryDirectory() as work_dir:
@@ -83,7 +85,32 @@ def main() -> int:
             print(f"{tensors} tensors, {runs} runs per side ...", flush=True)
             report.append(measure(tensors, runs, Path(work_dir)))
             print(json.dumps(report[-1], indent=1), flush=True)
+    print(markdown_table(report))
     return 0
+
+
+def markdown_table(report: list[dict]) -> str:
+    """The README's table of these figures: medians, the spread of the jobs in brackets."""
+
+    def seconds(side: dict) -> str:
+        low, high = side["range_s"]
+        return f"{side['median_s']:.2f} s ({low:.2f}-{high:.2f})"
+
+    rows = [
+        "| tensors | save, unpatched | save, patched | ratio | load, unpatched | load, patched | ratio "
+        "| layout read: scan / load_sharded_metadata | layout reads per load, all ranks |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for figures in report:
+        save, load = figures["save"], figures["load"]
+        reads = ", ".join(map(str, figures["layout_reads_per_load"]))
+        layout_read = f"{figures['layout_read_ms']:.1f} ms / {figures['load_sharded_metadata_ms']:.0f} ms"
+        rows.append(
+            f"| {figures['tensors']:,} | {seconds(save['unpatched'])} | {seconds(save['patched'])} "
+            f"| {save['ratio']:.2f} | {seconds(load['unpatched'])} | {seconds(load['patched'])} "
+            f"| {load['ratio']:.2f} | {layout_read} | {reads} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

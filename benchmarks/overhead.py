@@ -158,7 +158,36 @@ def main() -> int:
         print("4. RNG restore per call, tracker with 3 states ...", flush=True)
         report["restore"] = restore_cost(Path(work_dir), runs, calls)
     print(json.dumps(report, indent=2))
+    print(markdown_table(report))
     return 0
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table of these figures: medians, the spread of the per-run medians in brackets."""
+
+    def micro(figure: dict) -> str:
+        low, high = figure["range_us"]
+        return f"{figure['median_us']:.1f} µs ({low:.1f}-{high:.1f})"
+
+    heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
+    bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
+    conversions = restore["conversions_per_restore"]
+    return "\n".join(
+        [
+            "| what | patched 0.2.0rc6 | unpatched 0.2.0rc6 | package's share | target | fixed 0.3.1, for reference |",
+            "|---|---|---|---|---|---|",
+            f"| `import bridge_rng_patch`, fresh interpreter | {report['package_import']['median_ms']:.1f} ms, "
+            f"imports {heavy} | | | < 20 ms | |",
+            f"| importing Bridge's checkpointing module | {bridge['active_s']:.2f} s | {bridge['without_s']:.2f} s "
+            f"| ratio {bridge['ratio']:.3f} | | |",
+            f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "
+            f"| {rng['package_share_us']:.1f} µs | <= 3 µs | {micro(rng['fixed upstream'])} |",
+            f"| RNG restore, tracker with {restore['tracker_states']} states | {micro(restore['patched old'])}, "
+            f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
+            f"| {restore['package_share_us']:.1f} µs | <= 5 µs | {micro(restore['fixed upstream'])}, "
+            f"{conversions['fixed upstream']} conversions |",
+        ]
+    )
 
 
 if __name__ == "__main__":

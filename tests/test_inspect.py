@@ -176,3 +176,14 @@ def test_bad_input_gets_one_clear_line_and_exit_code_2(jobs, tmp_path, arguments
     assert process.stdout == ""
     (line,) = process.stderr.splitlines()
     assert line.startswith("error: ") and message in line
+
+
+def test_readme_example_is_what_the_inspector_prints(jobs):
+    """The README shows a real run on a checkpoint like this one; only the path differs."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("$ python -m bridge_rng_patch inspect ") :]
+    command, printed = block[: block.index("```")].rstrip("\n").split("\n", 1)
+    shown_path, *arguments = command.removeprefix("$ python -m bridge_rng_patch inspect ").split()
+    checkpoint = _checkpoint(jobs, OLD, "unpatched-ep2", patched=False)
+    process = _inspect(checkpoint, *arguments)
+    assert process.stdout.rstrip("\n") == printed.replace(shown_path, checkpoint)

@@ -18,6 +18,7 @@ from conftest import REPO, coordinates, run_python, saved_by_coordinates
 from tools.release_envs import (
     BASE_PYTHON,
     MATRIX,
+    OLD_ON_NEWER_CORE,
     RELEASES,
     SIGNATURE_FAMILIES,
     TE_STANDIN,
@@ -36,6 +37,7 @@ originals = {{name: getattr(checkpointing, name) for name in {TARGETS}}}
 import bridge_rng_patch
 print(json.dumps({{
     "states": {{s.name: s.state for s in bridge_rng_patch.status()}},
+    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status()}},
     "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
     "originals": [getattr(checkpointing, name) is original for name, original in originals.items()],
@@ -96,6 +98,13 @@ def test_fixed_release_is_not_needed_and_left_as_it_is(matrix_decisions, release
     decision = matrix_decisions[release.bridge]
     assert decision["states"] == {"save_sharding": "not needed", "load_restore": "not needed"}
     assert decision["originals"] == [True, True, True]
+
+
+def test_old_release_on_a_newer_megatron_core_uses_its_own_graph_safe_helpers():
+    decision = _decide(ensure(OLD_ON_NEWER_CORE))
+    assert decision["states"] == {"save_sharding": "applied", "load_restore": "applied"}
+    assert decision["reasons"]["load_restore"].endswith("using megatron-core's helpers")
+    assert (decision["bridge_version"], decision["core_version"]) == ("0.2.0rc6", "0.16.1")
 
 
 @pytest.mark.parametrize("version", PYTHON_312_RELEASES)

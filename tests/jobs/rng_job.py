@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import importlib
 import inspect
@@ -243,7 +244,13 @@ def _seconds_per_call(call: Any, spec: dict) -> float:
 
 
 def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
-    """Seconds of the real save_checkpoint, then the real load_checkpoint of what it wrote, across the job."""
+    """Seconds of the real save_checkpoint, then of the real load_checkpoint of what it wrote, each across the
+    job (barrier to barrier), and this rank's reads of the RNG layout.
+
+    One load per job, as a resume is. Each timed call starts with ``gc.collect()``: otherwise the collector's
+    counters, left by whatever ran before, decide whether a full collection (0.3-0.4 s on this heap) falls
+    inside the timed call, and that swung one side's load by 0.45 s in either direction.
+    """
     import time
 
     import torch
@@ -252,6 +259,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
     layout_reads = _count_layout_reads(spec)
 
     def across_the_job(call: Any) -> float:
+        gc.collect()  # each side starts with the collector's counters at zero, see the docstring
         torch.distributed.barrier()
         start = time.perf_counter()
         call()
