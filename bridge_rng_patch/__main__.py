@@ -17,7 +17,6 @@ import logging
 import sys
 
 EXIT_OK, EXIT_REFUSED, EXIT_NOT_CHECKED = 0, 1, 2
-EXIT_UNREADABLE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="print the table only, not the decision log lines")
     commands = parser.add_subparsers(dest="command", metavar="{inspect}")
-    inspect = commands.add_parser("inspect", help="what a checkpoint holds of its ranks' RNG state")
-    inspect.add_argument("checkpoint", help="a checkpoint save directory (every iter_*) or one iteration's directory")
-    inspect.add_argument("--iteration", type=int, help="only this iteration of a save directory")
-    inspect.add_argument("--resume-with", metavar="LAYOUT", help="a target layout, e.g. dp=8,ep=2: what each rank gets")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspecting = commands.add_parser("inspect", help="what a checkpoint holds of its ranks' RNG state")
+    inspecting.add_argument("checkpoint", help="a save directory (every iter_*) or one iteration's directory")
+    inspecting.add_argument("--iteration", type=int, help="only this iteration of a save directory")
+    inspecting.add_argument(
+        "--resume-with", metavar="LAYOUT", help="a target layout, e.g. dp=8,ep=2: what each rank gets"
+    )
+    inspecting.add_argument("--json", action="store_true", help="print JSON instead of a table")
     options = parser.parse_args(argv)
     if options.command == "inspect":
         return inspect_command(options)
@@ -60,13 +61,13 @@ def status_command(quiet: bool) -> int:
 
 
 def inspect_command(options: argparse.Namespace) -> int:
-    from bridge_rng_patch.inspection import CheckpointInputError, inspect_checkpoint
+    from bridge_rng_patch.inspection import EXIT_CODES, UNREADABLE, CheckpointInputError, inspect_checkpoint
 
     try:
         reports = inspect_checkpoint(options.checkpoint, options.iteration, options.resume_with)
     except CheckpointInputError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return EXIT_CODES[UNREADABLE]
     if options.json:
         print(json.dumps([report.as_dict() for report in reports], indent=1))
     else:
