@@ -142,7 +142,7 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
         report.summary = "the checkpoint stores no RNG state (saved with save_rng=False): every rank resumes fresh"
         return report
     report.rng_layout = {
-        "axes": "(pp, tp, dp)" if stored.per_dp_rank else "(pp, tp)",
+        "axes": stored.axes,
         "global_shape": list(stored.global_shape),
         "shards": len(stored.offsets),
     }
@@ -258,10 +258,11 @@ def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]
 
 
 def _what_rank_restores(stored: StoredRngLayout, run: RunLayout, pp: int, tp: int, dp: int) -> str:
-    if stored.per_dp_rank:
-        return OWN if (pp, tp, dp) in stored.offsets else FRESH
-    if (pp, tp) not in stored.offsets:
+    """The same shard the patched load requests for this rank (``StoredRngLayout.stored_offset``)."""
+    if stored.stored_offset(pp, tp, dp) is None:
         return FRESH
+    if stored.per_dp_rank:
+        return OWN
     if run.data_parallel_random_init:  # the shard holds one state per saved DP rank, picked by DP rank
         return OWN if run.dp is not None and dp < run.dp else FRESH
     return OWN if run.ep <= 1 or dp == 0 else SHARED

@@ -66,9 +66,17 @@ class StoredRngLayout:
     def per_dp_rank(self) -> bool:
         return len(self.global_shape) == 3
 
+    @property
+    def axes(self) -> str:
+        return "(pp, tp, dp)" if self.per_dp_rank else "(pp, tp)"
+
     def describe(self) -> str:
-        axes = "(pp, tp, dp)" if self.per_dp_rank else "(pp, tp)"
-        return f"sharded by {axes}, global shape {self.global_shape}"
+        return f"sharded by {self.axes}, global shape {self.global_shape}"
+
+    def stored_offset(self, pp_rank: int, tp_rank: int, dp_rank: int) -> tuple[int, ...] | None:
+        """The offset of the shard a rank at these coordinates reads; None where the checkpoint holds none."""
+        offset = (pp_rank, tp_rank, dp_rank) if self.per_dp_rank else (pp_rank, tp_rank)
+        return offset if offset in self.offsets else None
 
     def requests_for(self, rank: RankCoordinates, dp_size: int, data: object) -> dict[str, ShardedObject]:
         """The load requests of ``rank`` in a job of ``dp_size`` DP ranks.
@@ -89,12 +97,10 @@ class StoredRngLayout:
     def _shard(self, rank: RankCoordinates, dp_rank: int, data: object) -> ShardedObject | None:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        if self.per_dp_rank:
-            offset, replica_id = (rank.pp_rank, rank.tp_rank, dp_rank), 0
-        else:
-            offset, replica_id = (rank.pp_rank, rank.tp_rank), dp_rank
-        if offset not in self.offsets:
+        offset = self.stored_offset(rank.pp_rank, rank.tp_rank, dp_rank)
+        if offset is None:
             return None
+        replica_id = 0 if self.per_dp_rank else dp_rank
         return ShardedObject(RNG_STATE_KEY, data, self.global_shape, offset, replica_id=replica_id)
 
 

@@ -59,8 +59,10 @@ def _run(*command: object, env: dict[str, str] | None = None, check: bool = True
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
+    """Built from a copy, so that setuptools' build/ and egg-info stay out of this checkout."""
     out = tmp_path_factory.mktemp("wheel")
-    _run(BASE / "bin" / "python", *PIP, "wheel", "-q", "--no-deps", "-w", out, REPO)
+    source = shutil.copytree(REPO, out / "source", ignore=shutil.ignore_patterns(".*", "build", "*.egg-info"))
+    _run(BASE / "bin" / "python", *PIP, "wheel", "-q", "--no-deps", "-w", out, source)
     return next(out.glob("bridge_rng_patch-*.whl"))
 
 
