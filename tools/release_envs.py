@@ -73,6 +73,7 @@ class Release:
     @property
     def pythonpath(self) -> list[Path]:
         paths = [target_dir("bridge", self.bridge), target_dir("core", self.core)]
+        # The fixed releases (0.3.x) are the ones that import Transformer Engine at module level.
         return [*paths, TE_STANDIN] if self.has_upstream_fix else paths
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -99,7 +100,6 @@ DEFAULT_CORE = {
     "0.3.0": "0.16.1",
     "0.3.1": "0.16.1",
 }
-FIRST_FIXED = "0.3.0"
 MATRIX = tuple(
     Release(bridge, core, has_upstream_fix=bridge in ("0.3.0", "0.3.1")) for bridge, core in DEFAULT_CORE.items()
 )
