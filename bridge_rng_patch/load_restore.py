@@ -6,8 +6,10 @@ Three pieces, all scoped to Bridge's checkpointing module; megatron-core is unch
   (pp, tp) checkpoint loads under EP > 1, a (pp, tp, dp) one loads under EP == 1, and a DP resize loads;
 - the loaded states are handed to Bridge's restore as a list that checks the entry it picks before the first
   RNG source is set, and gives a rank without a stored state its own current (fresh) state;
-- ``tensor_parallel`` as that module sees it returns a tracker whose ``set_states`` passes every state through
-  ``convert_cuda_rng_state(state, to_graphable=is_graph_safe_cuda_rng_tracker(tracker))``, in both branches.
+- while ``_load_checkpoint_from_path`` runs, that module's ``tensor_parallel`` returns a tracker whose
+  ``set_states`` converts every state for the tracker in use, as
+  ``convert_cuda_rng_state(state, to_graphable=is_graph_safe_cuda_rng_tracker(tracker))`` does, in every restore
+  branch; outside loads (every save) the module sees megatron-core's own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import functools
 import inspect
 import logging
 import random
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -47,31 +50,48 @@ class GraphSafeRestoringTracker(wrapt.ObjectProxy):
     """The CUDA RNG tracker in use, converting states it is given to the form it keeps."""
 
     def set_states(self, states: Mapping[str, Any]) -> None:
-        if not isinstance(states, Mapping):
-            raise RngCheckpointError(f"rng_tracker_states is a {type(states).__name__}, expected a dict; {_WHAT_TO_DO}")
-        graph_safe = compat.is_graph_safe_cuda_rng_tracker(self.__wrapped__)
-        self.__wrapped__.set_states(
-            {name: compat.convert_cuda_rng_state(state, to_graphable=graph_safe) for name, state in states.items()}
+        try:
+            named_states = states.items()
+        except AttributeError:
+            raise RngCheckpointError(
+                f"rng_tracker_states is a {type(states).__name__}, expected a dict; {_WHAT_TO_DO}"
+            ) from None
+        tracker = self.__wrapped__
+        graph_safe = compat.is_graph_safe_cuda_rng_tracker(tracker)
+        # A state already in the kept form is what convert_cuda_rng_state would return: it is passed as is.
+        kept_form = torch.Generator if graph_safe else torch.Tensor
+        convert = compat.convert_cuda_rng_state
+        tracker.set_states(
+            {
+                name: state if isinstance(state, kept_form) else convert(state, to_graphable=graph_safe)
+                for name, state in named_states
+            }
         )
 
 
 class BridgeTensorParallel(wrapt.ObjectProxy):
-    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it."""
+    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it while it loads a checkpoint."""
+
+    def __init__(self, tensor_parallel: ModuleType) -> None:
+        super().__init__(tensor_parallel)
+        self._self_tracker: Any = None
+        self._self_restoring_tracker: GraphSafeRestoringTracker | None = None
 
     def get_cuda_rng_tracker(self, *args: Any, **kwargs: Any) -> GraphSafeRestoringTracker:
-        return GraphSafeRestoringTracker(self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs))
+        """The converting proxy of the tracker in use; made again only when megatron-core's tracker changes."""
+        tracker = self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs)
+        if tracker is not self._self_tracker:
+            self._self_tracker, self._self_restoring_tracker = tracker, GraphSafeRestoringTracker(tracker)
+        return self._self_restoring_tracker
 
 
-def _is_rng_state(value: Any) -> bool:
-    return isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], tuple)
-
-
-def _is_numpy_state(value: Any) -> bool:
-    return isinstance(value, tuple) and len(value) == 5 and value[0] == "MT19937"
-
-
-def _is_byte_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1 and value.numel() > 0
+def _is_byte_tensor(value: Any, size: int | None = None) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype is torch.uint8
+        and value.dim() == 1
+        and (value.numel() > 0 if size is None else value.numel() == size)
+    )
 
 
 @functools.cache
@@ -79,37 +99,47 @@ def _cpu_rng_state_size() -> int:
     return torch.get_rng_state().numel()
 
 
-def _is_cpu_rng_state(value: Any) -> bool:
-    return _is_byte_tensor(value) and value.numel() == _cpu_rng_state_size()
-
-
-def _is_tracker_states(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and len(value) > 0
-        and all(isinstance(state, torch.Generator) or _is_byte_tensor(state) for state in value.values())
-    )
-
-
 # What Bridge's restore sets, in its order, with what each must be.
-_ENTRY_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("random_rng_state", _is_rng_state, "a random.getstate() tuple"),
-    ("np_rng_state", _is_numpy_state, "a numpy.random.get_state() tuple"),
-    ("torch_rng_state", _is_cpu_rng_state, "torch.get_rng_state()'s ByteTensor"),
-    ("cuda_rng_state", _is_byte_tensor, "a CUDA RNG ByteTensor"),
-    ("rng_tracker_states", _is_tracker_states, "a non-empty dict of CUDA RNG states (ByteTensor or Generator)"),
-)
+_EXPECTED = {
+    "random_rng_state": "a random.getstate() tuple",
+    "np_rng_state": "a numpy.random.get_state() tuple",
+    "torch_rng_state": "torch.get_rng_state()'s ByteTensor",
+    "cuda_rng_state": "a CUDA RNG ByteTensor",
+    "rng_tracker_states": "a non-empty dict of CUDA RNG states (ByteTensor or Generator)",
+}
 
 
-def check_rng_entry(entry: Any, where: str) -> None:
-    """Raise RngCheckpointError naming ``where`` and the key unless ``entry`` can be restored whole."""
+def rng_entry_problem(entry: Any) -> str | None:
+    """What keeps ``entry`` from being restored whole, said after the entry's name; None when nothing does.
+
+    Runs at every restore, so it is one function with no loop over keys, and a message is only built for an
+    entry that fails.
+    """
     if not isinstance(entry, Mapping):
-        raise RngCheckpointError(f"{where} is a {type(entry).__name__}, expected a dict of RNG states; {_WHAT_TO_DO}")
-    for key, is_valid, expected in _ENTRY_CHECKS:
-        if key not in entry:
-            raise RngCheckpointError(f"{where} has no '{key}'; {_WHAT_TO_DO}")
-        if not is_valid(entry[key]):
-            raise RngCheckpointError(f"{where}['{key}'] is {_describe(entry[key])}, expected {expected}; {_WHAT_TO_DO}")
+        return f" is a {type(entry).__name__}, expected a dict of RNG states"
+    try:
+        python_state, numpy_state, cpu_state, cuda_state, tracker_states = (
+            entry["random_rng_state"],
+            entry["np_rng_state"],
+            entry["torch_rng_state"],
+            entry["cuda_rng_state"],
+            entry["rng_tracker_states"],
+        )
+    except KeyError as missing:
+        return f" has no {missing}"
+    valid = (
+        isinstance(python_state, tuple) and len(python_state) == 3 and isinstance(python_state[1], tuple),
+        isinstance(numpy_state, tuple) and len(numpy_state) == 5 and numpy_state[0] == "MT19937",
+        _is_byte_tensor(cpu_state, _cpu_rng_state_size()),
+        _is_byte_tensor(cuda_state),
+        isinstance(tracker_states, Mapping)
+        and len(tracker_states) > 0
+        and all(_is_byte_tensor(state) or isinstance(state, torch.Generator) for state in tracker_states.values()),
+    )
+    if all(valid):
+        return None
+    key = next(key for key, key_valid in zip(_EXPECTED, valid, strict=True) if not key_valid)
+    return f"['{key}'] is {_describe(entry[key])}, expected {_EXPECTED[key]}"
 
 
 def _describe(value: Any) -> str:
@@ -144,11 +174,18 @@ class RestorableRngStates(list):
 
     def __getitem__(self, index: Any) -> Any:
         if not isinstance(index, int):
-            return super().__getitem__(index)
-        if -len(self) <= index < len(self):
-            entry = super().__getitem__(index)
-            check_rng_entry(entry, f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]")
-            return entry
+            return list.__getitem__(self, index)
+        try:
+            entry = list.__getitem__(self, index)
+        except IndexError:
+            return self._fresh_state()
+        problem = rng_entry_problem(entry)
+        if problem is not None:
+            where = f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]"
+            raise RngCheckpointError(f"{where}{problem}; {_WHAT_TO_DO}")
+        return entry
+
+    def _fresh_state(self) -> dict[str, Any]:
         report(
             f"rank {_global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
             f"checkpoint {self.checkpoint_dir} holds no RNG state for it; it keeps its fresh RNG state",
@@ -243,8 +280,38 @@ class LayoutAwareDistLoad:
         return result
 
 
+class ConvertingTrackerWhileLoading:
+    """The ``_load_checkpoint_from_path`` wrapper: Bridge's module sees the converting ``tensor_parallel`` while
+    a load runs (its restore is there), and megatron-core's own otherwise, so that saves pay nothing for it.
+
+    Loads that overlap (nested, or in threads) share one swap: the module gets back what it had when the last
+    one ends.
+    """
+
+    def __init__(self, checkpointing: ModuleType) -> None:
+        self._checkpointing = checkpointing
+        self._converting = BridgeTensorParallel(checkpointing.tensor_parallel)
+        self._lock = threading.Lock()
+        self._loads_running = 0
+        self._seen_before: Any = None
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with self._lock:
+            if self._loads_running == 0:
+                self._seen_before = self._checkpointing.tensor_parallel
+                self._checkpointing.tensor_parallel = self._converting
+            self._loads_running += 1
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._loads_running -= 1
+                if self._loads_running == 0:
+                    self._checkpointing.tensor_parallel = self._seen_before
+
+
 class LoadRestorePatch:
-    targets = ("tensor_parallel", DIST_LOAD_FUNCTION)
+    targets = (LOAD_FUNCTION, DIST_LOAD_FUNCTION)
 
     def decide(self, checkpointing: ModuleType) -> Decision:
         missing = [
@@ -279,7 +346,7 @@ class LoadRestorePatch:
         return Decision.apply(f"restore sets tracker states unconverted and reads one layout; using {helpers} helpers")
 
     def instrument(self, checkpointing: ModuleType) -> None:
-        checkpointing.tensor_parallel = BridgeTensorParallel(checkpointing.tensor_parallel)
+        wrapt.wrap_function_wrapper(checkpointing, LOAD_FUNCTION, ConvertingTrackerWhileLoading(checkpointing))
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
 
 

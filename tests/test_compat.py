@@ -115,16 +115,47 @@ def bridge_checkpointing():
     initialize_rng_tracker(force_reset=True)
 
 
+def _while_loading(checkpointing, restore):
+    """Runs ``restore`` where Bridge's restore runs: inside its ``_load_checkpoint_from_path``, as wrapped."""
+    return checkpointing._load_checkpoint_from_path._self_wrapper(restore, None, (), {})
+
+
 def test_bridge_restore_converts_states_for_a_graph_safe_tracker(bridge_checkpointing, cuda_device):
-    """Both restore branches call ``tensor_parallel.get_cuda_rng_tracker().set_states`` on this module."""
+    """Every restore branch calls ``tensor_parallel.get_cuda_rng_tracker().set_states`` on this module."""
     from megatron.core import tensor_parallel
 
     tensor_parallel.get_cuda_rng_tracker().use_cudagraphable_rng = True  # see _graph_safe_tracker
     state = _byte_state(21)
-    bridge_checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states({"expert-parallel-rng": state})
+
+    def restore():
+        bridge_checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states({"expert-parallel-rng": state})
+
+    _while_loading(bridge_checkpointing, restore)
     restored = tensor_parallel.get_cuda_rng_tracker().get_states()["expert-parallel-rng"]
     assert isinstance(restored, torch.Generator)
     assert torch.equal(restored.get_state(), state)
+
+
+def test_bridge_sees_megatron_cores_tensor_parallel_outside_loads(bridge_checkpointing):
+    """Saves call ``get_rng_state`` outside loads: they reach megatron-core's own module, at no cost."""
+    from megatron.core import tensor_parallel
+
+    seen = []
+
+    def nested_load():
+        seen.append(type(bridge_checkpointing.tensor_parallel).__name__)
+
+    def failing_load():
+        seen.append(type(bridge_checkpointing.tensor_parallel).__name__)
+        _while_loading(bridge_checkpointing, nested_load)
+        seen.append(type(bridge_checkpointing.tensor_parallel).__name__)
+        raise OSError("the load failed")
+
+    assert bridge_checkpointing.tensor_parallel is tensor_parallel
+    with pytest.raises(OSError, match="the load failed"):
+        _while_loading(bridge_checkpointing, failing_load)
+    assert seen == ["BridgeTensorParallel"] * 3
+    assert bridge_checkpointing.tensor_parallel is tensor_parallel
 
 
 def test_megatron_core_tracker_is_unchanged_for_everyone_else(bridge_checkpointing):

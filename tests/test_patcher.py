@@ -11,7 +11,7 @@ from tools.release_envs import RELEASES
 
 RUNNER = RELEASES["bridge-0.2.0rc6"]
 
-TARGETS = "('get_rng_state', 'tensor_parallel', '_load_global_dist_base_checkpoint')"
+TARGETS = "('get_rng_state', '_load_checkpoint_from_path', '_load_global_dist_base_checkpoint')"
 # Prints the patch states and, per patched attribute of Bridge's checkpointing module, whether it is wrapped.
 PRINT_STATES_AND_WRAPPED = f"""
 import json
@@ -74,11 +74,13 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         importlib.reload(bridge_rng_patch)
         bridge_rng_patch.apply()
         import megatron.bridge.training.checkpointing as checkpointing
-        # Wrapped once: under the wrapper is the release's own function, not another wrapper.
+        from megatron.core import tensor_parallel
+        # Wrapped once: under each wrapper is the release's own function, not another wrapper.
         print(json.dumps({
             "inner": checkpointing.get_rng_state.__wrapped__.__module__,
             "inner_is_plain_function": type(checkpointing.get_rng_state.__wrapped__).__name__,
-            "tracker_proxy_depth": type(checkpointing.tensor_parallel.__wrapped__).__name__,
+            "load_inner_is_plain_function": type(checkpointing._load_checkpoint_from_path.__wrapped__).__name__,
+            "tensor_parallel_outside_loads_is_megatron_cores": checkpointing.tensor_parallel is tensor_parallel,
         }))
         """,
     )
@@ -86,7 +88,8 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
     assert result == {
         "inner": "megatron.bridge.training.checkpointing",
         "inner_is_plain_function": "function",
-        "tracker_proxy_depth": "module",
+        "load_inner_is_plain_function": "function",
+        "tensor_parallel_outside_loads_is_megatron_cores": True,
     }
     assert process.stderr.count("save_sharding: applied") == 1
     assert process.stderr.count("load_restore: applied") == 1

@@ -28,7 +28,7 @@ from tools.release_envs import (
 )
 from tools.wheel_source import DECIDE_FROM_SOURCE, PYTHON_312_RELEASES, unpacked_wheel
 
-TARGETS = ("get_rng_state", "tensor_parallel", "_load_global_dist_base_checkpoint")
+TARGETS = ("get_rng_state", "_load_checkpoint_from_path", "_load_global_dist_base_checkpoint")
 # Bridge first, so that the originals are seen before the package patches them at its import.
 DECIDE = f"""
 import json
