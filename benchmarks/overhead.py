@@ -85,59 +85,46 @@ def bridge_import(runs: int) -> dict:
     return {"active_s": active, "without_s": without, "ratio": active / without, "patch_states": states}
 
 
-def timed_arms(action: str, arms: dict[str, tuple[Release, dict]], work: Path, runs: int, calls: int) -> dict:
-    """Rank 0's timings per arm from ``runs`` jobs each, the arms interleaved so that drift hits all alike.
+def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list[dict]]:
+    """Rank 0's timings from ``runs`` jobs on the old release and as many on the fixed one, interleaved.
 
-    Each job reports the median of 5 repeats of ``calls`` calls; the arm's figure is the median over jobs.
+    In each job on the old release the package is applied and undone between alternating blocks of calls
+    (``_per_call_timings`` in tests/jobs/rng_job.py), so its share comes from one process, not from the
+    difference of two jobs' medians, which differ by more than the share from job to job.
     """
-    timings: dict[str, list[dict]] = {arm: [] for arm in arms}
+    timings: dict[str, list[dict]] = {OLD.name: [], FIXED.name: []}
     for run in range(runs):
-        for arm, (env, spec) in arms.items():
-            results = run_job(
-                env,
-                {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 5, **EP2, **spec},
-                work,
-                f"{action}-{arm}-{run}",
-            )
+        for env in (OLD, FIXED):
+            spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 9, **EP2}
+            results = run_job(env, spec, work, f"{action}-{env.name}-{run}")
             if "crash" in results[0]:
                 raise RuntimeError(results[0]["crash"])
-            timings[arm].append(results[0]["timing"])
+            timings[env.name].append(results[0]["timing"])
     return timings
 
 
-def _microseconds(timings: list[dict]) -> dict:
-    per_call = [1e6 * timing["seconds_per_call"] for timing in timings]
+def _microseconds(seconds: list[float]) -> dict:
+    per_call = [1e6 * second for second in seconds]
     return {"median_us": statistics.median(per_call), "range_us": [min(per_call), max(per_call)]}
 
 
-def get_rng_state_cost(work: Path, runs: int, calls: int) -> dict:
-    arms = {"patched old": (OLD, {}), "fixed upstream": (FIXED, {}), "unpatched old": (OLD, {"patched": False})}
+def per_call_cost(action: str, work: Path, runs: int, calls: int) -> dict:
+    timings = timed_jobs(action, work, runs, calls)
+    old, fixed = timings[OLD.name], timings[FIXED.name]
     figures = {
-        arm: _microseconds(timings)
-        for arm, timings in timed_arms("time_get_rng_state", arms, work, runs, calls).items()
+        "patched old": _microseconds([timing["seconds_per_call"]["patched"] for timing in old]),
+        "unpatched old": _microseconds([timing["seconds_per_call"]["unpatched"] for timing in old]),
+        "package share": _microseconds([timing["share_seconds_per_call"] for timing in old]),
+        "fixed upstream": _microseconds([timing["seconds_per_call"]["as installed"] for timing in fixed]),
     }
-    patched = figures["patched old"]["median_us"]
-    return {
-        **figures,
-        "ratio_vs_fixed_upstream": patched / figures["fixed upstream"]["median_us"],
-        "package_share_us": patched - figures["unpatched old"]["median_us"],
-    }
-
-
-def restore_cost(work: Path, runs: int, calls: int) -> dict:
-    arms = {"patched old": (OLD, {}), "fixed upstream": (FIXED, {}), "unpatched old": (OLD, {"patched": False})}
-    timings = timed_arms("time_restore", arms, work, runs, calls)
-    figures = {arm: _microseconds(arm_timings) for arm, arm_timings in timings.items()}
-    patched = figures["patched old"]["median_us"]
-    return {
-        **figures,
-        "ratio_vs_fixed_upstream": patched / figures["fixed upstream"]["median_us"],
-        "package_share_us": patched - figures["unpatched old"]["median_us"],
-        "tracker_states": timings["patched old"][0]["tracker_states"],
-        "conversions_per_restore": {
-            arm: arm_timings[0]["conversions_per_restore"] for arm, arm_timings in timings.items()
-        },
-    }
+    figures["ratio_vs_fixed_upstream"] = figures["patched old"]["median_us"] / figures["fixed upstream"]["median_us"]
+    if "conversions_per_restore" in old[0]:
+        figures["tracker_states"] = old[0]["tracker_states"]
+        figures["conversions_per_restore"] = {
+            "patched old": old[0]["conversions_per_restore"],
+            "fixed upstream": fixed[0]["conversions_per_restore"],
+        }
+    return figures
 
 
 def main() -> int:
@@ -154,9 +141,9 @@ def main() -> int:
     report["bridge_import"] = bridge_import(runs)
     with tempfile.TemporaryDirectory() as work_dir:
         print("3. get_rng_state per call, 4 ranks, EP 2 ...", flush=True)
-        report["get_rng_state"] = get_rng_state_cost(Path(work_dir), runs, calls)
+        report["get_rng_state"] = per_call_cost("time_get_rng_state", Path(work_dir), runs, calls)
         print("4. RNG restore per call, tracker with 3 states ...", flush=True)
-        report["restore"] = restore_cost(Path(work_dir), runs, calls)
+        report["restore"] = per_call_cost("time_restore", Path(work_dir), runs, calls)
     print(json.dumps(report, indent=2))
     print(markdown_table(report))
     return 0
@@ -181,10 +168,10 @@ def markdown_table(report: dict) -> str:
             f"| importing Bridge's checkpointing module | {bridge['active_s']:.2f} s | {bridge['without_s']:.2f} s "
             f"| ratio {bridge['ratio']:.3f} | | |",
             f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "
-            f"| {rng['package_share_us']:.1f} µs | <= 3 µs | {micro(rng['fixed upstream'])} |",
+            f"| {micro(rng['package share'])} | <= 3 µs | {micro(rng['fixed upstream'])} |",
             f"| RNG restore, tracker with {restore['tracker_states']} states | {micro(restore['patched old'])}, "
             f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
-            f"| {restore['package_share_us']:.1f} µs | <= 5 µs | {micro(restore['fixed upstream'])}, "
+            f"| {micro(restore['package share'])} | <= 5 µs | {micro(restore['fixed upstream'])}, "
             f"{conversions['fixed upstream']} conversions |",
         ]
     )

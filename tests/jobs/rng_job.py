@@ -134,7 +134,7 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
 
 def _time_get_rng_state(spec: dict) -> dict:
     """Seconds per call of the installed get_rng_state, called as save_checkpoint calls it."""
-    return {"seconds_per_call": _seconds_per_call(_installed_get_rng_state(), spec)}
+    return _per_call_timings(spec, _installed_get_rng_state())
 
 
 def _time_restore(spec: dict) -> dict:
@@ -142,25 +142,20 @@ def _time_restore(spec: dict) -> dict:
 
     The restore sits inside ``_load_checkpoint_from_path`` and cannot be called alone, so its steps are
     repeated here as each release runs them: the old release picks the entry from the loaded list (with the
-    patch: the checked list) and sets the tracker through its module's ``tensor_parallel`` (with the patch:
-    the converting proxy); 0.3.x converts every tracker state with megatron-core's helper first. Also counts
-    conversions per restore.
+    package: the checked list its load hands over) and sets the tracker through its module's ``tensor_parallel``
+    (with the package: inside its load wrapper, which puts the converting one there); 0.3.x converts every
+    tracker state with megatron-core's helper first. Also counts conversions per restore.
     """
     import numpy as np
     import torch
 
     from bridge_rng_patch import compat
+    from bridge_rng_patch.load_restore import RestorableRngStates
+    from bridge_rng_patch.rng_layout import RankCoordinates
 
-    tensor_parallel = _checkpointing().tensor_parallel
+    checkpointing = _checkpointing()
     entry = _installed_get_rng_state()().data[0]
     conversions: list[int] = []
-
-    def counted(convert: Any) -> Any:
-        def count_and_convert(state: Any, to_graphable: bool = False) -> Any:
-            conversions.append(1)
-            return convert(state, to_graphable=to_graphable)
-
-        return count_and_convert
 
     def set_sources(rng_state: dict) -> None:
         random.setstate(rng_state["random_rng_state"])
@@ -169,7 +164,7 @@ def _time_restore(spec: dict) -> dict:
         torch.cuda.set_rng_state(rng_state["cuda_rng_state"])
 
     if _release_restore_converts():
-        convert = tensor_parallel.convert_cuda_rng_state
+        tensor_parallel = checkpointing.tensor_parallel
 
         def restore() -> None:
             tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -179,33 +174,73 @@ def _time_restore(spec: dict) -> dict:
             states = rng_state["rng_tracker_states"]
             tracker.set_states({name: convert(state, to_graphable=graph_safe) for name, state in states.items()})
 
-        convert = counted(convert)
+        convert = _counting(tensor_parallel.convert_cuda_rng_state, conversions)
         restore()
         convert = tensor_parallel.convert_cuda_rng_state
-    elif spec.get("patched", True):
-        from bridge_rng_patch.load_restore import RestorableRngStates
-        from bridge_rng_patch.rng_layout import RankCoordinates
+        timings = _per_call_timings(spec, restore)
+    else:
+        rank = RankCoordinates(0, 0, 0)
 
-        def restore() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", RankCoordinates(0, 0, 0))[0]
+        def restore_with_package() -> None:
+            # Inside the package's _load_checkpoint_from_path wrapper, where the converting tensor_parallel is.
+            checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
+
+        def restore_from_checked_list() -> None:
+            rng_state = RestorableRngStates([entry], "benchmark", rank)[0]
             set_sources(rng_state)
-            tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
+            checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
-        convert = compat.convert_cuda_rng_state
-        compat.convert_cuda_rng_state = counted(convert)
-        restore()
-        compat.convert_cuda_rng_state = convert
-    else:  # the old release as it is: a plain list, the tracker's own set_states
-
-        def restore() -> None:
+        def restore_as_released() -> None:
             rng_state = [entry][0]
             set_sources(rng_state)
-            tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
+            checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
+        convert = compat.convert_cuda_rng_state
+        compat.convert_cuda_rng_state = _counting(convert, conversions)
+        restore_with_package()
+        compat.convert_cuda_rng_state = convert
+        timings = _per_call_timings(spec, restore_with_package, restore_as_released)
     return {
-        "seconds_per_call": _seconds_per_call(restore, spec),
+        **timings,
         "tracker_states": len(entry["rng_tracker_states"]),
         "conversions_per_restore": len(conversions),
+    }
+
+
+def _counting(convert: Any, conversions: list[int]) -> Any:
+    def count_and_convert(state: Any, to_graphable: bool = False) -> Any:
+        conversions.append(1)
+        return convert(state, to_graphable=to_graphable)
+
+    return count_and_convert
+
+
+def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -> dict:
+    """Seconds per call, the median over ``repeats`` blocks of ``calls`` calls each.
+
+    On a release the package patches, blocks with the package applied and with it undone alternate in this
+    one process, so both sides share its memory layout, caches and machine load; the package's share is the
+    median of the paired differences. A release it leaves alone has one side, as installed.
+    """
+    import statistics
+
+    import bridge_rng_patch
+
+    blocks = spec["repeats"]
+    if not any(patch.state == "applied" for patch in bridge_rng_patch.status()):
+        as_installed = [_block_seconds_per_call(call, spec["calls"]) for _ in range(blocks)]
+        return {"seconds_per_call": {"as installed": statistics.median(as_installed)}}
+    samples: dict[str, list[float]] = {"patched": [], "unpatched": []}
+    for _ in range(blocks):
+        bridge_rng_patch.undo()
+        samples["unpatched"].append(_block_seconds_per_call(call_without_package or call, spec["calls"]))
+        bridge_rng_patch.apply()
+        samples["patched"].append(_block_seconds_per_call(call, spec["calls"]))
+    return {
+        "seconds_per_call": {side: statistics.median(side_samples) for side, side_samples in samples.items()},
+        "share_seconds_per_call": statistics.median(
+            patched - unpatched for patched, unpatched in zip(samples["patched"], samples["unpatched"], strict=True)
+        ),
     }
 
 
@@ -229,23 +264,24 @@ def _installed_get_rng_state() -> Any:
     return lambda data_parallel_random_init=False: checkpointing.get_rng_state(data_parallel_random_init, **kwargs)
 
 
-def _seconds_per_call(call: Any, spec: dict) -> float:
-    """Median over ``repeats`` of the mean seconds per call over ``calls`` calls."""
-    import statistics
+def _block_seconds_per_call(call: Any, calls: int) -> float:
+    """Mean seconds per call over ``calls`` calls, the collector run before and held off during, as timeit does."""
     import time
 
-    samples = []
-    for _ in range(spec["repeats"]):
+    gc.collect()
+    gc.disable()
+    try:
         start = time.perf_counter()
-        for _ in range(spec["calls"]):
+        for _ in range(calls):
             call()
-        samples.append((time.perf_counter() - start) / spec["calls"])
-    return statistics.median(samples)
+        return (time.perf_counter() - start) / calls
+    finally:
+        gc.enable()
 
 
 def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
     """Seconds of the real save_checkpoint, then of the real load_checkpoint of what it wrote, each across the
-    job (barrier to barrier), and this rank's reads of the RNG layout.
+    job (barrier to barrier); this rank's reads of the RNG layout and its time in the package's part of the load.
 
     One load per job, as a resume is. Each timed call starts with ``gc.collect()``: otherwise the collector's
     counters, left by whatever ran before, decide whether a full collection (0.3-0.4 s on this heap) falls
@@ -257,6 +293,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
 
     checkpointing = _checkpointing()
     layout_reads = _count_layout_reads(spec)
+    package_in_load = _time_package_in_load(spec)
 
     def across_the_job(call: Any) -> float:
         gc.collect()  # each side starts with the collector's counters at zero, see the docstring
@@ -270,6 +307,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
         "save_s": across_the_job(lambda: checkpointing.save_checkpoint(state, model, None, None, 0)),
         "load_s": across_the_job(lambda: checkpointing.load_checkpoint(state, model, None, None)),
         "layout_reads": layout_reads(),
+        "package_in_load_s": package_in_load(),
     }
     if spec.get("patched", True) and torch.distributed.get_rank() == 0:
         timing.update(_time_layout_reads(str(_iteration_dir(spec))))
@@ -290,6 +328,39 @@ def _time_layout_reads(iteration_dir: str) -> dict:
         read(iteration_dir)
         timings[name] = time.perf_counter() - start
     return timings
+
+
+def _time_package_in_load(spec: dict) -> Any:
+    """Times this rank's stay in the package's dist-load wrapper, less the load it wraps, from now on; returns
+    the total so far. That is all the package adds to a load but its restore (overhead.py) and one swap of
+    ``tensor_parallel``: the layout read (rank 0), its broadcast, and the requests and the checked list."""
+    if not spec.get("patched", True):
+        return lambda: 0.0
+    import time
+
+    from bridge_rng_patch.load_restore import LayoutAwareDistLoad
+
+    spent: list[float] = []
+    call = LayoutAwareDistLoad.__call__
+
+    def timed(self: Any, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        inside: list[float] = []
+
+        def timed_load(*load_args: Any, **load_kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return wrapped(*load_args, **load_kwargs)
+            finally:
+                inside.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        try:
+            return call(self, timed_load, instance, args, kwargs)
+        finally:
+            spent.append(time.perf_counter() - start - sum(inside))
+
+    LayoutAwareDistLoad.__call__ = timed
+    return lambda: sum(spent)
 
 
 def _count_layout_reads(spec: dict) -> Any:
