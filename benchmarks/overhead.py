@@ -5,10 +5,11 @@ needed, then reports medians over repeated runs, as ratios where there is someth
 
 1. ``import bridge_rng_patch`` in a fresh interpreter: time, and whether torch or megatron got imported.
 2. importing ``megatron.bridge.training.checkpointing`` with the package active vs without (0.2.0rc6).
-3. one call of ``get_rng_state``, 4 ranks, EP 2: patched 0.2.0rc6 vs the same release unpatched (the
-   package's own share, target <= 3 us) and vs the fixed upstream one on 0.3.1, for information.
-4. the RNG restore, tracker with 3 states: patched 0.2.0rc6 vs unpatched (the package's share, target
-   <= 5 us) and vs upstream's fixed restore (0.3.1), with the number of conversions per restore.
+3. one call of ``get_rng_state``, 4 ranks, EP 2: patched 0.2.0rc6 vs the same release unpatched, in one
+   process with the package applied and undone between alternating blocks (the package's own share, target
+   <= 3 us), and the fixed upstream one on 0.3.1, for information.
+4. the RNG restore, tracker with 3 states, the same way (the package's share, target <= 5 us), and
+   upstream's fixed restore (0.3.1), with the number of conversions per restore.
 
 End-to-end save and load of real checkpoints: ``benchmarks/checkpoint_cost.py``.
 """
