@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import operator
 import random
 import threading
 from collections.abc import Mapping
@@ -107,6 +108,7 @@ _EXPECTED = {
     "cuda_rng_state": "a CUDA RNG ByteTensor",
     "rng_tracker_states": "a non-empty dict of CUDA RNG states (ByteTensor or Generator)",
 }
+_entry_values = operator.itemgetter(*_EXPECTED)  # in that order; a KeyError names the first key missing
 
 
 def rng_entry_problem(entry: Any) -> str | None:
@@ -118,13 +120,7 @@ def rng_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, Mapping):
         return f" is a {type(entry).__name__}, expected a dict of RNG states"
     try:
-        python_state, numpy_state, cpu_state, cuda_state, tracker_states = (
-            entry["random_rng_state"],
-            entry["np_rng_state"],
-            entry["torch_rng_state"],
-            entry["cuda_rng_state"],
-            entry["rng_tracker_states"],
-        )
+        python_state, numpy_state, cpu_state, cuda_state, tracker_states = _entry_values(entry)
     except KeyError as missing:
         return f" has no {missing}"
     valid = (
