@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
 from packaging.version import InvalidVersion, Version
 
@@ -192,11 +191,3 @@ def restore_sets_tracker_states(load_checkpoint_from_path: Callable) -> bool | N
     if source is None:
         return None
     return "get_cuda_rng_tracker().set_states(" in source and '"rng_state" in state_dict' in source
-
-
-def core_has_rng_conversion(tensor_parallel: ModuleType) -> bool:
-    """Whether megatron-core brings ``convert_cuda_rng_state`` and ``is_graph_safe_cuda_rng_tracker``."""
-    return all(
-        callable(getattr(tensor_parallel, name, None))
-        for name in ("convert_cuda_rng_state", "is_graph_safe_cuda_rng_tracker")
-    )
