@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.jobs import run_job
+from tools.jobs import crash_summary, run_job
 from tools.release_envs import RELEASES, ensure
 
 RELEASE = RELEASES["bridge-0.2.0rc6"]
@@ -39,9 +39,9 @@ def _one_job(work: Path, tensors: int, patched: bool, run: int) -> dict:
         **LAYOUT,
     }
     results = run_job(RELEASE, spec, work, name)
-    crashes = [result["crash"] for result in results if "crash" in result]
+    crashes = crash_summary(results)
     if crashes:
-        raise RuntimeError(crashes[0])
+        raise RuntimeError(crashes)
     timing = results[0]["timing"]
     timing["layout_reads"] = sum(result["timing"]["layout_reads"] for result in results)
     if patched:  # the rank that reaches the package last waits for no other: its time is what the load gains

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.jobs import run_job  # noqa: E402
+from tools.jobs import crash_summary, run_job  # noqa: E402
 from tools.release_envs import Release, ensure  # noqa: E402
 
 
@@ -45,8 +45,8 @@ class Jobs:
     def run(self, env: Release, name: str, **spec) -> list[dict]:
         if name not in self._results:
             results = run_job(ensure(env), spec, self.base, name)
-            crashes = [result["crash"] for result in results if "crash" in result]
-            assert not crashes, f"job {name} in {env.name} crashed:\n{crashes[0]}"
+            crashes = crash_summary(results)
+            assert crashes is None, f"job {name} in {env.name} crashed:\n{crashes}"
             self._results[name] = results
         return self._results[name]
 

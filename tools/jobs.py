@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -26,3 +27,18 @@ def run_job(env: Release, spec: dict, out_dir: Path, name: str) -> list[dict]:
     if process.returncode != 0 or not out.exists():
         raise RuntimeError(f"job {name} in {env.name} failed (rc {process.returncode}):\n{process.stderr[-6000:]}")
     return json.loads(out.read_text())
+
+
+# What a rank raises when another rank died or failed while it waited in a collective with it.
+_WAITED_FOR_ANOTHER_RANK = re.compile(r"timed out|timeout|connection closed by peer|connection reset", re.IGNORECASE)
+
+
+def crash_summary(results: list[dict]) -> str | None:
+    """Which ranks crashed, a line each, then the whole traceback of the first that did not merely wait for
+    another rank in a collective; None when no rank crashed."""
+    crashed = [result for result in results if "crash" in result]
+    if not crashed:
+        return None
+    lines = [f"rank {result['rank']}: {result['crash'].strip().splitlines()[-1]}" for result in crashed]
+    cause = next((result for result in crashed if not _WAITED_FOR_ANOTHER_RANK.search(result["crash"])), crashed[0])
+    return "\n".join([*lines, "", f"rank {cause['rank']}:", cause["crash"]])
