@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def status_command(quiet: bool) -> int:
     import bridge_rng_patch
-    from bridge_rng_patch.patcher import REFUSED, TARGET_MODULE
+    from bridge_rng_patch.decision import REFUSED
+    from bridge_rng_patch.patcher import TARGET_MODULE
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -56,7 +57,7 @@ def status_command(quiet: bool) -> int:
         print(f"{TARGET_MODULE} cannot be imported here ({unimportable}): nothing to patch")
         return EXIT_NOT_CHECKED
     for patch in statuses:
-        print(f"{patch.name:<14} {patch.state:<11} {patch.summary}\n{'':<27}why: {patch.reason}")
+        print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
     return EXIT_REFUSED if any(patch.state == REFUSED for patch in statuses) else EXIT_OK
 
 

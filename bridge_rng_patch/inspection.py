@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge_rng_patch.rng_layout import METADATA_FILE, RngCheckpointError, StoredRngLayout, read_stored_layout
+from bridge_rng_patch.rng_layout import (
+    METADATA_FILE,
+    RNG_STATE_KEY,
+    RngCheckpointError,
+    StoredRngLayout,
+    read_stored_layouts,
+)
 
 COMPLETE, INCOMPLETE, NO_RNG_STATE, UNREADABLE = "complete", "incomplete", "no RNG state", "unreadable"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, NO_RNG_STATE: 1, UNREADABLE: 2}
@@ -130,7 +136,7 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     try:
         _check_format(directory)
         report.run = _run_layout(directory)
-        stored = read_stored_layout(str(directory))
+        stored = _plain_rng_layout(directory)
     except (CheckpointInputError, RngCheckpointError) as error:
         report.summary = str(error)
         return report
@@ -150,6 +156,17 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     if resume_with is not None:
         report.resume = _resume_plan(stored, report.run, resume_with)
     return report
+
+
+def _plain_rng_layout(directory: Path) -> StoredRngLayout | None:
+    """The layout of ``rng_state``; a MegatronMIMO checkpoint, with one RNG object per module, is refused."""
+    layouts = read_stored_layouts(str(directory))
+    if layouts and RNG_STATE_KEY not in layouts:
+        raise CheckpointInputError(
+            f"{directory}: a MegatronMIMO checkpoint (RNG state per module: {', '.join(layouts)}); this inspector "
+            f"reads a plain '{RNG_STATE_KEY}' only"
+        )
+    return layouts.get(RNG_STATE_KEY)
 
 
 def _check_format(directory: Path) -> None:

@@ -16,50 +16,17 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
+from bridge_rng_patch.decision import APPLIED, DISABLED, PENDING, UNDONE, Decision, report
+
 TARGET_MODULE = "megatron.bridge.training.checkpointing"
 DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
-LOGGER_NAME = "bridge_rng_patch"
 
-PENDING = "pending"
-APPLIED = "applied"
-NOT_NEEDED = "not needed"
-DISABLED = "disabled"
-REFUSED = "refused"
-UNDONE = "undone"
-
-# name -> what it gives an old release; each name is also the module that holds the patch.
+# name -> what it does; each name is also the module that holds the patch, one per upstream fix.
 PATCHES = {
     "save_sharding": "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
-    "load_restore": "RNG restore reads the stored layout, restores all or nothing, converts tracker states",
+    "tracker_restore": "the RNG restore converts tracker states to the form the tracker in use keeps",
+    "layout_load": "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
 }
-
-
-class Decision(NamedTuple):
-    """What a patch's probe concluded about the installed code."""
-
-    state: str
-    reason: str
-
-    @classmethod
-    def apply(cls, reason: str) -> Decision:
-        return cls(APPLIED, reason)
-
-    @classmethod
-    def not_needed(cls, reason: str) -> Decision:
-        return cls(NOT_NEEDED, reason)
-
-    @classmethod
-    def refuse(cls, reason: str) -> Decision:
-        return cls(REFUSED, reason)
-
-    @classmethod
-    def by_version(cls, unavailable: str, release_has_fix: bool | None) -> Decision:
-        """The version number alone decides, for code whose features cannot be probed."""
-        if release_has_fix is None:
-            return cls.refuse(f"{unavailable} is unavailable and the Megatron-Bridge version unknown")
-        if release_has_fix:
-            return cls.not_needed(f"{unavailable} is unavailable; Megatron-Bridge >= 0.3.0 has the fix")
-        return cls.apply(f"{unavailable} is unavailable; Megatron-Bridge < 0.3.0 lacks the fix")
 
 
 class PatchStatus(NamedTuple):
@@ -119,21 +86,6 @@ def _patch_after_execution(loader: Any) -> None:
 
 
 _hook = _PostImportHook()
-
-
-def report(message: str, level: int | None = None, every_rank: bool = False) -> None:
-    """Log ``message`` once per job: on rank 0 (by torch.distributed, or $RANK before it is initialised)."""
-    import logging
-
-    if every_rank or _is_rank_zero():
-        logging.getLogger(LOGGER_NAME).log(logging.INFO if level is None else level, message)
-
-
-def _is_rank_zero() -> bool:
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
 
 
 def disabled_by_environment() -> bool:

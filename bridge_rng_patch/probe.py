@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 from packaging.version import InvalidVersion, Version
 
@@ -22,12 +23,17 @@ BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
 # The first Megatron-Bridge release with EP-aware RNG sharding and graph-safe RNG restore (PR #2092).
 FIRST_FIXED_BRIDGE = Version("0.3.0")
+# No release up to 0.6.2 asks for the RNG layout a checkpoint stores. Bridge main does since Sep 2026, and has
+# stated 0.7.0 since Aug 2026, before that; so a version number can only say that a release lacks it.
+FIRST_WITHOUT_KNOWN_LAYOUT_LOAD = Version("0.7.0")
 # Where each Megatron package states its version in its own code, for sources on PYTHONPATH without metadata.
 _PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "megatron.core"}
 UNKNOWN = "unknown"
 NOT_INSTALLED = "not installed"
 
 _EP_AWARE_SHARDING = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel")
+_CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+_READS_STORED_METADATA = re.compile(r"load_sharded_metadata|load_tensors_metadata|read_metadata\(|state_dict_metadata")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -80,13 +86,13 @@ def installed_versions() -> dict[str, str]:
     }
 
 
-def bridge_release_has_fix() -> bool | None:
-    """What the installed Megatron-Bridge's version number says about the fix; None when it says nothing."""
+def bridge_release_at_least(first: Version) -> bool | None:
+    """Whether the installed Megatron-Bridge's version number is ``first`` or later; None when it says nothing."""
     version = installed_version(BRIDGE_DISTRIBUTION)
     if version is None:
         return None
     try:
-        return Version(version) >= FIRST_FIXED_BRIDGE
+        return Version(version) >= first
     except InvalidVersion:
         return None
 
@@ -191,3 +197,23 @@ def restore_sets_tracker_states(load_checkpoint_from_path: Callable) -> bool | N
     if source is None:
         return None
     return "get_cuda_rng_tracker().set_states(" in source and '"rng_state" in state_dict' in source
+
+
+def load_follows_stored_rng_layout(checkpointing: ModuleType, load_functions: tuple[str, ...]) -> bool | None:
+    """Whether Bridge's own load path already asks for the RNG shards the checkpoint stores (Bridge main).
+
+    True when one of ``load_functions`` calls a function of the module that is about RNG state and about the
+    checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a source that
+    reads the stored metadata. None when none of their sources can be read.
+    """
+    sources = [source_of(function) for name in load_functions if (function := getattr(checkpointing, name, None))]
+    if not any(sources):
+        return None
+    called = {name for source in sources if source for name in _CALLED_NAME.findall(source)}
+    for name in sorted(called):
+        helper = getattr(checkpointing, name, None)
+        if "rng" not in name.lower() or not callable(helper):
+            continue
+        if "metadata" in name.lower() or _READS_STORED_METADATA.search(source_of(helper) or ""):
+            return True
+    return False

@@ -5,7 +5,9 @@
 - per (pp, tp, dp): global shape ``(pp, tp, dp)``, ``replica_id`` 0; every DP rank's state is written.
   Fixed releases (and this package) write it when EP > 1.
 
-A checkpoint's stored layout, not the running configuration, decides which shard a rank can read back.
+MegatronMIMO checkpoints (Megatron-Bridge 0.5 and later) keep one such object per module, keyed
+``rng_state.{module_name}``; each key has a layout of its own. A checkpoint's stored layout, not the running
+configuration, decides which shard a rank can read back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 RNG_STATE_KEY = "rng_state"
+NOTHING_RESTORED = "no RNG state was restored; resume with load_rng=False to start from fresh RNG state"
 
 
 class RngCheckpointError(RuntimeError):
@@ -56,9 +59,10 @@ class RankCoordinates:
 
 @dataclass(frozen=True)
 class StoredRngLayout:
-    """The ``rng_state`` shards a checkpoint holds, from its dist_checkpointing metadata."""
+    """The shards of one RNG ShardedObject (``rng_state``, or a MIMO module's) a checkpoint holds."""
 
     checkpoint_dir: str
+    key: str
     global_shape: tuple[int, ...]
     offsets: frozenset[tuple[int, ...]]
 
@@ -79,7 +83,7 @@ class StoredRngLayout:
         return offset if offset in self.offsets else None
 
     def requests_for(self, rank: RankCoordinates, dp_size: int, data: object) -> dict[str, ShardedObject]:
-        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks.
+        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks, by state-dict key.
 
         Its own stored shard (none when the checkpoint holds none for it) under ``rng_state``; after a DP
         shrink, also the shards of DP ranks that no longer exist, since dist_checkpointing requires a load
@@ -101,22 +105,24 @@ class StoredRngLayout:
         if offset is None:
             return None
         replica_id = 0 if self.per_dp_rank else dp_rank
-        return ShardedObject(RNG_STATE_KEY, data, self.global_shape, offset, replica_id=replica_id)
+        return ShardedObject(self.key, data, self.global_shape, offset, replica_id=replica_id)
 
 
 METADATA_FILE = ".metadata"
-# A shard key as pickle writes a short string: opcode SHORT_BINUNICODE, a length byte, then the text.
-_PICKLED_SHARD_KEY = re.compile(rb"\x8c(.)" + re.escape(f"{RNG_STATE_KEY}/shard_".encode()), re.DOTALL)
-_SHARD_KEY = re.compile(rf"{RNG_STATE_KEY}/shard_(\d+(?:\.\d+)*)_(\d+(?:\.\d+)*)")
+# A shard key as pickle writes a short string: opcode SHORT_BINUNICODE, a length byte, then the text, which for
+# an RNG key starts "rng_state/" or, for a MIMO module's, "rng_state.".
+_PICKLED_RNG_KEY = re.compile(rb"\x8c(.)" + re.escape(RNG_STATE_KEY.encode()) + rb"[./]", re.DOTALL)
+_SHARD_KEY = re.compile(rf"({re.escape(RNG_STATE_KEY)}(?:\.[^/]+)?)/shard_(\d+(?:\.\d+)*)_(\d+(?:\.\d+)*)")
 
 
 def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
-    """The ``rng_state`` shard keys in a torch_dist checkpoint's metadata, found without unpickling it.
+    """The RNG shard keys in a torch_dist checkpoint's metadata, found without unpickling it.
 
     torch's ``.metadata`` is one pickle of every tensor's metadata: unpickling it costs about 80 us per tensor
-    (232 ms at 3,000 tensors), while the keys of the RNG shards (``rng_state/shard_{offset}_{shape}``) stand in
-    it as plain strings that a scan of the bytes finds in milliseconds. Where the scan finds none, torch's own
-    reader decides, so that a format the scan does not know costs time, never a wrong answer.
+    (232 ms at 3,000 tensors), while the keys of the RNG shards (``rng_state/shard_{offset}_{shape}``, or
+    ``rng_state.{module}/shard_...``) stand in it as plain strings that a scan of the bytes finds in
+    milliseconds. Where the scan finds none, torch's own reader decides, so that a format the scan does not
+    know costs time, never a wrong answer.
     """
     path = Path(checkpoint_dir) / METADATA_FILE
     try:
@@ -131,7 +137,7 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
             "pickle), so nothing of this checkpoint can be loaded; resume from another checkpoint"
         )
     keys = set()
-    for found in _PICKLED_SHARD_KEY.finditer(data):
+    for found in _PICKLED_RNG_KEY.finditer(data):
         start = found.start() + 2
         key = data[start : start + found.group(1)[0]].decode("utf-8", "replace")
         if _SHARD_KEY.fullmatch(key):
@@ -148,26 +154,33 @@ def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:
     return {key for key in keys if _SHARD_KEY.fullmatch(key)}
 
 
-def layout_of_keys(checkpoint_dir: str, keys: set[str]) -> StoredRngLayout | None:
-    """The layout that shard keys describe; None for no keys; RngCheckpointError for keys of no known layout."""
-    if not keys:
-        return None
-    shards = [_SHARD_KEY.fullmatch(key).groups() for key in keys]
+def layouts_of_keys(checkpoint_dir: str, keys: set[str]) -> dict[str, StoredRngLayout]:
+    """The layout of each RNG object the shard keys describe, by its key; RngCheckpointError for shards of
+    an object that fit no known layout."""
+    shards_by_key: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        object_key, offset, shape = _SHARD_KEY.fullmatch(key).groups()
+        shards_by_key.setdefault(object_key, []).append((offset, shape))
+    return {key: _layout(checkpoint_dir, key, shards) for key, shards in sorted(shards_by_key.items())}
+
+
+def _layout(checkpoint_dir: str, key: str, shards: list[tuple[str, str]]) -> StoredRngLayout:
     shapes = {_indices(shape) for _, shape in shards}
     offsets = frozenset(_indices(offset) for offset, _ in shards)
     shape = next(iter(shapes)) if len(shapes) == 1 else None
     if shape is None or len(shape) not in (2, 3) or any(not _inside(offset, shape) for offset in offsets):
         raise RngCheckpointError(
-            f"checkpoint {checkpoint_dir}: the metadata of '{RNG_STATE_KEY}' fits no known RNG layout "
+            f"checkpoint {checkpoint_dir}: the metadata of '{key}' fits no known RNG layout "
             f"(shard shapes {sorted(shapes)}, expected one (pp, tp) or (pp, tp, dp) shape); resume with "
-            f"load_rng=False to start from fresh RNG state"
+            "load_rng=False to start from fresh RNG state"
         )
-    return StoredRngLayout(checkpoint_dir, shape, offsets)
+    return StoredRngLayout(checkpoint_dir, key, shape, offsets)
 
 
-def read_stored_layout(checkpoint_dir: str) -> StoredRngLayout | None:
-    """The RNG layout stored in ``checkpoint_dir``; None when it stores no RNG state."""
-    return layout_of_keys(checkpoint_dir, stored_rng_shard_keys(checkpoint_dir))
+def read_stored_layouts(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
+    """The RNG layouts stored in ``checkpoint_dir``, by key: ``rng_state``, and a MIMO checkpoint's
+    ``rng_state.{module}`` keys; empty when it stores no RNG state."""
+    return layouts_of_keys(checkpoint_dir, stored_rng_shard_keys(checkpoint_dir))
 
 
 def _indices(text: str) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import wrapt
 from megatron.core import parallel_state
 
 from bridge_rng_patch import probe
-from bridge_rng_patch.patcher import Decision
+from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.rng_layout import reshard_per_dp_rank
 
 TARGET = "get_rng_state"
@@ -55,6 +55,10 @@ def _data_parallel_size(pg_collection: Any) -> int:
     return pg_collection.dp_cp.size()
 
 
+def _by_version(release_has_fix: bool | None) -> Decision:
+    return Decision.by_version(f"the source of {TARGET}", release_has_fix, str(probe.FIRST_FIXED_BRIDGE))
+
+
 class SaveShardingPatch:
     targets = (TARGET,)
 
@@ -67,14 +71,14 @@ class SaveShardingPatch:
         if shards_by_ep:
             shown = probe.describe_signature(get_rng_state)
             return Decision.not_needed(f"upstream {TARGET}{shown} already shards RNG state by EP")
-        release_has_fix = probe.bridge_release_has_fix()
+        release_has_fix = probe.bridge_release_at_least(probe.FIRST_FIXED_BRIDGE)
         if shards_by_ep is None and release_has_fix:
-            return Decision.by_version(f"the source of {TARGET}", release_has_fix)
+            return _by_version(release_has_fix)
         signature = probe.rng_state_signature(get_rng_state)
         if signature is None:
             return Decision.refuse(f"unknown signature {TARGET}{probe.describe_signature(get_rng_state)}")
         if shards_by_ep is None:
-            return Decision.by_version(f"the source of {TARGET}", release_has_fix)
+            return _by_version(release_has_fix)
         if not probe.builds_rng_sharded_object(get_rng_state):
             return Decision.refuse(f"unexpected {TARGET}: its source builds no ShardedObject with a replica_id")
         note = "; its version number claims the fix, its code does not have it" if release_has_fix else ""

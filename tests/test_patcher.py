@@ -39,7 +39,7 @@ def test_importing_the_package_imports_neither_torch_nor_megatron():
             """,
         )
     )
-    assert result == {"heavy": [], "states": ["pending", "pending"]}
+    assert result == {"heavy": [], "states": ["pending", "pending", "pending"]}
 
 
 @pytest.mark.parametrize("order", ["package first", "bridge first"])
@@ -53,7 +53,7 @@ def test_patches_apply_whichever_is_imported_first(order):
             "\n".join(imports) + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["applied", "applied"], "wrapped": [True, True, True]}
+    assert result == {"states": ["applied", "applied", "applied"], "wrapped": [True, True, True]}
 
 
 def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
@@ -91,8 +91,8 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         "load_inner_is_plain_function": "function",
         "tensor_parallel_outside_loads_is_megatron_cores": True,
     }
-    assert process.stderr.count("save_sharding: applied") == 1
-    assert process.stderr.count("load_restore: applied") == 1
+    for patch in ("save_sharding", "tracker_restore", "layout_load"):
+        assert process.stderr.count(f"{patch}: applied") == 1
 
 
 def test_disable_environment_variable_leaves_bridge_untouched():
@@ -104,7 +104,7 @@ def test_disable_environment_variable_leaves_bridge_untouched():
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": "1"},
         )
     )
-    assert result == {"states": ["disabled", "disabled"], "wrapped": [False, False, False]}
+    assert result == {"states": ["disabled"] * 3, "wrapped": [False, False, False]}
 
 
 def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
@@ -129,8 +129,8 @@ def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
     assert result == {
         "patched": [True, True, True],
         "restored": [True, True, True],
-        "undone": ["undone", "undone"],
-        "reapplied": ["applied", "applied"],
+        "undone": ["undone"] * 3,
+        "reapplied": ["applied"] * 3,
     }
 
 
@@ -142,7 +142,7 @@ def test_undo_before_bridge_is_imported_keeps_it_unpatched():
             "import megatron.bridge.training.checkpointing as checkpointing" + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["undone", "undone"], "wrapped": [False, False, False]}
+    assert result == {"states": ["undone"] * 3, "wrapped": [False, False, False]}
 
 
 def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
@@ -164,24 +164,95 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         }))
         """,
     )
-    assert _result(process) == {"states": ["refused", "refused"], "untouched": True}
+    assert _result(process) == {"states": ["refused"] * 3, "untouched": True}
     refusals = [line for line in process.stderr.splitlines() if "refused" in line]
     assert refusals == [
         "bridge_rng_patch: save_sharding: refused: unknown signature get_rng_state(seed, layout)",
-        "bridge_rng_patch: load_restore: refused: megatron.bridge.training.checkpointing lacks "
-        "_load_checkpoint_from_path, _load_global_dist_base_checkpoint, get_checkpoint_name, tensor_parallel",
+        "bridge_rng_patch: tracker_restore: refused: megatron.bridge.training.checkpointing lacks "
+        "_load_checkpoint_from_path, tensor_parallel",
+        "bridge_rng_patch: layout_load: refused: megatron.bridge.training.checkpointing lacks "
+        "_load_global_dist_base_checkpoint, get_checkpoint_name",
     ]
 
 
-@pytest.mark.parametrize("release", ["bridge-0.2.0rc6", "bridge-0.3.1"])
-def test_cli_prints_each_patch_state_with_reason_and_versions(release):
+@pytest.mark.parametrize(
+    ("release", "expected"),
+    [
+        ("bridge-0.2.0rc6", ["applied", "applied", "applied"]),
+        ("bridge-0.3.1", ["not needed", "not needed", "applied"]),
+    ],
+)
+def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected):
     process = run_python(RELEASES[release], "import runpy; runpy.run_module('bridge_rng_patch', run_name='__main__')")
-    expected_state = "applied" if release == "bridge-0.2.0rc6" else "not needed"
     lines = process.stdout.splitlines()
     assert f"megatron-bridge {release.removeprefix('bridge-')}" in lines[0]
-    assert [line.split()[:2] for line in lines if line.startswith(("save_sharding", "load_restore"))] == [
-        ["save_sharding", *expected_state.split()[:1]],
-        ["load_restore", *expected_state.split()[:1]],
-    ]
-    assert sum(line.strip().startswith("why: ") for line in lines) == 2
+    rows = [line for line in lines if line.startswith(("save_sharding", "tracker_restore", "layout_load"))]
+    assert [row.split()[0] for row in rows] == ["save_sharding", "tracker_restore", "layout_load"]
+    assert [row[17:28].strip() for row in rows] == expected
+    assert sum(line.strip().startswith("why: ") for line in lines) == 3
     assert process.returncode == 0
+
+
+# A checkpointing module shaped like Megatron-Bridge main after 0.6.2 (Sep 2026), which no release has yet: its
+# save shards by EP, its restore converts, and its dist load aligns the RNG request with the stored metadata.
+BRIDGE_MAIN_SHAPE = """
+from megatron.core import tensor_parallel
+
+
+def get_rng_state(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection, module_name=None):
+    ep_size = pg_collection.ep.size()
+
+
+def _load_checkpoint_from_path(load_dir, state, model, optimizer, opt_param_scheduler):
+    state_dict = {}
+    if "rng_state" in state_dict:
+        tensor_parallel.get_cuda_rng_tracker().set_states(
+            {k: tensor_parallel.convert_cuda_rng_state(v, to_graphable=False) for k, v in {}.items()}
+        )
+
+
+def _align_rng_state_sharded_metadata(sharded_state_dict, checkpoint_name, load_strategy):
+    return sharded_state_dict
+
+
+def _load_global_dist_base_checkpoint(
+    load_dir, ckpt_cfg, rank0, sharded_state_dict, iteration, release, checkpoint_path_override=None, *, pg_collection
+):
+    checkpoint_name = get_checkpoint_name(load_dir, iteration, release)
+    sharded_state_dict = _align_rng_state_sharded_metadata(sharded_state_dict, checkpoint_name, None)
+
+
+def get_checkpoint_name(load_dir, iteration, release):
+    return load_dir
+"""
+
+
+def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path):
+    """Decided from the code: its version number (main states 0.7.0 since before the change) cannot say."""
+    (tmp_path / "bridge_main_checkpointing.py").write_text(BRIDGE_MAIN_SHAPE)
+    process = run_python(
+        RELEASES["bridge-0.3.1"],
+        f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location(
+            "megatron.bridge.training.checkpointing", {str(tmp_path / "bridge_main_checkpointing.py")!r}
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module
+        import bridge_rng_patch
+        print(json.dumps({{s.name: [s.state, s.reason] for s in bridge_rng_patch.status()}}))
+        """,
+    )
+    assert _result(process) == {
+        "save_sharding": [
+            "not needed",
+            "upstream get_rng_state(data_parallel_random_init, ckpt_format, *, pg_collection, module_name) already "
+            "shards RNG state by EP",
+        ],
+        "tracker_restore": [
+            "not needed",
+            "upstream RNG restore already converts tracker states for the tracker in use",
+        ],
+        "layout_load": ["not needed", "upstream's load already asks for the RNG layout the checkpoint stores"],
+    }

@@ -1,32 +1,20 @@
 """Every Megatron-Bridge release people pin, each with a megatron-core it imports with, from the registry.
 
-The decisions are what a user's ``import bridge_rng_patch`` makes on each real release; the README's release
-table is checked against them. A save then resume runs on one release of each signature family.
+The decisions are what a user's ``import bridge_rng_patch`` makes on each real release, imported for real
+(0.4.0 and later under Python 3.12); the README's release table is checked against them. A save then resume
+runs on one release of each signature family.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO, coordinates, run_python, saved_by_coordinates
 
-from tools.release_envs import (
-    BASE_PYTHON,
-    MATRIX,
-    OLD_ON_NEWER_CORE,
-    RELEASES,
-    SIGNATURE_FAMILIES,
-    TE_STANDIN,
-    ensure,
-    ensure_target,
-    target_dir,
-)
-from tools.wheel_source import DECIDE_FROM_SOURCE, PYTHON_312_RELEASES, unpacked_wheel
+from tools.release_envs import MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, RELEASES, SIGNATURE_FAMILIES, ensure
 
 TARGETS = ("get_rng_state", "_load_checkpoint_from_path", "_load_global_dist_base_checkpoint")
 # Bridge first, so that the originals are seen before the package patches them at its import.
@@ -40,9 +28,11 @@ print(json.dumps({{
     "reasons": {{s.name: s.reason for s in bridge_rng_patch.status()}},
     "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
-    "originals": [getattr(checkpointing, name) is original for name, original in originals.items()],
+    "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
 }}))
 """
+ALL_APPLIED = {"save_sharding": "applied", "tracker_restore": "applied", "layout_load": "applied"}
+ONLY_LAYOUT_LOAD = {"save_sharding": "not needed", "tracker_restore": "not needed", "layout_load": "applied"}
 
 
 def _decide(release) -> dict:
@@ -60,59 +50,38 @@ def matrix_decisions() -> dict[str, dict]:
         return dict(zip((release.bridge for release in MATRIX), pool.map(_decide, MATRIX), strict=True))
 
 
-def _decide_from_wheel_source(version: str) -> dict:
-    """Beside the newest megatron-core installed here, for its ``tensor_parallel``; nothing else of it is used."""
-    ensure_target("core", "0.16.1")
-    pythonpath = [unpacked_wheel(version), target_dir("core", "0.16.1"), TE_STANDIN]
-    process = subprocess.run(
-        [str(BASE_PYTHON), "-c", DECIDE_FROM_SOURCE],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "PYTHONWARNINGS": "ignore"},
-        cwd=REPO,
-        timeout=300,
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    return json.loads(process.stdout.splitlines()[-1])
-
-
-@pytest.fixture(scope="session")
-def python_312_decisions() -> dict[str, dict]:
-    return {version: _decide_from_wheel_source(version) for version in PYTHON_312_RELEASES}
-
-
 OLD = [release for release in MATRIX if not release.has_upstream_fix]
 FIXED = [release for release in MATRIX if release.has_upstream_fix]
 
 
 @pytest.mark.parametrize("release", OLD, ids=lambda release: release.name)
-def test_old_release_gets_both_patches(matrix_decisions, release):
+def test_old_release_gets_all_three_patches(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
-    assert decision["states"] == {"save_sharding": "applied", "load_restore": "applied"}
-    assert decision["originals"] == [False, False, False]
+    assert decision["states"] == ALL_APPLIED
+    assert decision["untouched"] == [False, False, False]
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
 
 
 @pytest.mark.parametrize("release", FIXED, ids=lambda release: release.name)
-def test_fixed_release_is_not_needed_and_left_as_it_is(matrix_decisions, release):
+def test_fixed_release_gets_only_the_stored_layout_load(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
-    assert decision["states"] == {"save_sharding": "not needed", "load_restore": "not needed"}
-    assert decision["originals"] == [True, True, True]
+    assert decision["states"] == ONLY_LAYOUT_LOAD
+    assert decision["untouched"] == [True, True, False]
+    assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
+    assert decision["reasons"]["layout_load"].endswith("asks for RNG state in the running job's layout only")
 
 
 def test_old_release_on_a_newer_megatron_core_uses_its_own_graph_safe_helpers():
     decision = _decide(ensure(OLD_ON_NEWER_CORE))
-    assert decision["states"] == {"save_sharding": "applied", "load_restore": "applied"}
-    assert decision["reasons"]["load_restore"].endswith("using megatron-core's helpers")
+    assert decision["states"] == ALL_APPLIED
+    assert decision["reasons"]["tracker_restore"].endswith("using megatron-core's helpers")
     assert (decision["bridge_version"], decision["core_version"]) == ("0.2.0rc6", "0.16.1")
 
 
-@pytest.mark.parametrize("version", PYTHON_312_RELEASES)
-def test_python_312_fixed_release_is_not_needed_judged_from_its_wheels_source(python_312_decisions, version):
-    decision = python_312_decisions[version]
-    assert decision["states"] == {"save_sharding": "not needed", "load_restore": "not needed"}
-    assert decision["untouched"]
-    assert decision["bridge_version"] == version
+def test_old_release_under_python_312_gets_all_three_patches():
+    decision = _decide(ensure(OLD_ON_PYTHON_312))
+    assert decision["states"] == ALL_APPLIED
+    assert (decision["bridge_version"], decision["core_version"]) == ("0.2.0rc6", "0.15.3")
 
 
 @pytest.mark.parametrize("family", list(SIGNATURE_FAMILIES))
@@ -130,28 +99,25 @@ def test_each_signature_family_resumes_every_rank_bit_exact(jobs, family):
         assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
 
 
-def _readme_release_rows() -> dict[str, tuple[str, str, str]]:
-    """The README's release table: release -> (megatron-core, save_sharding, load_restore)."""
+def _readme_release_rows() -> dict[str, tuple[str, ...]]:
+    """The README's release table: release -> (megatron-core, Python, save_sharding, tracker_restore, layout_load)."""
     text = (REPO / "README.md").read_text()
     table = text[text.index("<!-- release table -->") : text.index("<!-- end of release table -->")]
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and re.fullmatch(r"\d+\.\d+\.\d+\S*", cells[0]):
-            rows[cells[0]] = (cells[1], cells[2], cells[3])
+        if len(cells) == 6 and re.fullmatch(r"\d+\.\d+\.\d+\S*", cells[0]):
+            rows[cells[0]] = tuple(cells[1:])
     return rows
 
 
-def test_readme_release_table_matches_what_the_package_decides(matrix_decisions, python_312_decisions):
+def test_readme_release_table_matches_what_the_package_decides(matrix_decisions):
     expected = {
         release.bridge: (
             release.core,
-            matrix_decisions[release.bridge]["states"]["save_sharding"],
-            matrix_decisions[release.bridge]["states"]["load_restore"],
+            release.python_line,
+            *(matrix_decisions[release.bridge]["states"][patch] for patch in ALL_APPLIED),
         )
         for release in MATRIX
     }
-    for version, decision in python_312_decisions.items():
-        states = decision["states"]
-        expected[version] = ("from the wheel's source", states["save_sharding"], states["load_restore"])
     assert _readme_release_rows() == expected

@@ -60,11 +60,6 @@ def test_patched_checkpoint_loads_with_ep_now_1_and_each_rank_takes_its_own_coor
     assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in _rank_zero_logs(loaded)
 
 
-def test_patched_checkpoint_loads_on_fixed_upstream_bit_exact(jobs):
-    saved = _save(jobs, OLD, "patched-ep2")
-    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, FIXED, "patched-ep2", "patched-ep2-load-on-fixed"))
-
-
 @pytest.mark.parametrize("old", list(SIGNATURE_FAMILIES.values()))
 def test_fixed_upstream_checkpoint_loads_on_patched_old_release_bit_exact(jobs, old):
     saved = _save(jobs, FIXED, "fixed-ep2")
@@ -187,3 +182,25 @@ def test_bad_rng_state_fails_naming_checkpoint_and_key_and_restores_nothing(jobs
         assert message in rank["error"]
         assert "resume with load_rng=False" in rank["error"]
         assert rank["loaded"] == rank["fresh"]
+
+
+@pytest.mark.parametrize("release", ["bridge-0.2.0rc6", "bridge-0.3.1"])
+def test_data_parallel_random_init_dp_growth_keeps_fresh_rng_past_the_gathered_list_and_names_them(jobs, release):
+    """A (pp, tp) checkpoint written with data_parallel_random_init holds one list of every DP rank's state;
+    after a DP growth, DP ranks past its end have no state in it."""
+    layout = {"world": 4, "tp": 1, "pp": 1, "ep": 1, "data_parallel_random_init": True}
+    name = f"{release}-ep1-random-init"
+    saved = saved_by_coordinates(_save(jobs, RELEASES[release], name, layout))
+    loaded = _load(jobs, RELEASES[release], name, f"{name}-dp8", {**layout, "world": 8})
+    for rank in loaded:
+        assert rank["error"] is None
+        dp = rank["coords"]["dp"]
+        if dp < 4:
+            assert rank["loaded"] == saved[coordinates(rank)]
+        else:
+            assert rank["loaded"] == rank["fresh"], f"rank {rank['rank']} did not keep its fresh state"
+            assert any(line.startswith(f"WARNING: rank {rank['rank']} (pp 0, tp 0, dp {dp})") for line in rank["logs"])
+    assert (
+        "stores RNG states gathered with data_parallel_random_init for DP size 4, this job runs DP size 8: "
+        "DP ranks 4..7 keep fresh RNG state" in _rank_zero_logs(loaded)
+    )

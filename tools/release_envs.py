@@ -1,12 +1,15 @@
-"""The real Megatron-Bridge releases the tests, demo and benchmark run on, installed from the package registry.
+"""The real Megatron-Bridge releases the tests, demo and benchmarks run on, installed from the package registry.
 
-One virtual environment (``.venvs/base``) holds torch 2.13.0 (CPU) and what Bridge's checkpointing module
-needs at import time; this package comes from the checkout, on ``PYTHONPATH``. Each megatron-core line and
-each Megatron-Bridge release is installed on its own with ``pip install --no-deps --target``
-(``.venvs/core-*``, ``.venvs/bridge-*``), and a release runs as the base interpreter with its Bridge and its
-megatron-core on ``PYTHONPATH``. ``megatron`` is a namespace package, so the two merge; each target keeps its
-distribution metadata. Swapping a small pure-Python Bridge wheel costs seconds, where an environment per
-release costs minutes and gigabytes.
+Two base virtual environments hold torch and what Bridge's checkpointing module needs at import time:
+``.venvs/base`` (Python 3.11, torch 2.13.0 CPU, for 0.1.0a0 to 0.3.1 and megatron-core up to 0.16) and
+``.venvs/base-py312`` (Python 3.12, torch 2.14.1, a CUDA build that runs on CPU, for Bridge 0.4.0 and later
+with megatron-core 0.17 to 0.19, and for an old release as NeMo's Python 3.12 images run it). This package
+comes from the checkout, on ``PYTHONPATH``. Each megatron-core line and each Megatron-Bridge release is
+installed on its own with ``pip install --no-deps --target``, and a release runs as a base interpreter with
+its Bridge and its megatron-core on ``PYTHONPATH``. ``megatron`` is a namespace package, so the two merge; each
+target keeps its distribution metadata. Bridge wheels are pure Python, so one target serves both Pythons;
+megatron-core has a compiled helper, so it has a target per Python. Swapping a small Bridge wheel costs
+seconds, where an environment per release costs minutes and gigabytes.
 
 Run it directly to build them all: ``python3 tools/release_envs.py``.
 """
@@ -16,22 +19,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
-import venv
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENVS_DIR = REPO / ".venvs"
+# One file for every environment: its markers pin torch 2.13.0 (the local CPU wheel) under Python 3.11 and
+# 2.14.1 under 3.12, so that no resolver swaps torch for another multi-GB build.
 CONSTRAINTS = REPO / "constraints.txt"
-# A stand-in for Transformer Engine (CUDA only), which Megatron-Bridge 0.3.x imports unconditionally.
+# A stand-in for Transformer Engine (CUDA only), which the fixed releases (0.3.0 and later) import at module level.
 TE_STANDIN = REPO / "tests" / "gpu_standins"
 
 # What Megatron-Bridge's checkpointing module needs at import time; the releases' GPU-only requirements are
-# left out. triton and nvidia-modelopt are what megatron-core 0.16 imports on that path.
+# left out. triton and nvidia-modelopt are what megatron-core 0.16 and later import on that path;
+# megatron-energon what Bridge 0.4 and later do.
 BASE_REQUIREMENTS = (
-    "torch==2.13.0",
     "numpy<2",
     "packaging",
     "wrapt",
@@ -49,41 +55,78 @@ BASE_REQUIREMENTS = (
     "nvidia-modelopt",
     "ruff",
 )
-BASE = ENVS_DIR / "base"
-BASE_PYTHON = BASE / "bin" / "python"
+PYTHON_LINES = {
+    "3.11": ("torch==2.13.0",),
+    "3.12": ("torch==2.14.1", "pyarrow", "megatron-energon"),
+}
+
+
+def base_dir(python_line: str) -> Path:
+    return ENVS_DIR / ("base" if python_line == "3.11" else f"base-py{python_line.replace('.', '')}")
+
+
+def base_python(python_line: str) -> Path:
+    return base_dir(python_line) / "bin" / "python"
+
+
+BASE = base_dir("3.11")
+BASE_PYTHON = base_python("3.11")
+
+
+def find_python(python_line: str) -> Path | None:
+    """A CPython of ``python_line`` (e.g. "3.12") on this machine: pyenv's, or python3.X on PATH."""
+    for candidate in sorted(Path.home().glob(f".pyenv/versions/{python_line}.*/bin/python3"), reverse=True):
+        if re.fullmatch(rf"{re.escape(python_line)}\.\d+", candidate.parent.parent.name):
+            return candidate
+    on_path = shutil.which(f"python{python_line}")
+    return Path(on_path) if on_path else None
 
 
 @dataclass(frozen=True)
 class Release:
-    """A real Megatron-Bridge release paired with a megatron-core it imports with."""
+    """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line."""
 
     bridge: str
     core: str
-    has_upstream_fix: bool
+    python_line: str
+
+    @property
+    def has_upstream_fix(self) -> bool:
+        """Whether it has PR #2092 (0.3.0 and later); only those import Transformer Engine at module level."""
+        return not self.bridge.startswith(("0.1.", "0.2."))
 
     @property
     def name(self) -> str:
-        paired_as_built = DEFAULT_CORE[self.bridge] == self.core
-        return f"bridge-{self.bridge}" if paired_as_built else f"bridge-{self.bridge}-core-{self.core}"
+        name = f"bridge-{self.bridge}"
+        if DEFAULT_CORE.get(self.bridge) != self.core:
+            name += f"-core-{self.core}"
+        if self.python_line != default_python_line(self.bridge):
+            name += f"-py{self.python_line.replace('.', '')}"
+        return name
 
     @property
     def python(self) -> Path:
-        return BASE_PYTHON
+        return base_python(self.python_line)
 
     @property
     def pythonpath(self) -> list[Path]:
-        paths = [target_dir("bridge", self.bridge), target_dir("core", self.core)]
-        # The fixed releases (0.3.x) are the ones that import Transformer Engine at module level.
+        paths = [target_dir("bridge", self.bridge), core_dir(self.core, self.python_line)]
         return [*paths, TE_STANDIN] if self.has_upstream_fix else paths
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """``base`` (default: this process's environment) with this checkout and this release on ``PYTHONPATH``.
 
         The package comes from this checkout, not an install, so that the base environment holds what a
-        training image holds and the install tests can add the package to it as a user would.
+        training image holds and the install tests can add the package to it as a user would. Under the CUDA
+        build of torch, megatron-core 0.15 compiles an extension at import, which fails without an arch list.
+        Bridge 0.5 and later add the short hash of the git checkout they sit in to their version, which here
+        would be this repository's: ``NO_VCS_VERSION`` is their switch for that.
         """
         environment = dict(os.environ if base is None else base)
         environment["PYTHONPATH"] = os.pathsep.join(str(path) for path in (REPO, *self.pythonpath))
+        environment["NO_VCS_VERSION"] = "1"
+        if self.python_line != "3.11":
+            environment.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return environment
 
 
@@ -91,7 +134,16 @@ def target_dir(kind: str, version: str) -> Path:
     return ENVS_DIR / f"{kind}-{version}"
 
 
-# Every Megatron-Bridge release on the registry up to 0.3.1, with the megatron-core it was built for.
+def core_dir(version: str, python_line: str) -> Path:
+    """megatron-core has a compiled helper per Python: one target per Python line."""
+    return target_dir("core", version) if python_line == "3.11" else ENVS_DIR / f"py{python_line}" / f"core-{version}"
+
+
+def default_python_line(bridge: str) -> str:
+    return "3.12" if bridge in PYTHON_312_RELEASES else "3.11"
+
+
+# Every Megatron-Bridge release on the registry, with the megatron-core it was built for.
 DEFAULT_CORE = {
     "0.1.0a0": "0.13.1",
     **{f"0.1.0rc{n}": "0.14.0" for n in range(5)},
@@ -99,21 +151,30 @@ DEFAULT_CORE = {
     **{f"0.2.0rc{n}": "0.15.3" for n in range(3, 7)},
     "0.3.0": "0.16.1",
     "0.3.1": "0.16.1",
+    **{f"0.4.{n}": "0.17.1" for n in range(3)},
+    **{f"0.5.{n}": "0.18.2" for n in range(2)},
+    "0.6.0": "0.19.2",
+    "0.6.2": "0.19.2",
 }
-MATRIX = tuple(
-    Release(bridge, core, has_upstream_fix=bridge in ("0.3.0", "0.3.1")) for bridge, core in DEFAULT_CORE.items()
-)
+# Bridge 0.4.0 and later, and megatron-core 0.17 and later, require Python 3.12.
+PYTHON_312_RELEASES = tuple(bridge for bridge in DEFAULT_CORE if not bridge.startswith(("0.1.", "0.2.", "0.3.")))
+MATRIX = tuple(Release(bridge, core, default_python_line(bridge)) for bridge, core in DEFAULT_CORE.items())
 # An old release with a megatron-core newer than it was built for, which brings its own graph-safe helpers.
-OLD_ON_NEWER_CORE = Release("0.2.0rc6", "0.16.1", has_upstream_fix=False)
-RELEASES = {release.name: release for release in (*MATRIX, OLD_ON_NEWER_CORE)}
-# One old release of each signature family (get_rng_state; _load_global_dist_base_checkpoint), and the old
-# release on the newer megatron-core: the resume tests run on each.
+OLD_ON_NEWER_CORE = Release("0.2.0rc6", "0.16.1", "3.11")
+# An old release under Python 3.12 and torch 2.14.1, as NeMo's 25.xx images run it.
+OLD_ON_PYTHON_312 = Release("0.2.0rc6", "0.15.3", "3.12")
+RELEASES = {release.name: release for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312)}
+# One old release of each signature family (get_rng_state; _load_global_dist_base_checkpoint), the old release
+# on the newer megatron-core and under Python 3.12: the resume tests run on each.
 SIGNATURE_FAMILIES = {
     "(dp_random_init); cfg": "bridge-0.1.0a0",
     "(dp_random_init); ckpt_cfg": "bridge-0.2.0rc2",
     "(dp_random_init, ckpt_format)": "bridge-0.2.0rc6",
     "newer core": OLD_ON_NEWER_CORE.name,
+    "python 3.12": OLD_ON_PYTHON_312.name,
 }
+# One fixed release of each family: the resume tests of the stored-layout load run on each.
+FIXED_FAMILIES = {"0.3.x": "bridge-0.3.1", "0.4.x": "bridge-0.4.2", "0.5.x/0.6.x": "bridge-0.6.2"}
 # The test runner's own interpreter runs with this one: an old release, the package's main target.
 RUNNER = RELEASES["bridge-0.2.0rc6"]
 
@@ -136,31 +197,38 @@ def _digest(spec: list[str]) -> str:
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
-def ensure_base() -> None:
-    spec = [*BASE_REQUIREMENTS, CONSTRAINTS.read_text(), "bridge_rng_patch not installed"]
-    if _is_current(BASE, spec):
+def ensure_base(python_line: str = "3.11") -> None:
+    requirements = [*PYTHON_LINES[python_line], *BASE_REQUIREMENTS]
+    directory = base_dir(python_line)
+    spec = [*requirements, CONSTRAINTS.read_text(), "bridge_rng_patch not installed"]
+    if _is_current(directory, spec):
         return
-    print(f"building {BASE}: torch 2.13.0 (CPU) and what Bridge's checkpointing imports", flush=True)
-    venv.EnvBuilder(clear=True, with_pip=True).create(BASE)
-    _pip("-c", str(CONSTRAINTS), *BASE_REQUIREMENTS)
-    _mark(BASE, spec)
+    interpreter = find_python(python_line)
+    if interpreter is None:
+        raise RuntimeError(f"no Python {python_line} on this machine (pyenv's, or python{python_line} on PATH)")
+    print(f"building {directory}: Python {python_line}, {requirements[0]} and what Bridge imports", flush=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    subprocess.run([str(interpreter), "-m", "venv", str(directory)], check=True)
+    _pip("-c", str(CONSTRAINTS), *requirements, python=base_python(python_line))
+    _mark(directory, spec)
 
 
-def ensure_target(kind: str, version: str) -> None:
+def ensure_target(kind: str, version: str, python_line: str = "3.11") -> None:
     """``megatron-core`` or ``megatron-bridge`` at ``version`` alone in a folder of its own, with its metadata."""
-    directory = target_dir(kind, version)
+    directory = core_dir(version, python_line) if kind == "core" else target_dir(kind, version)
     spec = [kind, version]
     if _is_current(directory, spec):
         return
     print(f"installing megatron-{kind} {version} into {directory}", flush=True)
-    _pip("--no-deps", "--upgrade", "--target", str(directory), f"megatron-{kind}=={version}")
+    package = f"megatron-{kind}=={version}"
+    _pip("--no-deps", "--upgrade", "--target", str(directory), package, python=base_python(python_line))
     _mark(directory, spec)
 
 
 def ensure(release: Release) -> Release:
-    ensure_base()
-    ensure_target("core", release.core)
-    ensure_target("bridge", release.bridge)
+    ensure_base(release.python_line)
+    ensure_target("core", release.core, release.python_line)
+    ensure_target("bridge", release.bridge, release.python_line)
     return release
 
 

@@ -5,8 +5,9 @@ seeds all its RNG sources with values of its own (the tracker through megatron-c
 ``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), then saves or loads a
 checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py).
 
-Spec keys: world, tp, pp, ep, action ("save" or "load"), checkpoint_dir, out; optional: patched (default
-true), package_first (default true), data_parallel_random_init, graph_safe_tracker, load_rng, finetune,
+Spec keys: world, tp, pp, ep, action ("save" or "load"), checkpoint_dir, out; optional: cp (context parallel,
+default 1), patched (default true), package_first (default true), data_parallel_random_init,
+graph_safe_tracker, load_rng, finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
 tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
 (how many small parameters the model has, default 8).
 """
@@ -24,9 +25,11 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import random
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -53,10 +56,31 @@ def main(spec: dict) -> None:
     ranks = [context.Process(target=_rank_main, args=(rank, port, spec, reports)) for rank in range(spec["world"])]
     for process in ranks:
         process.start()
-    results = sorted((reports.get(timeout=240) for _ in ranks), key=lambda result: result["rank"])
+    results = _collect_reports(ranks, reports)
     for process in ranks:
         process.join(timeout=60)
     Path(spec["out"]).write_text(json.dumps(results, indent=1))
+
+
+def _collect_reports(ranks: list, reports: Any, seconds: float = 300) -> list[dict]:
+    """Every rank's report, by rank. A rank that died without one (killed, or crashed in native code) gets a
+    crash report naming its exit code, so that a failed job says which rank failed, not only that the others
+    then timed out waiting for it in a collective."""
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + seconds
+    while len(results) < len(ranks) and time.monotonic() < deadline:
+        try:
+            result = reports.get(timeout=1)
+        except queue.Empty:
+            for rank, process in enumerate(ranks):
+                if rank not in results and process.exitcode is not None and reports.empty():
+                    crash = f"rank {rank} exited with code {process.exitcode} before reporting"
+                    results[rank] = {"rank": rank, "crash": crash}
+            continue
+        results[result["rank"]] = result
+    for rank in range(len(ranks)):
+        results.setdefault(rank, {"rank": rank, "crash": f"rank {rank} did not report within {seconds:.0f} s"})
+    return [results[rank] for rank in range(len(ranks))]
 
 
 def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
@@ -80,6 +104,7 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
         tensor_model_parallel_size=spec["tp"],
         pipeline_model_parallel_size=spec["pp"],
         expert_model_parallel_size=spec["ep"],
+        context_parallel_size=spec.get("cp", 1),
     )
     device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
@@ -108,7 +133,7 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
         with _tampered(spec.get("tamper")):
-            _checkpointing().save_checkpoint(state, model, None, None, 0)
+            _checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
         torch.distributed.barrier()
         if spec.get("tamper") == "truncated_metadata":
             if rank == 0:
@@ -120,7 +145,7 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
         report["fresh"] = rng_fingerprint(device_generator)
         layout_reads = _count_layout_reads(spec)
         try:
-            _checkpointing().load_checkpoint(state, model, None, None)
+            _checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
             report["error"] = None
         except BaseException as error:  # Bridge's own restore failure path calls sys.exit()
             report["error"] = f"{type(error).__name__}: {error}"
@@ -130,6 +155,11 @@ def _run_rank(rank: int, port: int, spec: dict) -> dict:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return report
+
+
+def _module_name(spec: dict) -> dict:
+    """A MegatronMIMO module's name, which Bridge 0.5 and later key the RNG state by (``rng_state.{name}``)."""
+    return {"module_name": spec["module_name"]} if "module_name" in spec else {}
 
 
 def _time_get_rng_state(spec: dict) -> dict:
@@ -148,10 +178,6 @@ def _time_restore(spec: dict) -> dict:
     """
     import numpy as np
     import torch
-
-    from bridge_rng_patch import compat
-    from bridge_rng_patch.load_restore import RestorableRngStates
-    from bridge_rng_patch.rng_layout import RankCoordinates
 
     checkpointing = _checkpointing()
     entry = _installed_get_rng_state()().data[0]
@@ -179,6 +205,10 @@ def _time_restore(spec: dict) -> dict:
         convert = tensor_parallel.convert_cuda_rng_state
         timings = _per_call_timings(spec, restore)
     else:
+        from bridge_rng_patch import compat
+        from bridge_rng_patch.layout_load import RestorableRngStates
+        from bridge_rng_patch.rng_layout import RankCoordinates
+
         rank = RankCoordinates(0, 0, 0)
 
         def restore_with_package() -> None:
@@ -186,7 +216,7 @@ def _time_restore(spec: dict) -> dict:
             checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
 
         def restore_from_checked_list() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", rank)[0]
+            rng_state = RestorableRngStates([entry], "benchmark", rank, None)[0]
             set_sources(rng_state)
             checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
@@ -218,18 +248,18 @@ def _counting(convert: Any, conversions: list[int]) -> Any:
 def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -> dict:
     """Seconds per call, the median over ``repeats`` blocks of ``calls`` calls each.
 
-    On a release the package patches, blocks with the package applied and with it undone alternate in this
-    one process, so both sides share its memory layout, caches and machine load; the package's share is the
-    median of the paired differences. A release it leaves alone has one side, as installed.
+    With the package, blocks with it applied and with it undone alternate in this one process, so both sides
+    share its memory layout, caches and machine load; the package's share is the median of the paired
+    differences. A job without the package (``patched`` false) has one side, the release as released.
     """
     import statistics
 
+    blocks = spec["repeats"]
+    if not spec.get("patched", True):
+        as_released = [_block_seconds_per_call(call, spec["calls"]) for _ in range(blocks)]
+        return {"seconds_per_call": {"as released": statistics.median(as_released)}}
     import bridge_rng_patch
 
-    blocks = spec["repeats"]
-    if not any(patch.state == "applied" for patch in bridge_rng_patch.status()):
-        as_installed = [_block_seconds_per_call(call, spec["calls"]) for _ in range(blocks)]
-        return {"seconds_per_call": {"as installed": statistics.median(as_installed)}}
     samples: dict[str, list[float]] = {"patched": [], "unpatched": []}
     for _ in range(blocks):
         bridge_rng_patch.undo()
@@ -245,9 +275,8 @@ def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -
 
 
 def _release_restore_converts() -> bool:
-    from bridge_rng_patch import probe
-
-    return bool(probe.restore_converts_tracker_states(_checkpointing()._load_checkpoint_from_path))
+    """Whether the release's own restore converts tracker states (0.3.0 and later), read without the package."""
+    return "convert_cuda_rng_state" in inspect.getsource(_checkpointing()._load_checkpoint_from_path)
 
 
 def _installed_get_rng_state() -> Any:
@@ -320,10 +349,10 @@ def _time_layout_reads(iteration_dir: str) -> dict:
 
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    from bridge_rng_patch.rng_layout import read_stored_layout
+    from bridge_rng_patch.rng_layout import read_stored_layouts
 
     timings = {}
-    for name, read in (("layout_read_s", read_stored_layout), ("load_sharded_metadata_s", load_sharded_metadata)):
+    for name, read in (("layout_read_s", read_stored_layouts), ("load_sharded_metadata_s", load_sharded_metadata)):
         start = time.perf_counter()
         read(iteration_dir)
         timings[name] = time.perf_counter() - start
@@ -338,7 +367,7 @@ def _time_package_in_load(spec: dict) -> Any:
         return lambda: 0.0
     import time
 
-    from bridge_rng_patch.load_restore import LayoutAwareDistLoad
+    from bridge_rng_patch.layout_load import LayoutAwareDistLoad
 
     spent: list[float] = []
     call = LayoutAwareDistLoad.__call__
@@ -367,16 +396,16 @@ def _count_layout_reads(spec: dict) -> Any:
     """Counts this rank's reads of the stored RNG layout from now on; returns the counter."""
     if not spec.get("patched", True):
         return lambda: 0
-    from bridge_rng_patch import load_restore
+    from bridge_rng_patch import layout_load
 
     reads = []
-    read = load_restore.read_stored_layout
+    read = layout_load.read_stored_layouts
 
     def counted(checkpoint_dir: str) -> Any:
         reads.append(checkpoint_dir)
         return read(checkpoint_dir)
 
-    load_restore.read_stored_layout = counted
+    layout_load.read_stored_layouts = counted
     return lambda: len(reads)
 
 
@@ -430,6 +459,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         tensor_model_parallel_size=spec["tp"],
         pipeline_model_parallel_size=spec["pp"],
         expert_model_parallel_size=spec["ep"],
+        context_parallel_size=spec.get("cp", 1),
         # Older megatron-core refuses EP without experts, and MoE with linear biases.
         num_moe_experts=spec["ep"] if spec["ep"] > 1 else None,
         add_bias_linear=spec["ep"] == 1,
@@ -634,7 +664,7 @@ def _stored_rng_keys(checkpoint_dir: str) -> list[str]:
 
     iteration_dir = Path(checkpoint_dir) / f"iter_{STEP:07d}"
     metadata = FileSystemReader(str(iteration_dir)).read_metadata()
-    return sorted(key for key in metadata.state_dict_metadata if key.startswith("rng_state/"))
+    return sorted(key for key in metadata.state_dict_metadata if key.startswith("rng_state"))
 
 
 def _digest(data: bytes) -> str:

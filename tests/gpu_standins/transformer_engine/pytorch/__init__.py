@@ -17,6 +17,10 @@ class TransformerLayer(torch.nn.Module):
     pass
 
 
+class GroupedLinear(torch.nn.Module):  # looked up by Megatron-Bridge 0.6.x
+    pass
+
+
 class ops:
     Sequential = torch.nn.Sequential
 

@@ -1,15 +1,17 @@
-"""Load side: Bridge's RNG restore reads the layout the checkpoint stores, restores all or nothing, and hands the
-CUDA RNG tracker its states in the form it keeps (graph-safe or not), as Megatron-Bridge 0.3.0 does.
+"""Stored-layout load: the RNG load request follows the layout the checkpoint stores, and the entry a rank
+restores is checked before any RNG source is set.
 
-Three pieces, all scoped to Bridge's checkpointing module; megatron-core is unchanged for everyone else:
-- the ``rng_state`` load request is aligned with the layout stored in the checkpoint's metadata, so a
-  (pp, tp) checkpoint loads under EP > 1, a (pp, tp, dp) one loads under EP == 1, and a DP resize loads;
-- the loaded states are handed to Bridge's restore as a list that checks the entry it picks before the first
-  RNG source is set, and gives a rank without a stored state its own current (fresh) state;
-- while ``_load_checkpoint_from_path`` runs, that module's ``tensor_parallel`` returns a tracker whose
-  ``set_states`` converts every state for the tracker in use, as
-  ``convert_cuda_rng_state(state, to_graphable=is_graph_safe_cuda_rng_tracker(tracker))`` does, in every restore
-  branch; outside loads (every save) the module sees megatron-core's own.
+Every release up to 0.6.2 asks for ``rng_state`` in the layout the running job would write, and the
+ShardedObject key embeds the global shape: a checkpoint stored in another layout (an old release's (pp, tp)
+under EP > 1, a (pp, tp, dp) one after a DP resize or under EP == 1) fails on every rank in torch's load
+planner. Bridge main aligns the request with the stored layout (Sep 2026); here the dist-load wrapper does:
+
+- rank 0 reads the stored layout once per load and every rank receives it, or the same error;
+- each rank asks for its own stored shard, and for the shards of DP ranks that no longer exist after a shrink;
+- the loaded states reach Bridge's restore as a list that checks the entry it picks before the first RNG
+  source is set, gives a rank without a stored state its own current (fresh) state, and, where the states
+  were gathered over DP with context parallel, picks the rank's own entry (upstream indexes by the DP rank
+  without context parallel).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import inspect
 import logging
 import operator
 import random
-import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -30,60 +31,22 @@ import wrapt
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import compat, probe
-from bridge_rng_patch.patcher import Decision, report
+from bridge_rng_patch import probe
+from bridge_rng_patch.decision import Decision, report
 from bridge_rng_patch.rng_layout import (
+    NOTHING_RESTORED,
     RNG_STATE_KEY,
     RankCoordinates,
     RngCheckpointError,
     StoredRngLayout,
-    read_stored_layout,
+    read_stored_layouts,
 )
 
 LOAD_FUNCTION = "_load_checkpoint_from_path"
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
 # What the dist-load wrapper binds by name; the config parameter is ``cfg`` in 0.1.0a0, ``ckpt_cfg`` later.
+# Where a release has them, it also binds ``checkpoint_path_override`` (0.4+) and ``pg_collection`` (0.3+).
 _DIST_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict", "iteration", "release")
-_WHAT_TO_DO = "no RNG state was restored; resume with load_rng=False to start from fresh RNG state"
-
-
-class GraphSafeRestoringTracker(wrapt.ObjectProxy):
-    """The CUDA RNG tracker in use, converting states it is given to the form it keeps."""
-
-    def set_states(self, states: Mapping[str, Any]) -> None:
-        try:
-            named_states = states.items()
-        except AttributeError:
-            raise RngCheckpointError(
-                f"rng_tracker_states is a {type(states).__name__}, expected a dict; {_WHAT_TO_DO}"
-            ) from None
-        tracker = self.__wrapped__
-        graph_safe = compat.is_graph_safe_cuda_rng_tracker(tracker)
-        # A state already in the kept form is what convert_cuda_rng_state would return: it is passed as is.
-        kept_form = torch.Generator if graph_safe else torch.Tensor
-        convert = compat.convert_cuda_rng_state
-        tracker.set_states(
-            {
-                name: state if isinstance(state, kept_form) else convert(state, to_graphable=graph_safe)
-                for name, state in named_states
-            }
-        )
-
-
-class BridgeTensorParallel(wrapt.ObjectProxy):
-    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it while it loads a checkpoint."""
-
-    def __init__(self, tensor_parallel: ModuleType) -> None:
-        super().__init__(tensor_parallel)
-        self._self_tracker: Any = None
-        self._self_restoring_tracker: GraphSafeRestoringTracker | None = None
-
-    def get_cuda_rng_tracker(self, *args: Any, **kwargs: Any) -> GraphSafeRestoringTracker:
-        """The converting proxy of the tracker in use; made again only when megatron-core's tracker changes."""
-        tracker = self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs)
-        if tracker is not self._self_tracker:
-            self._self_tracker, self._self_restoring_tracker = tracker, GraphSafeRestoringTracker(tracker)
-        return self._self_restoring_tracker
 
 
 def _is_byte_tensor(value: Any, size: int | None = None) -> bool:
@@ -160,17 +123,21 @@ class RestorableRngStates(list):
 
     Bridge's restore indexes this list (``[dp_rank]`` or ``[0]``) and then sets python, numpy, torch, CUDA and
     tracker state one after another; checking the picked entry first makes that restore all or nothing. A rank
-    the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG.
+    the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG. ``own_index``,
+    where given, is the entry this rank saved, whatever index the restore asks for.
     """
 
-    def __init__(self, states: list, checkpoint_dir: str, rank: RankCoordinates) -> None:
+    def __init__(self, states: list, checkpoint_dir: str, rank: RankCoordinates, own_index: int | None) -> None:
         super().__init__(states)
         self.checkpoint_dir = checkpoint_dir
         self.rank = rank
+        self.own_index = own_index
 
     def __getitem__(self, index: Any) -> Any:
         if not isinstance(index, int):
             return list.__getitem__(self, index)
+        if self.own_index is not None:
+            index = self.own_index
         try:
             entry = list.__getitem__(self, index)
         except IndexError:
@@ -178,7 +145,7 @@ class RestorableRngStates(list):
         problem = rng_entry_problem(entry)
         if problem is not None:
             where = f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]"
-            raise RngCheckpointError(f"{where}{problem}; {_WHAT_TO_DO}")
+            raise RngCheckpointError(f"{where}{problem}; {NOTHING_RESTORED}")
         return entry
 
     def _fresh_state(self) -> dict[str, Any]:
@@ -211,27 +178,30 @@ def _report_layout(stored: StoredRngLayout, requested: ShardedObject, dp_size: i
             "rank restores the state saved at its own (pp, tp, dp) coordinates"
         )
     if stored.per_dp_rank and stored.global_shape[2] != dp_size:
-        stored_dp = stored.global_shape[2]
-        if dp_size > stored_dp:
-            consequence = f"DP ranks {stored_dp}..{dp_size - 1} keep fresh RNG state"
-        else:
-            consequence = f"the states stored for DP ranks {dp_size}..{stored_dp - 1} go unused"
-        report(f"{where} stores RNG state for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
+        _report_dp_resize(where, "RNG state", stored.global_shape[2], dp_size)
 
 
-def _stored_layout_read_once_per_job(checkpoint_dir: str) -> StoredRngLayout | None:
-    """Rank 0 reads the stored layout and every rank receives it, or the same error.
+def _report_dp_resize(where: str, what: str, stored_dp: int, dp_size: int) -> None:
+    if dp_size > stored_dp:
+        consequence = f"DP ranks {stored_dp}..{dp_size - 1} keep fresh RNG state"
+    else:
+        consequence = f"the states stored for DP ranks {dp_size}..{stored_dp - 1} go unused"
+    report(f"{where} stores {what} for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
+
+
+def _stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
+    """Rank 0 reads the stored layouts and every rank receives them, or the same error.
 
     One read per checkpoint load, not one per rank of the same file on shared storage; every rank leaves the
     broadcast, whatever rank 0 met, so none is left waiting in a collective.
     """
     distributed = torch.distributed
     if not distributed.is_initialized() or distributed.get_world_size() == 1:
-        return read_stored_layout(checkpoint_dir)
+        return read_stored_layouts(checkpoint_dir)
     outcome: list[Any] = [None]
     if distributed.get_rank() == 0:
         try:
-            outcome[0] = read_stored_layout(checkpoint_dir)
+            outcome[0] = read_stored_layouts(checkpoint_dir)
         except RngCheckpointError as error:
             outcome[0] = error
         except Exception as error:
@@ -242,8 +212,18 @@ def _stored_layout_read_once_per_job(checkpoint_dir: str) -> StoredRngLayout | N
     return outcome[0]
 
 
+def _data_parallel_sizes(pg_collection: Any) -> tuple[int, int]:
+    """DP size with context parallel (as the RNG layouts count it) and without, from the release's groups."""
+    if pg_collection is None:
+        return (
+            parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+            parallel_state.get_data_parallel_world_size(),
+        )
+    return pg_collection.dp_cp.size(), pg_collection.dp.size()
+
+
 class LayoutAwareDistLoad:
-    """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shard the checkpoint stores."""
+    """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shards the checkpoint stores."""
 
     def __init__(self, checkpointing: ModuleType) -> None:
         self._checkpointing = checkpointing
@@ -255,16 +235,14 @@ class LayoutAwareDistLoad:
         request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
         if call.get("rank0") or not isinstance(request, ShardedObject):
             return wrapped(*args, **kwargs)
-        checkpoint_dir = str(
-            self._checkpointing.get_checkpoint_name(call["load_dir"], call["iteration"], call["release"])
-        )
-        stored = _stored_layout_read_once_per_job(checkpoint_dir)
+        checkpoint_dir = self._checkpoint_dir(call)
+        stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
-            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{RNG_STATE_KEY}'; {_WHAT_TO_DO}")
-        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-        _report_layout(stored, request, dp_size)
+            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
+        dp_cp_size, dp_size = _data_parallel_sizes(call.get("pg_collection"))
+        _report_layout(stored, request, dp_cp_size)
         rank = RankCoordinates.of_request(request)
-        requests = stored.requests_for(rank, dp_size, request.data)
+        requests = stored.requests_for(rank, dp_cp_size, request.data)
         del sharded_state_dict[RNG_STATE_KEY]
         sharded_state_dict.update(requests)
         result = wrapped(*args, **kwargs)
@@ -272,78 +250,52 @@ class LayoutAwareDistLoad:
         own_states = state_dict.get(RNG_STATE_KEY, [])
         for key in requests:
             state_dict.pop(key, None)
-        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank)
+        # With data_parallel_random_init this rank's request holds its DP group's gathered states; 0.3.0 and
+        # later gather over DP with context parallel, where the rank's own entry is at its DP-with-CP rank.
+        gathered = len(request.data)
+        gathered_with_context_parallel = gathered == dp_cp_size != dp_size
+        own_index = rank.dp_rank if gathered_with_context_parallel else None
+        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank, own_index)
+        if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
+            where = f"checkpoint {checkpoint_dir}"
+            _report_dp_resize(where, "RNG states gathered with data_parallel_random_init", len(own_states), gathered)
         return result
 
-
-class ConvertingTrackerWhileLoading:
-    """The ``_load_checkpoint_from_path`` wrapper: Bridge's module sees the converting ``tensor_parallel`` while
-    a load runs (its restore is there), and megatron-core's own otherwise, so that saves pay nothing for it.
-
-    Loads that overlap (nested, or in threads) share one swap: the module gets back what it had when the last
-    one ends.
-    """
-
-    def __init__(self, checkpointing: ModuleType) -> None:
-        self._checkpointing = checkpointing
-        self._converting = BridgeTensorParallel(checkpointing.tensor_parallel)
-        self._lock = threading.Lock()
-        self._loads_running = 0
-        self._seen_before: Any = None
-
-    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        with self._lock:
-            if self._loads_running == 0:
-                self._seen_before = self._checkpointing.tensor_parallel
-                self._checkpointing.tensor_parallel = self._converting
-            self._loads_running += 1
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            with self._lock:
-                self._loads_running -= 1
-                if self._loads_running == 0:
-                    self._checkpointing.tensor_parallel = self._seen_before
+    def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
+        """Where the release itself loads from: its override (0.4 and later), else the iteration's directory."""
+        override = call.get("checkpoint_path_override")
+        if override is not None:
+            return str(override)
+        return str(self._checkpointing.get_checkpoint_name(call["load_dir"], call["iteration"], call["release"]))
 
 
-class LoadRestorePatch:
-    targets = (LOAD_FUNCTION, DIST_LOAD_FUNCTION)
+class LayoutLoadPatch:
+    targets = (DIST_LOAD_FUNCTION,)
 
     def decide(self, checkpointing: ModuleType) -> Decision:
-        missing = [
-            name
-            for name in (LOAD_FUNCTION, DIST_LOAD_FUNCTION, "get_checkpoint_name", "tensor_parallel")
-            if not hasattr(checkpointing, name)
-        ]
+        missing = [name for name in (DIST_LOAD_FUNCTION, "get_checkpoint_name") if not hasattr(checkpointing, name)]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
-        # Is the fix already there? Asked first: fixed releases change the dist-load signature too.
-        converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
-        if converts:
-            return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
-        release_has_fix = probe.bridge_release_has_fix()
-        if converts is None and release_has_fix:
-            return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix)
+        # Is the fix already there? Asked first, from the code: no release number says so.
+        follows = probe.load_follows_stored_rng_layout(checkpointing, (LOAD_FUNCTION, DIST_LOAD_FUNCTION))
+        if follows:
+            return Decision.not_needed("upstream's load already asks for the RNG layout the checkpoint stores")
         dist_load = getattr(checkpointing, DIST_LOAD_FUNCTION)
+        shown = f"{DIST_LOAD_FUNCTION}{probe.describe_signature(dist_load)}"
         unbound = probe.missing_parameters(dist_load, _DIST_LOAD_ARGUMENTS)
         if unbound:
-            shown = probe.describe_signature(dist_load)
-            return Decision.refuse(f"unknown signature {DIST_LOAD_FUNCTION}{shown}: no {', '.join(unbound)}")
-        if converts is None:
-            return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix)
-        if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
-            return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
-        helpers = (
-            "megatron-core's"
-            if not compat.USES_OWN_HELPERS
-            else "bridge_rng_patch's (this megatron-core lacks convert_cuda_rng_state)"
-        )
-        return Decision.apply(f"restore sets tracker states unconverted and reads one layout; using {helpers} helpers")
+            return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
+        if follows is None:
+            first_unknown = probe.FIRST_WITHOUT_KNOWN_LAYOUT_LOAD
+            if probe.bridge_release_at_least(first_unknown) is False:
+                return Decision.apply(f"the load's source is unavailable; Megatron-Bridge < {first_unknown} lacks it")
+            return Decision.refuse(
+                "the load's source is unavailable, so whether it follows the stored layout is not known"
+            )
+        return Decision.apply(f"{shown} asks for RNG state in the running job's layout only")
 
     def instrument(self, checkpointing: ModuleType) -> None:
-        wrapt.wrap_function_wrapper(checkpointing, LOAD_FUNCTION, ConvertingTrackerWhileLoading(checkpointing))
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
 
 
-PATCH = LoadRestorePatch()
+PATCH = LayoutLoadPatch()

@@ -1,0 +1,127 @@
+"""Graph-safe tracker restore: Bridge's RNG restore hands the CUDA RNG tracker its states in the form it keeps.
+
+Old releases pass the saved states to ``set_states`` as they are, so a graph-safe tracker (CUDA graphs:
+``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of graph-safe states.
+Megatron-Bridge 0.3.0 converts each one with ``convert_cuda_rng_state(state, to_graphable=...)`` first
+(PR #2092). Here, while ``_load_checkpoint_from_path`` runs, Bridge's checkpointing module sees a
+``tensor_parallel`` whose tracker converts the same way in every restore branch; outside loads (every save) it
+sees megatron-core's own, and megatron-core is unchanged for everyone else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+import wrapt
+
+from bridge_rng_patch import compat, probe
+from bridge_rng_patch.decision import Decision
+from bridge_rng_patch.rng_layout import NOTHING_RESTORED, RngCheckpointError
+
+LOAD_FUNCTION = "_load_checkpoint_from_path"
+
+
+class GraphSafeRestoringTracker(wrapt.ObjectProxy):
+    """The CUDA RNG tracker in use, converting states it is given to the form it keeps."""
+
+    def set_states(self, states: Mapping[str, Any]) -> None:
+        try:
+            named_states = states.items()
+        except AttributeError:
+            raise RngCheckpointError(
+                f"rng_tracker_states is a {type(states).__name__}, expected a dict; {NOTHING_RESTORED}"
+            ) from None
+        tracker = self.__wrapped__
+        graph_safe = compat.is_graph_safe_cuda_rng_tracker(tracker)
+        # A state already in the kept form is what convert_cuda_rng_state would return: it is passed as is.
+        kept_form = torch.Generator if graph_safe else torch.Tensor
+        convert = compat.convert_cuda_rng_state
+        tracker.set_states(
+            {
+                name: state if isinstance(state, kept_form) else convert(state, to_graphable=graph_safe)
+                for name, state in named_states
+            }
+        )
+
+
+class BridgeTensorParallel(wrapt.ObjectProxy):
+    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it while it loads a checkpoint."""
+
+    def __init__(self, tensor_parallel: ModuleType) -> None:
+        super().__init__(tensor_parallel)
+        self._self_tracker: Any = None
+        self._self_restoring_tracker: GraphSafeRestoringTracker | None = None
+
+    def get_cuda_rng_tracker(self, *args: Any, **kwargs: Any) -> GraphSafeRestoringTracker:
+        """The converting proxy of the tracker in use; made again only when megatron-core's tracker changes."""
+        tracker = self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs)
+        if tracker is not self._self_tracker:
+            self._self_tracker, self._self_restoring_tracker = tracker, GraphSafeRestoringTracker(tracker)
+        return self._self_restoring_tracker
+
+
+class ConvertingTrackerWhileLoading:
+    """The ``_load_checkpoint_from_path`` wrapper: Bridge's module sees the converting ``tensor_parallel`` while
+    a load runs (its restore is there), and megatron-core's own otherwise, so that saves pay nothing for it.
+
+    Loads that overlap (nested, or in threads) share one swap: the module gets back what it had when the last
+    one ends.
+    """
+
+    def __init__(self, checkpointing: ModuleType) -> None:
+        self._checkpointing = checkpointing
+        self._converting = BridgeTensorParallel(checkpointing.tensor_parallel)
+        self._lock = threading.Lock()
+        self._loads_running = 0
+        self._seen_before: Any = None
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with self._lock:
+            if self._loads_running == 0:
+                self._seen_before = self._checkpointing.tensor_parallel
+                self._checkpointing.tensor_parallel = self._converting
+            self._loads_running += 1
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._loads_running -= 1
+                if self._loads_running == 0:
+                    self._checkpointing.tensor_parallel = self._seen_before
+
+
+def _by_version(release_has_fix: bool | None) -> Decision:
+    return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix, str(probe.FIRST_FIXED_BRIDGE))
+
+
+class TrackerRestorePatch:
+    targets = (LOAD_FUNCTION,)
+
+    def decide(self, checkpointing: ModuleType) -> Decision:
+        missing = [name for name in (LOAD_FUNCTION, "tensor_parallel") if not hasattr(checkpointing, name)]
+        if missing:
+            return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
+        load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
+        converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
+        if converts:
+            return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
+        if converts is None:
+            return _by_version(probe.bridge_release_at_least(probe.FIRST_FIXED_BRIDGE))
+        if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
+            return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
+        helpers = (
+            "megatron-core's"
+            if not compat.USES_OWN_HELPERS
+            else "bridge_rng_patch's (this megatron-core lacks convert_cuda_rng_state)"
+        )
+        return Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
+
+    def instrument(self, checkpointing: ModuleType) -> None:
+        wrapt.wrap_function_wrapper(checkpointing, LOAD_FUNCTION, ConvertingTrackerWhileLoading(checkpointing))
+
+
+PATCH = TrackerRestorePatch()
