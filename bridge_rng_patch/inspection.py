@@ -1,8 +1,9 @@
 """What a checkpoint already on disk holds of its ranks' RNG state, and what a patched resume would do with it.
 
 Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
-``.metadata`` (scanned, see ``rng_layout``) and the ``run_config.yaml`` Megatron-Bridge saves beside them. Needs
-no GPU, no torch.distributed, and no Megatron import.
+``.metadata`` (scanned, see ``rng_layout``) and the ``run_config.yaml`` Megatron-Bridge saves beside them, on a
+file system or through the Multi-Storage Client (``msc://``). Needs no GPU, no torch.distributed, and no
+Megatron import.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bridge_rng_patch.rng_layout import (
     StoredRngLayout,
     read_stored_layouts,
 )
+from bridge_rng_patch.storage import StorageUnavailable, checkpoint_path
 
 COMPLETE, INCOMPLETE, NO_RNG_STATE, UNREADABLE = "complete", "incomplete", "no RNG state", "unreadable"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, NO_RNG_STATE: 1, UNREADABLE: 2}
@@ -92,8 +94,15 @@ class IterationReport:
 
 
 def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
-    """The iteration directories ``checkpoint`` names, latest first; raises CheckpointInputError if none."""
-    path = Path(checkpoint)
+    """The iteration directories ``checkpoint`` names, latest first; raises CheckpointInputError if none.
+
+    ``checkpoint`` is a file system path or an ``msc://`` one (read through the Multi-Storage Client, with the
+    profiles ``MSC_CONFIG`` names); the paths returned have pathlib's methods either way.
+    """
+    try:
+        path = checkpoint_path(checkpoint)
+    except StorageUnavailable as error:
+        raise CheckpointInputError(str(error)) from None
     if not path.exists():
         raise CheckpointInputError(f"{checkpoint}: no such file or directory")
     if not path.is_dir():
@@ -103,7 +112,7 @@ def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
             raise CheckpointInputError(f"{checkpoint} is iteration {_iteration_number(path)}, not {iteration}")
         return [path]
     found = sorted(
-        (child for child in path.iterdir() if child.is_dir() and _ITERATION_DIR.fullmatch(child.name)),
+        (child for child in path.iterdir() if _ITERATION_DIR.fullmatch(child.name) and child.is_dir()),
         key=_iteration_number,
         reverse=True,
     )

@@ -30,6 +30,7 @@ import torch
 import wrapt
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.msc_utils import MultiStorageClientFeature
 
 from bridge_rng_patch import probe
 from bridge_rng_patch.decision import Decision, report
@@ -41,6 +42,7 @@ from bridge_rng_patch.rng_layout import (
     StoredRngLayout,
     read_stored_layouts,
 )
+from bridge_rng_patch.storage import MSC_SCHEME, scheme_of, unknown_scheme
 
 LOAD_FUNCTION = "_load_checkpoint_from_path"
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
@@ -212,6 +214,20 @@ def _stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRn
     return outcome[0]
 
 
+def _storage_not_judged(checkpoint_dir: str) -> str | None:
+    """Why the stored layout cannot be read where the release reads this checkpoint, or None when it can.
+
+    A scheme the package does not know, or an ``msc://`` path where megatron-core does not read through the
+    Multi-Storage Client: the package cannot tell how the release reads those, so it must not fail the load.
+    """
+    unknown = unknown_scheme(checkpoint_dir)
+    if unknown is not None:
+        return unknown
+    if scheme_of(checkpoint_dir) == MSC_SCHEME and not MultiStorageClientFeature.is_enabled():
+        return "an msc:// path, and megatron-core's MultiStorageClientFeature is not enabled here"
+    return None
+
+
 def _data_parallel_sizes(pg_collection: Any) -> tuple[int, int]:
     """DP size with context parallel (as the RNG layouts count it) and without, from the release's groups."""
     if pg_collection is None:
@@ -236,6 +252,10 @@ class LayoutAwareDistLoad:
         if call.get("rank0") or not isinstance(request, ShardedObject):
             return wrapped(*args, **kwargs)
         checkpoint_dir = self._checkpoint_dir(call)
+        unjudged = _storage_not_judged(checkpoint_dir)
+        if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
+            report(f"checkpoint {checkpoint_dir}: {unjudged}; its RNG request is left as the release made it")
+            return wrapped(*args, **kwargs)
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")

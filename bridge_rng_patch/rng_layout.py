@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from bridge_rng_patch.storage import StorageUnavailable, checkpoint_path, dcp_metadata_reader
 
 if TYPE_CHECKING:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -122,15 +123,16 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
     (232 ms at 3,000 tensors), while the keys of the RNG shards (``rng_state/shard_{offset}_{shape}``, or
     ``rng_state.{module}/shard_...``) stand in it as plain strings that a scan of the bytes finds in
     milliseconds. Where the scan finds none, torch's own reader decides, so that a format the scan does not
-    know costs time, never a wrong answer.
+    know costs time, never a wrong answer. Both read where the release does: ``msc://`` through the
+    Multi-Storage Client, a file system path directly.
     """
-    path = Path(checkpoint_dir) / METADATA_FILE
     try:
-        data = path.read_bytes()
+        data = (checkpoint_path(checkpoint_dir) / METADATA_FILE).read_bytes()
+    except StorageUnavailable as error:
+        raise RngCheckpointError(str(error)) from None
     except OSError as error:
-        raise RngCheckpointError(
-            f"checkpoint {checkpoint_dir}: cannot read {METADATA_FILE}: {error.strerror}"
-        ) from None
+        why = error.strerror or str(error)
+        raise RngCheckpointError(f"checkpoint {checkpoint_dir}: cannot read {METADATA_FILE}: {why}") from None
     if not (data.startswith(b"\x80") and data.endswith(b".")):
         raise RngCheckpointError(
             f"checkpoint {checkpoint_dir}: {METADATA_FILE} is truncated or corrupt ({len(data)} bytes, not a whole "
@@ -147,10 +149,10 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
 
 def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:
     try:
-        from torch.distributed.checkpoint import FileSystemReader
+        reader = dcp_metadata_reader(checkpoint_dir)
     except ImportError:  # the checkpoint inspector runs without torch; the scan has answered
         return set()
-    keys = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    keys = reader.read_metadata().state_dict_metadata
     return {key for key in keys if _SHARD_KEY.fullmatch(key)}
 
 

@@ -82,13 +82,21 @@ def find_python(python_line: str) -> Path | None:
     return Path(on_path) if on_path else None
 
 
+# The Multi-Storage Client, a test dependency only: installed with what it requires into a folder of its own,
+# on PYTHONPATH only for the object-storage tests, since megatron-core reads every checkpoint through it
+# (MultiStorageClientFeature) wherever it can import it.
+MSC_REQUIREMENT = "multi-storage-client==1.3.1"
+
+
 @dataclass(frozen=True)
 class Release:
-    """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line."""
+    """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line;
+    ``with_msc``: with the Multi-Storage Client importable, as images that keep checkpoints on object storage."""
 
     bridge: str
     core: str
     python_line: str
+    with_msc: bool = False
 
     @property
     def has_upstream_fix(self) -> bool:
@@ -102,7 +110,7 @@ class Release:
             name += f"-core-{self.core}"
         if self.python_line != default_python_line(self.bridge):
             name += f"-py{self.python_line.replace('.', '')}"
-        return name
+        return f"{name}-msc" if self.with_msc else name
 
     @property
     def python(self) -> Path:
@@ -111,6 +119,8 @@ class Release:
     @property
     def pythonpath(self) -> list[Path]:
         paths = [target_dir("bridge", self.bridge), core_dir(self.core, self.python_line)]
+        if self.with_msc:
+            paths.append(msc_dir(self.python_line))
         return [*paths, TE_STANDIN] if self.has_upstream_fix else paths
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -139,6 +149,10 @@ def core_dir(version: str, python_line: str) -> Path:
     return target_dir("core", version) if python_line == "3.11" else ENVS_DIR / f"py{python_line}" / f"core-{version}"
 
 
+def msc_dir(python_line: str) -> Path:
+    return ENVS_DIR / f"py{python_line}" / MSC_REQUIREMENT.replace("==", "-")
+
+
 def default_python_line(bridge: str) -> str:
     return "3.12" if bridge in PYTHON_312_RELEASES else "3.11"
 
@@ -163,7 +177,12 @@ MATRIX = tuple(Release(bridge, core, default_python_line(bridge)) for bridge, co
 OLD_ON_NEWER_CORE = Release("0.2.0rc6", "0.16.1", "3.11")
 # An old release under Python 3.12 and torch 2.14.1, as NeMo's 25.xx images run it.
 OLD_ON_PYTHON_312 = Release("0.2.0rc6", "0.15.3", "3.12")
-RELEASES = {release.name: release for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312)}
+# An old and a fixed release with the Multi-Storage Client, for checkpoints on object storage (msc://).
+OLD_WITH_MSC = Release("0.2.0rc6", "0.15.3", "3.11", with_msc=True)
+FIXED_WITH_MSC = Release("0.3.1", "0.16.1", "3.11", with_msc=True)
+RELEASES = {
+    release.name: release for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, OLD_WITH_MSC, FIXED_WITH_MSC)
+}
 # One old release of each signature family (get_rng_state; _load_global_dist_base_checkpoint), the old release
 # on the newer megatron-core and under Python 3.12: the resume tests run on each.
 SIGNATURE_FAMILIES = {
@@ -225,10 +244,29 @@ def ensure_target(kind: str, version: str, python_line: str = "3.11") -> None:
     _mark(directory, spec)
 
 
+def ensure_msc(python_line: str) -> None:
+    directory = msc_dir(python_line)
+    if _is_current(directory, [MSC_REQUIREMENT]):
+        return
+    print(f"installing {MSC_REQUIREMENT} and what it requires into {directory}", flush=True)
+    _pip(
+        "-c",
+        str(CONSTRAINTS),
+        "--upgrade",
+        "--target",
+        str(directory),
+        MSC_REQUIREMENT,
+        python=base_python(python_line),
+    )
+    _mark(directory, [MSC_REQUIREMENT])
+
+
 def ensure(release: Release) -> Release:
     ensure_base(release.python_line)
     ensure_target("core", release.core, release.python_line)
     ensure_target("bridge", release.bridge, release.python_line)
+    if release.with_msc:
+        ensure_msc(release.python_line)
     return release
 
 

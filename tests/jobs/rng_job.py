@@ -660,11 +660,17 @@ def _truncate(path: Path) -> None:
 
 
 def _stored_rng_keys(checkpoint_dir: str) -> list[str]:
-    from torch.distributed.checkpoint import FileSystemReader
+    """The RNG keys torch's own reader finds in the checkpoint, on the file system or through ``msc://``."""
+    iteration_dir = f"{checkpoint_dir}/iter_{STEP:07d}"
+    if checkpoint_dir.startswith("msc://"):
+        import multistorageclient
 
-    iteration_dir = Path(checkpoint_dir) / f"iter_{STEP:07d}"
-    metadata = FileSystemReader(str(iteration_dir)).read_metadata()
-    return sorted(key for key in metadata.state_dict_metadata if key.startswith("rng_state"))
+        reader = multistorageclient.torch.MultiStorageFileSystemReader(iteration_dir)
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        reader = FileSystemReader(iteration_dir)
+    return sorted(key for key in reader.read_metadata().state_dict_metadata if key.startswith("rng_state"))
 
 
 def _digest(data: bytes) -> str:
