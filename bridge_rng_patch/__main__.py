@@ -1,4 +1,5 @@
-"""``python -m bridge_rng_patch``: what the package does here; ``... inspect CHECKPOINT``: what a checkpoint holds.
+"""``python -m bridge_rng_patch`` (or ``bridge-rng-patch``): what the package does here; ``... inspect CHECKPOINT``:
+what a checkpoint holds; ``... run -- COMMAND``: run a job with every Python process in it patched.
 
 Without a command: imports Megatron-Bridge's checkpointing module and says what was patched. Exits 0 when every
 patch is applied or not needed, 1 when one was refused, 2 when that module cannot be imported here.
@@ -6,6 +7,9 @@ patch is applied or not needed, 1 when one was refused, 2 when that module canno
 ``inspect``: per iteration, the RNG layout stored, the parallel layout of the run that wrote it, and a verdict.
 Exits 0 when every iteration is complete, 1 when one is incomplete or has no RNG state, 2 when one is
 unreadable or the path is not a Megatron-Bridge checkpoint.
+
+``run``: replaces itself with COMMAND, whose exit code is then the exit code; 2 without a COMMAND, 127 for one
+that is not found. ``run --check``: what a Python started by COMMAND would do, without running the job.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bridge_rng_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quiet", action="store_true", help="print the table only, not the decision log lines")
-    commands = parser.add_subparsers(dest="command", metavar="{inspect}")
+    commands = parser.add_subparsers(dest="command", metavar="{inspect,run}")
     inspecting = commands.add_parser("inspect", help="what a checkpoint holds of its ranks' RNG state")
     inspecting.add_argument("checkpoint", help="a save directory (every iter_*) or one iteration's directory")
     inspecting.add_argument("--iteration", type=int, help="only this iteration of a save directory")
@@ -32,9 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         "--resume-with", metavar="LAYOUT", help="a target layout, e.g. dp=8,ep=2: what each rank gets"
     )
     inspecting.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    running = commands.add_parser("run", help="run COMMAND with every Python process it starts patched")
+    running.add_argument("--check", action="store_true", help="say what a Python started by COMMAND would do")
+    running.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     options = parser.parse_args(argv)
     if options.command == "inspect":
         return inspect_command(options)
+    if options.command == "run":
+        from bridge_rng_patch.launcher import run
+
+        return run(options.job, options.check, options.quiet)
     return status_command(options.quiet)
 
 

@@ -229,3 +229,16 @@ def test_cli_without_torch_says_bridge_cannot_be_imported_in_one_line(python_wit
 
 def _wrapt_version(python: Path) -> str:
     return _run(python, "-c", "from importlib.metadata import version; print(version('wrapt'))").stdout.strip()
+
+
+def test_installed_launcher_patches_every_python_it_starts(python_without_torch):
+    """The console script from the wheel, with its bootstrap folder, under each Python."""
+    launcher = python_without_torch.parent / "bridge-rng-patch"
+    code = "import sys; print('bridge_rng_patch' in sys.modules)"
+    process = _run(launcher, "run", "--", python_without_torch, "-c", code)
+    assert process.stdout == "True\n"
+    check = _run(launcher, "run", "--check", check=False)
+    assert check.returncode == 2  # Bridge cannot be imported in this environment: nothing to patch
+    assert check.stdout.splitlines()[0].startswith(
+        f"a Python started by COMMAND ({python_without_torch}) imports bridge_rng_patch first, from "
+    )

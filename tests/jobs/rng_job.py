@@ -85,17 +85,18 @@ def _collect_reports(ranks: list, reports: Any, seconds: float = 300) -> list[di
 
 def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
     try:
-        reports.put(_run_rank(rank, port, spec))
+        reports.put(run_rank(rank, port, spec))
     except BaseException:
         reports.put({"rank": rank, "crash": traceback.format_exc()})
 
 
-def _run_rank(rank: int, port: int, spec: dict) -> dict:
+def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     import fake_cuda
     import torch
     from megatron.core import parallel_state as mpu
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
+    if port is not None:  # else a launcher (torchrun) has set the rendezvous up
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
     # A rank that fails must not leave the others waiting in a collective for long.
     torch.distributed.init_process_group(
         "gloo", rank=rank, world_size=spec["world"], timeout=datetime.timedelta(seconds=90)
@@ -630,7 +631,7 @@ def _tampered(tamper: str | None):
     elif tamper == "empty_tracker":
         tensor_parallel.get_cuda_rng_tracker().set_states({})
         yield
-    elif tamper == "truncated_metadata":  # done after the save, see _run_rank
+    elif tamper == "truncated_metadata":  # done after the save, see run_rank
         yield
     elif tamper == "unknown_layout":
         real = checkpointing.get_rng_state
