@@ -1,14 +1,15 @@
 """What the package costs a checkpoint save and resume end to end, on real checkpoints. Not a test.
 
-``python3 benchmarks/checkpoint_cost.py`` (``--quick`` for a short smoke run). Megatron-Bridge 0.2.0rc6,
-2 ranks, EP 2, a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real
-``save_checkpoint``, then the real ``load_checkpoint`` of what it wrote, as a resume does, timing each across
-the job (barrier to barrier). Unpatched and patched jobs alternate, so that drift in machine load hits both
-sides alike. Also reports the package's own time inside each patched load (its dist-load wrapper, less the
-load it wraps; the least over ranks: a rank that arrives early waits there for rank 0's broadcast, as it would
-wait in the load's next collective without the package), the RNG layout read's own time (the package's scan,
-and megatron-core's ``load_sharded_metadata`` that earlier versions used, for reference) and how many reads
-of the layout one load makes across all ranks.
+``python3 benchmarks/checkpoint_cost.py`` (``--quick`` for a short smoke run; ``--release bridge-0.3.1`` for a
+fixed release, where only the stored-layout load applies). Megatron-Bridge 0.2.0rc6 by default, 2 ranks, EP 2,
+a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real ``save_checkpoint``, then the
+real ``load_checkpoint`` of what it wrote, as a resume does, timing each across the job (barrier to barrier).
+Unpatched and patched jobs alternate, so that drift in machine load hits both sides alike. Also reports the
+package's own time inside each patched load (its dist-load wrapper, less the load it wraps; the least over
+ranks: a rank that arrives early waits there for rank 0's broadcast, as it would wait in the load's next
+collective without the package), the RNG layout read's own time (the package's scan, and megatron-core's
+``load_sharded_metadata`` that earlier versions used, for reference) and how many reads of the layout one load
+makes across all ranks.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.jobs import crash_summary, run_job
-from tools.release_envs import RELEASES, ensure
+from tools.release_envs import RELEASES, Release, ensure
 
-RELEASE = RELEASES["bridge-0.2.0rc6"]
+DEFAULT_RELEASE = "bridge-0.2.0rc6"
 LAYOUT = {"world": 2, "tp": 1, "pp": 1, "ep": 2}
 
 
-def _one_job(work: Path, tensors: int, patched: bool, run: int) -> dict:
+def _one_job(release: Release, work: Path, tensors: int, patched: bool, run: int) -> dict:
     name = f"{'patched' if patched else 'unpatched'}-{tensors}-{run}"
     spec = {
         "action": "time_checkpoint",
@@ -38,7 +39,7 @@ def _one_job(work: Path, tensors: int, patched: bool, run: int) -> dict:
         "patched": patched,
         **LAYOUT,
     }
-    results = run_job(RELEASE, spec, work, name)
+    results = run_job(release, spec, work, name)
     crashes = crash_summary(results)
     if crashes:
         raise RuntimeError(crashes)
@@ -53,11 +54,11 @@ def _summary(samples: list[float]) -> dict:
     return {"median_s": statistics.median(samples), "range_s": [min(samples), max(samples)]}
 
 
-def measure(tensors: int, runs: int, work: Path) -> dict:
+def measure(release: Release, tensors: int, runs: int, work: Path) -> dict:
     sides: dict[bool, list[dict]] = {False: [], True: []}
     for run in range(runs):
         for patched in (False, True):
-            sides[patched].append(_one_job(work, tensors, patched, run))
+            sides[patched].append(_one_job(release, work, tensors, patched, run))
     figures: dict = {"tensors": tensors, "runs": runs}
     for what in ("save_s", "load_s"):
         unpatched = _summary([timing[what] for timing in sides[False]])
@@ -85,14 +86,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="300 tensors, 2 runs: a smoke run, rough figures")
     parser.add_argument("--runs", type=int, default=5, help="jobs per side and size (default 5)")
     parser.add_argument("--tensors", type=int, nargs="+", default=[300, 3000, 30000], help="model sizes")
+    parser.add_argument("--release", default=DEFAULT_RELEASE, choices=sorted(RELEASES), help="which release")
     options = parser.parse_args()
     sizes, runs = ((300,), 2) if options.quick else (options.tensors, options.runs)
-    ensure(RELEASE)
+    release = ensure(RELEASES[options.release])
     report = []
     with tempfile.TemporaryDirectory() as work_dir:
         for tensors in sizes:
             print(f"{tensors} tensors, {runs} runs per side ...", flush=True)
-            report.append(measure(tensors, runs, Path(work_dir)))
+            report.append(measure(release, tensors, runs, Path(work_dir)))
             print(json.dumps(report[-1], indent=1), flush=True)
     print(markdown_table(report))
     return 0

@@ -1,8 +1,9 @@
-"""Give old Megatron-Bridge releases the RNG checkpointing of Megatron-Bridge 0.3.0.
+"""Give each Megatron-Bridge release the RNG checkpointing fixes it lacks.
 
-``import bridge_rng_patch`` at the start of training registers an import hook; when (or if already)
-``megatron.bridge.training.checkpointing`` is imported, each patch probes the installed code and applies only
-where the fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to switch it off; ``undo()`` restores the originals.
+``import bridge_rng_patch`` at the start of training (or ``bridge-rng-patch run -- COMMAND``) registers an import
+hook; when (or if already) ``megatron.bridge.training.checkpointing`` is imported, each patch, one per upstream
+fix, probes the installed code and applies only where its fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to
+switch it off; ``undo()`` restores the originals.
 """
 
 from typing import Any

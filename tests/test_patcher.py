@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_python
+from conftest import REPO, run_python
 
 from tools.release_envs import RELEASES
 
@@ -256,3 +256,16 @@ def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path)
         ],
         "layout_load": ["not needed", "upstream's load already asks for the RNG layout the checkpoint stores"],
     }
+
+
+def test_readme_cli_example_is_what_the_cli_prints():
+    """The README shows a real run on 0.2.0rc6; only the wrapt version on the first line may differ."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("```\nbridge_rng_patch 0.1.0; found ") + 4 :]
+    shown = block[: block.index("```")].rstrip("\n").splitlines()
+    process = run_python(RUNNER, "import runpy; runpy.run_module('bridge_rng_patch', run_name='__main__')")
+    printed = process.stdout.rstrip("\n").splitlines()
+    assert [line.rsplit(", wrapt ", 1)[0] for line in printed[:1]] == [
+        line.rsplit(", wrapt ", 1)[0] for line in shown[:1]
+    ]
+    assert printed[1:] == shown[1:]
