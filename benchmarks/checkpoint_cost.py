@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.jobs import crash_summary, run_job
+from tools.jobs import TIMING_JOB, crash_summary, run_job
 from tools.release_envs import RELEASES, Release, ensure
 
 DEFAULT_RELEASE = "bridge-0.2.0rc6"
@@ -39,7 +39,7 @@ def _one_job(release: Release, work: Path, tensors: int, patched: bool, run: int
         "patched": patched,
         **LAYOUT,
     }
-    results = run_job(release, spec, work, name)
+    results = run_job(release, spec, work, name, TIMING_JOB)
     crashes = crash_summary(results)
     if crashes:
         raise RuntimeError(crashes)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.jobs import crash_summary, run_job
+from tools.jobs import TIMING_JOB, crash_summary, run_job
 from tools.release_envs import RELEASES, Release, ensure
 
 OLD = RELEASES["bridge-0.2.0rc6"]
@@ -90,7 +90,7 @@ def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list
     """Rank 0's timings from ``runs`` jobs on the old release and as many on the fixed one, interleaved.
 
     In each job on the old release the package is applied and undone between alternating blocks of calls
-    (``_per_call_timings`` in tests/jobs/rng_job.py), so its share comes from one process, not from the
+    (``_per_call_timings`` in benchmarks/timing_job.py), so its share comes from one process, not from the
     difference of two jobs' medians, which differ by more than the share from job to job.
     """
     timings: dict[str, list[dict]] = {OLD.name: [], FIXED.name: []}
@@ -98,7 +98,7 @@ def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list
         for env in (OLD, FIXED):
             spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 9, **EP2}
             spec["patched"] = env is OLD  # the fixed release as released: upstream's own cost
-            results = run_job(env, spec, work, f"{action}-{env.name}-{run}")
+            results = run_job(env, spec, work, f"{action}-{env.name}-{run}", TIMING_JOB)
             crashes = crash_summary(results)
             if crashes:
                 raise RuntimeError(crashes)

@@ -1,4 +1,5 @@
-"""Run the multi-process RNG job (tests/jobs/rng_job.py) in a release environment and read its reports."""
+"""Run the multi-process RNG job (tests/jobs/rng_job.py, or the benchmarks' timing_job.py built on it) in a
+release environment and read its reports."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 from tools.release_envs import REPO, Release
 
 JOB = REPO / "tests" / "jobs" / "rng_job.py"
+# The same job with the benchmarks' timed actions.
+TIMING_JOB = REPO / "benchmarks" / "timing_job.py"
 
 
-def run_job(env: Release, spec: dict, out_dir: Path, name: str) -> list[dict]:
+def run_job(env: Release, spec: dict, out_dir: Path, name: str, job: Path = JOB) -> list[dict]:
     """One report per rank; raises with the job's stderr when it fails. ``env`` must be built already."""
     out = out_dir / f"{name}.json"
     process = subprocess.run(
-        [str(env.python), str(JOB), json.dumps({**spec, "out": str(out)})],
+        [str(env.python), str(job), json.dumps({**spec, "out": str(out)})],
         capture_output=True,
         text=True,
         env=env.environment({**os.environ, "PYTHONWARNINGS": "ignore"}),

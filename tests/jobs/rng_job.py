@@ -5,7 +5,8 @@ seeds all its RNG sources with values of its own (the tracker through megatron-c
 ``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), then saves or loads a
 checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py).
 
-Spec keys: world, tp, pp, ep, action ("save" or "load"), checkpoint_dir, out; optional: cp (context parallel,
+Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one
+registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: cp (context parallel,
 default 1), patched (default true), package_first (default true), data_parallel_random_init,
 graph_safe_tracker, load_rng, finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
 tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gc
 import hashlib
 import importlib
 import inspect
@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SAVE_SEED = 1000
 FRESH_SEED = 5000
 STEP = 10
+
+
+# Actions a job script built on this one registers (benchmarks/timing_job.py): name -> a function of
+# (rank, state, model, device generator, spec) that returns what to add to the rank's report.
+EXTRA_ACTIONS: dict[str, Callable[[int, Any, list, Any, dict], dict]] = {}
 
 
 def main(spec: dict) -> None:
@@ -121,32 +127,26 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     }
     if spec["action"] == "signatures":
         report["by_signature"] = _requests_for_each_signature()
-    elif spec["action"] in TIMED_ACTIONS:
-        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
-        torch.distributed.barrier()
-        if rank == 0:  # the other ranks wait, so that the timing has the CPU to itself
-            report["timing"] = TIMED_ACTIONS[spec["action"]](spec)
-    elif spec["action"] == "time_checkpoint":
-        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
-        report["timing"] = _time_checkpoint(state, model, spec)
+    elif spec["action"] in EXTRA_ACTIONS:
+        report.update(EXTRA_ACTIONS[spec["action"]](rank, state, model, device_generator, spec))
     elif spec["action"] == "save":
-        _seed_every_source(SAVE_SEED, rank, device_generator, spec)
+        seed_every_source(SAVE_SEED, rank, device_generator, spec)
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
         with _tampered(spec.get("tamper")):
-            _checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
+            bridge_checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
         torch.distributed.barrier()
         if spec.get("tamper") == "truncated_metadata":
             if rank == 0:
-                _truncate(_iteration_dir(spec) / ".metadata")
+                _truncate(iteration_dir(spec) / ".metadata")
         else:
             report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
     else:
-        _seed_every_source(FRESH_SEED, rank, device_generator, spec)
+        seed_every_source(FRESH_SEED, rank, device_generator, spec)
         report["fresh"] = rng_fingerprint(device_generator)
-        layout_reads = _count_layout_reads(spec)
+        layout_reads = count_layout_reads(spec)
         try:
-            _checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
+            bridge_checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
             report["error"] = None
         except BaseException as error:  # Bridge's own restore failure path calls sys.exit()
             report["error"] = f"{type(error).__name__}: {error}"
@@ -163,126 +163,9 @@ def _module_name(spec: dict) -> dict:
     return {"module_name": spec["module_name"]} if "module_name" in spec else {}
 
 
-def _time_get_rng_state(spec: dict) -> dict:
-    """Seconds per call of the installed get_rng_state, called as save_checkpoint calls it."""
-    return _per_call_timings(spec, _installed_get_rng_state())
-
-
-def _time_restore(spec: dict) -> dict:
-    """Seconds per RNG restore of a saved entry, in the sequence the installed release's restore runs.
-
-    The restore sits inside ``_load_checkpoint_from_path`` and cannot be called alone, so its steps are
-    repeated here as each release runs them: the old release picks the entry from the loaded list (with the
-    package: the checked list its load hands over) and sets the tracker through its module's ``tensor_parallel``
-    (with the package: inside its load wrapper, which puts the converting one there); 0.3.x converts every
-    tracker state with megatron-core's helper first. Also counts conversions per restore.
-    """
-    import numpy as np
-    import torch
-
-    checkpointing = _checkpointing()
-    entry = _installed_get_rng_state()().data[0]
-    conversions: list[int] = []
-
-    def set_sources(rng_state: dict) -> None:
-        random.setstate(rng_state["random_rng_state"])
-        np.random.set_state(rng_state["np_rng_state"])
-        torch.set_rng_state(rng_state["torch_rng_state"])
-        torch.cuda.set_rng_state(rng_state["cuda_rng_state"])
-
-    if _release_restore_converts():
-        tensor_parallel = checkpointing.tensor_parallel
-
-        def restore() -> None:
-            tracker = tensor_parallel.get_cuda_rng_tracker()
-            graph_safe = tensor_parallel.is_graph_safe_cuda_rng_tracker(tracker)
-            rng_state = [entry][0]
-            set_sources(rng_state)
-            states = rng_state["rng_tracker_states"]
-            tracker.set_states({name: convert(state, to_graphable=graph_safe) for name, state in states.items()})
-
-        convert = _counting(tensor_parallel.convert_cuda_rng_state, conversions)
-        restore()
-        convert = tensor_parallel.convert_cuda_rng_state
-        timings = _per_call_timings(spec, restore)
-    else:
-        from bridge_rng_patch import compat
-        from bridge_rng_patch.layout_load import RestorableRngStates
-        from bridge_rng_patch.rng_layout import RankCoordinates
-
-        rank = RankCoordinates(0, 0, 0)
-
-        def restore_with_package() -> None:
-            # Inside the package's _load_checkpoint_from_path wrapper, where the converting tensor_parallel is.
-            checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
-
-        def restore_from_checked_list() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", rank, None)[0]
-            set_sources(rng_state)
-            checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
-
-        def restore_as_released() -> None:
-            rng_state = [entry][0]
-            set_sources(rng_state)
-            checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
-
-        convert = compat.convert_cuda_rng_state
-        compat.convert_cuda_rng_state = _counting(convert, conversions)
-        restore_with_package()
-        compat.convert_cuda_rng_state = convert
-        timings = _per_call_timings(spec, restore_with_package, restore_as_released)
-    return {
-        **timings,
-        "tracker_states": len(entry["rng_tracker_states"]),
-        "conversions_per_restore": len(conversions),
-    }
-
-
-def _counting(convert: Any, conversions: list[int]) -> Any:
-    def count_and_convert(state: Any, to_graphable: bool = False) -> Any:
-        conversions.append(1)
-        return convert(state, to_graphable=to_graphable)
-
-    return count_and_convert
-
-
-def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -> dict:
-    """Seconds per call, the median over ``repeats`` blocks of ``calls`` calls each.
-
-    With the package, blocks with it applied and with it undone alternate in this one process, so both sides
-    share its memory layout, caches and machine load; the package's share is the median of the paired
-    differences. A job without the package (``patched`` false) has one side, the release as released.
-    """
-    import statistics
-
-    blocks = spec["repeats"]
-    if not spec.get("patched", True):
-        as_released = [_block_seconds_per_call(call, spec["calls"]) for _ in range(blocks)]
-        return {"seconds_per_call": {"as released": statistics.median(as_released)}}
-    import bridge_rng_patch
-
-    samples: dict[str, list[float]] = {"patched": [], "unpatched": []}
-    for _ in range(blocks):
-        bridge_rng_patch.undo()
-        samples["unpatched"].append(_block_seconds_per_call(call_without_package or call, spec["calls"]))
-        bridge_rng_patch.apply()
-        samples["patched"].append(_block_seconds_per_call(call, spec["calls"]))
-    return {
-        "seconds_per_call": {side: statistics.median(side_samples) for side, side_samples in samples.items()},
-        "share_seconds_per_call": statistics.median(
-            patched - unpatched for patched, unpatched in zip(samples["patched"], samples["unpatched"], strict=True)
-        ),
-    }
-
-
-def _release_restore_converts() -> bool:
-    """Whether the release's own restore converts tracker states (0.3.0 and later), read without the package."""
-    return "convert_cuda_rng_state" in inspect.getsource(_checkpointing()._load_checkpoint_from_path)
-
-
-def _installed_get_rng_state() -> Any:
+def installed_get_rng_state() -> Any:
     """The installed get_rng_state, bound by name to the arguments save_checkpoint gives it."""
-    checkpointing = _checkpointing()
+    checkpointing = bridge_checkpointing()
     parameters = inspect.signature(checkpointing.get_rng_state).parameters
     kwargs: dict[str, Any] = {}
     if "ckpt_format" in parameters:  # releases without it always write torch_dist
@@ -294,106 +177,7 @@ def _installed_get_rng_state() -> Any:
     return lambda data_parallel_random_init=False: checkpointing.get_rng_state(data_parallel_random_init, **kwargs)
 
 
-def _block_seconds_per_call(call: Any, calls: int) -> float:
-    """Mean seconds per call over ``calls`` calls, the collector run before and held off during, as timeit does."""
-    import time
-
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        return (time.perf_counter() - start) / calls
-    finally:
-        gc.enable()
-
-
-def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
-    """Seconds of the real save_checkpoint, then of the real load_checkpoint of what it wrote, each across the
-    job (barrier to barrier); this rank's reads of the RNG layout and its time in the package's part of the load.
-
-    One load per job, as a resume is. Each timed call starts with ``gc.collect()``: otherwise the collector's
-    counters, left by whatever ran before, decide whether a full collection (0.3-0.4 s on this heap) falls
-    inside the timed call, and that swung one side's load by 0.45 s in either direction.
-    """
-    import time
-
-    import torch
-
-    checkpointing = _checkpointing()
-    layout_reads = _count_layout_reads(spec)
-    package_in_load = _time_package_in_load(spec)
-
-    def across_the_job(call: Any) -> float:
-        gc.collect()  # each side starts with the collector's counters at zero, see the docstring
-        torch.distributed.barrier()
-        start = time.perf_counter()
-        call()
-        torch.distributed.barrier()
-        return time.perf_counter() - start
-
-    timing = {
-        "save_s": across_the_job(lambda: checkpointing.save_checkpoint(state, model, None, None, 0)),
-        "load_s": across_the_job(lambda: checkpointing.load_checkpoint(state, model, None, None)),
-        "layout_reads": layout_reads(),
-        "package_in_load_s": package_in_load(),
-    }
-    if spec.get("patched", True) and torch.distributed.get_rank() == 0:
-        timing.update(_time_layout_reads(str(_iteration_dir(spec))))
-    return timing
-
-
-def _time_layout_reads(iteration_dir: str) -> dict:
-    """The package's read of the stored RNG layout, and megatron-core's full metadata read it replaced."""
-    import time
-
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    from bridge_rng_patch.rng_layout import read_stored_layouts
-
-    timings = {}
-    for name, read in (("layout_read_s", read_stored_layouts), ("load_sharded_metadata_s", load_sharded_metadata)):
-        start = time.perf_counter()
-        read(iteration_dir)
-        timings[name] = time.perf_counter() - start
-    return timings
-
-
-def _time_package_in_load(spec: dict) -> Any:
-    """Times this rank's stay in the package's dist-load wrapper, less the load it wraps, from now on; returns
-    the total so far. That is all the package adds to a load but its restore (overhead.py) and one swap of
-    ``tensor_parallel``: the layout read (rank 0), its broadcast, and the requests and the checked list."""
-    if not spec.get("patched", True):
-        return lambda: 0.0
-    import time
-
-    from bridge_rng_patch.layout_load import LayoutAwareDistLoad
-
-    spent: list[float] = []
-    call = LayoutAwareDistLoad.__call__
-
-    def timed(self: Any, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        inside: list[float] = []
-
-        def timed_load(*load_args: Any, **load_kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return wrapped(*load_args, **load_kwargs)
-            finally:
-                inside.append(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        try:
-            return call(self, timed_load, instance, args, kwargs)
-        finally:
-            spent.append(time.perf_counter() - start - sum(inside))
-
-    LayoutAwareDistLoad.__call__ = timed
-    return lambda: sum(spent)
-
-
-def _count_layout_reads(spec: dict) -> Any:
+def count_layout_reads(spec: dict) -> Any:
     """Counts this rank's reads of the stored RNG layout from now on; returns the counter."""
     if not spec.get("patched", True):
         return lambda: 0
@@ -410,10 +194,7 @@ def _count_layout_reads(spec: dict) -> Any:
     return lambda: len(reads)
 
 
-TIMED_ACTIONS = {"time_get_rng_state": _time_get_rng_state, "time_restore": _time_restore}
-
-
-def _checkpointing() -> Any:
+def bridge_checkpointing() -> Any:
     return sys.modules["megatron.bridge.training.checkpointing"]
 
 
@@ -509,7 +290,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     return state, [SmallWeights(model_config, spec.get("tensors", 8))]
 
 
-def _seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
+def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
     """Seed as Bridge's real training start does; with EP > 1, let each rank's streams move on differently.
 
     Bridge's own ``_set_random_seed`` seeds python, numpy and torch per PP stage (and per DP rank with
@@ -565,7 +346,7 @@ def _generator_holding(state: Any) -> Any:
 
 def _describe_rng_request(spec: dict) -> dict:
     """The ShardedObject the installed (and maybe patched) get_rng_state builds for this rank."""
-    return _describe(_installed_get_rng_state()(spec.get("data_parallel_random_init", False)))
+    return _describe(installed_get_rng_state()(spec.get("data_parallel_random_init", False)))
 
 
 def _requests_for_each_signature() -> dict:
@@ -581,7 +362,7 @@ def _requests_for_each_signature() -> dict:
     from bridge_rng_patch import probe
     from bridge_rng_patch.save_sharding import ep_aware_rng_state
 
-    checkpointing = _checkpointing()
+    checkpointing = bridge_checkpointing()
     release_own = checkpointing.get_rng_state.__wrapped__
 
     def positional(data_parallel_random_init, ckpt_format="torch_dist", pg_collection=None):
@@ -620,7 +401,7 @@ def _tampered(tamper: str | None):
     import torch
     from megatron.core import tensor_parallel
 
-    checkpointing = _checkpointing()
+    checkpointing = bridge_checkpointing()
     if tamper is None:
         yield
     elif tamper == "torch_rng_state":
@@ -650,7 +431,7 @@ def _tampered(tamper: str | None):
         raise ValueError(f"unknown tamper {tamper!r}")
 
 
-def _iteration_dir(spec: dict) -> Path:
+def iteration_dir(spec: dict) -> Path:
     return Path(spec["checkpoint_dir"]) / f"iter_{STEP:07d}"
 
 
