@@ -133,7 +133,7 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
     except OSError as error:
         why = error.strerror or str(error)
         raise RngCheckpointError(f"checkpoint {checkpoint_dir}: cannot read {METADATA_FILE}: {why}") from None
-    if not (data.startswith(b"\x80") and data.endswith(b".")):
+    if not _is_whole_pickle(data):
         raise RngCheckpointError(
             f"checkpoint {checkpoint_dir}: {METADATA_FILE} is truncated or corrupt ({len(data)} bytes, not a whole "
             "pickle), so nothing of this checkpoint can be loaded; resume from another checkpoint"
@@ -145,6 +145,25 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
         if _SHARD_KEY.fullmatch(key):
             keys.add(key)
     return keys or _rng_shard_keys_read_by_torch(checkpoint_dir)
+
+
+_FRAME = 0x95  # pickle protocol 4 and later: FRAME, then the frame's length in 8 bytes, little-endian
+
+
+def _is_whole_pickle(data: bytes) -> bool:
+    """Whether ``data`` is a whole pickle, told without unpickling it.
+
+    A pickle ends with STOP ("."), but a cut one may end with a "." of its own (torch's keys are full of them).
+    Protocol 4 and later (torch writes 4) put the opcodes in frames that state their length, so a walk over
+    the frame headers finds a cut anywhere; where a frame is followed by unframed data (a large object), what
+    follows is judged by its last byte only.
+    """
+    if not (data.startswith(b"\x80") and data.endswith(b".")):
+        return False
+    position = 2
+    while position < len(data) and data[position] == _FRAME:
+        position += 9 + int.from_bytes(data[position + 1 : position + 9], "little")
+    return position <= len(data)
 
 
 def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:

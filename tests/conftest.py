@@ -62,3 +62,16 @@ def coordinates(result: dict) -> tuple[int, int, int]:
 
 def saved_by_coordinates(save_results: list[dict]) -> dict[tuple[int, int, int], dict]:
     return {coordinates(result): result["saved"] for result in save_results}
+
+
+def assert_each_rank_resumes_its_own_state(saved: list[dict], loaded: list[dict], stored_dp_size: int | None = None):
+    """Each rank has its own saved state back, bit-exact (and not its fresh one); with ``stored_dp_size``, a rank
+    whose DP rank the checkpoint never held keeps its fresh state instead."""
+    own = saved_by_coordinates(saved)
+    for rank in loaded:
+        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
+        if stored_dp_size is not None and rank["coords"]["dp"] >= stored_dp_size:
+            assert rank["loaded"] == rank["fresh"], f"rank {rank['rank']} did not keep its fresh state"
+            continue
+        assert rank["fresh"] != own[coordinates(rank)]
+        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"

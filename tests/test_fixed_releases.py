@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import coordinates, saved_by_coordinates
+from conftest import assert_each_rank_resumes_its_own_state
 
 from tools.release_envs import FIXED_FAMILIES, RELEASES
 
@@ -28,18 +28,6 @@ def _save(jobs, env, name, layout=EP2_DP4, **spec):
 
 def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
     return jobs.run(env, name, action="load", checkpoint_dir=jobs.checkpoint_dir(checkpoint), **layout, **spec)
-
-
-def _assert_own_state_or_fresh_beyond(saved, loaded, stored_dp_size):
-    """Each rank has its own saved state back, bit-exact; one whose DP rank the checkpoint never held stays fresh."""
-    own = saved_by_coordinates(saved)
-    for rank in loaded:
-        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
-        if rank["coords"]["dp"] < stored_dp_size:
-            assert rank["fresh"] != own[coordinates(rank)]
-            assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
-        else:
-            assert rank["loaded"] == rank["fresh"], f"rank {rank['rank']} did not keep its fresh state"
 
 
 def _rank_zero_logs(results):
@@ -68,14 +56,16 @@ def test_unpatched_old_releases_checkpoint_resumes_from_its_one_shared_state(job
 @pytest.mark.parametrize("fixed", FIXED)
 def test_patched_old_releases_checkpoint_resumes_every_rank_bit_exact(jobs, fixed):
     saved = _save(jobs, OLD, "patched-ep2")
-    _assert_own_state_or_fresh_beyond(saved, _load(jobs, RELEASES[fixed], "patched-ep2", f"patched-ep2-on-{fixed}"), 4)
+    loaded = _load(jobs, RELEASES[fixed], "patched-ep2", f"patched-ep2-on-{fixed}")
+    assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert [rank["layout_reads"] for rank in loaded] == [1, 0, 0, 0]  # one read per load, for the whole job
 
 
 @pytest.mark.parametrize("fixed", FIXED)
 def test_dp_shrink_from_4_to_2_gives_each_remaining_rank_its_own_state(jobs, fixed):
     saved = _save(jobs, RELEASES[fixed], f"{fixed}-ep2")
     loaded = _load(jobs, RELEASES[fixed], f"{fixed}-ep2", f"{fixed}-ep2-shrunk-to-dp2", EP2_DP2)
-    _assert_own_state_or_fresh_beyond(saved, loaded, 4)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
     assert "stores RNG state for DP size 4, this job runs DP size 2" in _rank_zero_logs(loaded)
 
 
@@ -83,7 +73,7 @@ def test_dp_shrink_from_4_to_2_gives_each_remaining_rank_its_own_state(jobs, fix
 def test_dp_growth_from_2_to_4_keeps_fresh_rng_on_new_ranks_and_names_them(jobs, fixed):
     saved = _save(jobs, RELEASES[fixed], f"{fixed}-ep2-dp2", EP2_DP2)
     loaded = _load(jobs, RELEASES[fixed], f"{fixed}-ep2-dp2", f"{fixed}-ep2-dp2-grown-to-dp4")
-    _assert_own_state_or_fresh_beyond(saved, loaded, 2)
+    assert_each_rank_resumes_its_own_state(saved, loaded, stored_dp_size=2)
     assert "DP ranks 2..3 keep fresh RNG state" in _rank_zero_logs(loaded)
     for rank in loaded[2:]:
         assert any(
@@ -95,7 +85,7 @@ def test_dp_growth_from_2_to_4_keeps_fresh_rng_on_new_ranks_and_names_them(jobs,
 def test_ep_change_to_1_gives_each_rank_the_state_saved_at_its_coordinates(jobs, fixed):
     saved = _save(jobs, RELEASES[fixed], f"{fixed}-ep2")
     loaded = _load(jobs, RELEASES[fixed], f"{fixed}-ep2", f"{fixed}-ep2-ep1", {**EP2_DP4, "ep": 1})
-    _assert_own_state_or_fresh_beyond(saved, loaded, 4)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
     assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in _rank_zero_logs(loaded)
 
 
@@ -113,7 +103,7 @@ def test_context_parallel_with_data_parallel_random_init_loses_state_upstream_an
     assert [rank["loaded"] == own[rank["rank"]] for rank in unpatched] == [True, True, False, False]
     assert all(rank["loaded"] == own[0] for rank in unpatched)
     loaded = _load(jobs, fixed, "cp2-random-init", "cp2-random-init-load", CP2_DP2_RANDOM_INIT)
-    _assert_own_state_or_fresh_beyond(saved, loaded, 4)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def test_mimo_modules_rng_key_follows_its_stored_layout(jobs):
@@ -122,4 +112,44 @@ def test_mimo_modules_rng_key_follows_its_stored_layout(jobs):
     saved = _save(jobs, fixed, "mimo-ep2", module_name="language")
     assert saved[0]["stored_keys"] == [f"rng_state.language/shard_0.0.{dp}_1.1.4" for dp in range(4)]
     loaded = _load(jobs, fixed, "mimo-ep2", "mimo-ep2-dp2", EP2_DP2, module_name="language")
-    _assert_own_state_or_fresh_beyond(saved, loaded, 4)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
+
+
+def test_resume_from_an_iteration_directory_reads_the_layout_there(jobs):
+    """0.4 and later load straight from ``.../iter_N`` when ``checkpoint.load`` names it, passing the directory
+    to the dist load as ``checkpoint_path_override``."""
+    fixed = RELEASES["bridge-0.6.2"]
+    saved = _save(jobs, fixed, "bridge-0.6.2-ep2")
+    iteration_dir = f"{jobs.checkpoint_dir('bridge-0.6.2-ep2')}/iter_0000010"
+    loaded = jobs.run(fixed, "iteration-dir-dp2", action="load", checkpoint_dir=iteration_dir, **EP2_DP2)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert f"checkpoint {iteration_dir} stores RNG state for DP size 4" in _rank_zero_logs(loaded)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error", "detail"),
+    [
+        # megatron-core 0.19 reads the common state through torch's DCP reader before the sharded load: torch's
+        # own error, the same on every rank, before the package reads anything.
+        (
+            "truncated_metadata",
+            "CheckpointException: CheckpointException ranks:dict_keys([0])",
+            "pickle data was truncated",
+        ),
+        (
+            "torch_rng_state",
+            "RngCheckpointError: checkpoint {checkpoint}/iter_0000010: 'rng_state'[0]['torch_rng_state'] "
+            "is a torch.float32 tensor of shape (3,), expected torch.get_rng_state()'s ByteTensor",
+            "resume with load_rng=False",
+        ),
+    ],
+)
+def test_bad_input_fails_every_rank_alike_and_restores_nothing_on_the_newest_release(jobs, tamper, error, detail):
+    fixed = RELEASES["bridge-0.6.2"]
+    name = f"bridge-0.6.2-tampered-{tamper}"
+    _save(jobs, fixed, name, tamper=tamper)
+    loaded = _load(jobs, fixed, name, f"{name}-load")
+    (only_error,) = {rank["error"] for rank in loaded}
+    assert only_error.startswith(error.format(checkpoint=jobs.checkpoint_dir(name)))
+    assert detail in only_error
+    assert all(rank["loaded"] == rank["fresh"] for rank in loaded)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,26 +19,13 @@ import pytest
 from conftest import REPO, coordinates, saved_by_coordinates
 
 from tools.jobs import run_job
-from tools.release_envs import BASE, RELEASES, ensure, target_dir
+from tools.release_envs import BASE, RELEASES, ensure, find_python, target_dir
 
 PIP = ("-m", "pip", "--disable-pip-version-check")
 
 
-def _pythons() -> dict[str, Path]:
-    """Every CPython from 3.10 up on this machine: pyenv's, and python3.X on PATH."""
-    found: dict[str, Path] = {}
-    for candidate in sorted(Path.home().glob(".pyenv/versions/3.*/bin/python3")):
-        minor = re.match(r"3\.(\d+)", candidate.parent.parent.name)
-        if minor and int(minor.group(1)) >= 10:
-            found.setdefault(f"3.{minor.group(1)}", candidate)
-    for minor in range(10, 15):
-        on_path = shutil.which(f"python3.{minor}")
-        if on_path:
-            found.setdefault(f"3.{minor}", Path(on_path))
-    return found
-
-
-PYTHONS = _pythons()
+# Every CPython from 3.10 up on this machine: pyenv's, or python3.X on PATH.
+PYTHONS = {line: python for minor in range(10, 15) if (python := find_python(line := f"3.{minor}"))}
 
 
 def _run(*command: object, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, coordinates, saved_by_coordinates
+from conftest import REPO, assert_each_rank_resumes_its_own_state, coordinates, saved_by_coordinates
 
 from tools.release_envs import RELEASES, ensure
 
@@ -66,11 +66,7 @@ def test_torchrun_under_run_resumes_every_rank_bit_exact_without_editing_the_scr
     saved, loaded = torchrun_jobs[True]
     assert all(report["package_imported_at_start"] for report in saved + loaded)
     assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
-    own = saved_by_coordinates(saved)
-    for rank in loaded:
-        assert rank["error"] is None
-        assert rank["fresh"] != own[coordinates(rank)]
-        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def test_the_same_torchrun_launches_without_run_lose_3_of_4_ranks_streams(torchrun_jobs):

@@ -13,7 +13,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO, coordinates, run_python, saved_by_coordinates
+from conftest import REPO, assert_each_rank_resumes_its_own_state, run_python
 
 from tools.release_envs import FIXED_WITH_MSC, OLD_WITH_MSC, ensure
 
@@ -52,32 +52,24 @@ def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
     return jobs.run(env, name, action="load", checkpoint_dir=_msc(checkpoint), **layout, **spec)
 
 
-def _assert_each_rank_resumes_its_own_state(saved, loaded):
-    own = saved_by_coordinates(saved)
-    for rank in loaded:
-        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
-        assert rank["fresh"] != own[coordinates(rank)]
-        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
-
-
 def test_save_and_resume_through_msc_give_every_rank_its_own_state(jobs, msc_root):
     saved = _save(jobs, OLD_WITH_MSC, "msc-ep2")
     assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
     assert (msc_root / "msc-ep2" / "iter_0000010" / ".metadata").is_file()  # written through the profile
     loaded = _load(jobs, OLD_WITH_MSC, "msc-ep2", "msc-ep2-load")
-    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
     assert [rank["layout_reads"] for rank in loaded] == [1, 0, 0, 0]
 
 
 def test_dp_shrink_through_msc_gives_each_remaining_rank_its_own_state(jobs, msc_root):
     saved = _save(jobs, OLD_WITH_MSC, "msc-ep2")
-    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD_WITH_MSC, "msc-ep2", "msc-ep2-dp2", EP2_DP2))
+    assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD_WITH_MSC, "msc-ep2", "msc-ep2-dp2", EP2_DP2))
 
 
 def test_fixed_release_resumes_through_msc_after_a_dp_shrink(jobs, msc_root):
     saved = _save(jobs, FIXED_WITH_MSC, "msc-fixed-ep2")
     loaded = _load(jobs, FIXED_WITH_MSC, "msc-fixed-ep2", "msc-fixed-ep2-dp2", EP2_DP2)
-    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def _inspect(*args: object) -> subprocess.CompletedProcess:

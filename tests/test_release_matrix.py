@@ -12,7 +12,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, coordinates, run_python, saved_by_coordinates
+from conftest import REPO, assert_each_rank_resumes_its_own_state, run_python
 
 from tools.release_envs import MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, RELEASES, SIGNATURE_FAMILIES, ensure
 
@@ -92,11 +92,7 @@ def test_each_signature_family_resumes_every_rank_bit_exact(jobs, family):
     saved = jobs.run(release, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout)
     assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
     loaded = jobs.run(release, f"{name}-load", action="load", checkpoint_dir=jobs.checkpoint_dir(name), **layout)
-    own = saved_by_coordinates(saved)
-    for rank in loaded:
-        assert rank["error"] is None
-        assert rank["fresh"] != own[coordinates(rank)]
-        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def _readme_release_rows() -> dict[str, tuple[str, ...]]:

@@ -8,10 +8,12 @@ another rank's state shows up as a fingerprint mismatch.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
-from conftest import coordinates, saved_by_coordinates
+from conftest import assert_each_rank_resumes_its_own_state, coordinates, saved_by_coordinates
 
+from bridge_rng_patch.rng_layout import RngCheckpointError, read_stored_layouts
 from tools.release_envs import RELEASES, SIGNATURE_FAMILIES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
@@ -25,14 +27,6 @@ def _save(jobs, env, name, layout=EP2_DP4, **spec):
 
 def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
     return jobs.run(env, name, action="load", checkpoint_dir=jobs.checkpoint_dir(checkpoint), **layout, **spec)
-
-
-def _assert_each_rank_resumes_its_own_state(saved, loaded):
-    own = saved_by_coordinates(saved)
-    for rank in loaded:
-        assert rank["error"] is None
-        assert rank["fresh"] != own[coordinates(rank)]
-        assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
 
 
 def _rank_zero_logs(results):
@@ -50,26 +44,26 @@ def test_unpatched_checkpoint_loads_under_the_patch_from_its_one_shared_state(jo
 
 def test_patched_checkpoint_resumes_every_rank_bit_exact(jobs):
     saved = _save(jobs, OLD, "patched-ep2")
-    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD, "patched-ep2", "patched-ep2-load"))
+    assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD, "patched-ep2", "patched-ep2-load"))
 
 
 def test_patched_checkpoint_loads_with_ep_now_1_and_each_rank_takes_its_own_coordinates_state(jobs):
     saved = _save(jobs, OLD, "patched-ep2")
     loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-ep1", layout={**EP2_DP4, "ep": 1})
-    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
     assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in _rank_zero_logs(loaded)
 
 
 @pytest.mark.parametrize("old", list(SIGNATURE_FAMILIES.values()))
 def test_fixed_upstream_checkpoint_loads_on_patched_old_release_bit_exact(jobs, old):
     saved = _save(jobs, FIXED, "fixed-ep2")
-    _assert_each_rank_resumes_its_own_state(saved, _load(jobs, RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))
+    assert_each_rank_resumes_its_own_state(saved, _load(jobs, RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))
 
 
 def test_dp_shrink_from_4_to_2_gives_each_remaining_rank_its_own_state(jobs):
     saved = _save(jobs, OLD, "patched-ep2")
     loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-dp2", layout={**EP2_DP4, "world": 2})
-    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
     assert "stores RNG state for DP size 4, this job runs DP size 2" in _rank_zero_logs(loaded)
 
 
@@ -115,7 +109,7 @@ def test_data_parallel_random_init_round_trip_is_bit_exact(jobs):
     loaded = _load(
         jobs, OLD, "patched-ep2-dp-random-init", "patched-ep2-dp-random-init-load", data_parallel_random_init=True
     )
-    _assert_each_rank_resumes_its_own_state(saved, loaded)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def test_tensor_states_restore_into_a_graph_safe_tracker_as_generators(jobs):
@@ -204,3 +198,16 @@ def test_data_parallel_random_init_dp_growth_keeps_fresh_rng_past_the_gathered_l
         "stores RNG states gathered with data_parallel_random_init for DP size 4, this job runs DP size 8: "
         "DP ranks 4..7 keep fresh RNG state" in _rank_zero_logs(loaded)
     )
+
+
+def test_every_cut_of_a_real_metadata_file_is_told_from_the_whole_one(jobs, tmp_path):
+    """A cut pickle may end with a "." of its own (0.6.2's, cut in half, did); the layout read refuses every
+    cut without unpickling, and reads the whole file."""
+    _save(jobs, OLD, "patched-ep2")
+    data = (Path(jobs.checkpoint_dir("patched-ep2")) / "iter_0000010" / ".metadata").read_bytes()
+    for length in [*range(0, len(data), 7), len(data) // 2, len(data) - 1]:
+        (tmp_path / ".metadata").write_bytes(data[:length])
+        with pytest.raises(RngCheckpointError, match=r"\.metadata is truncated or corrupt"):
+            read_stored_layouts(str(tmp_path))
+    (tmp_path / ".metadata").write_bytes(data)
+    assert read_stored_layouts(str(tmp_path))["rng_state"].global_shape == (1, 1, 4)
