@@ -306,9 +306,9 @@ class LayoutLoadPatch:
         if unbound:
             return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
         if follows is None:
-            first_unknown = probe.FIRST_WITHOUT_KNOWN_LAYOUT_LOAD
-            if probe.bridge_release_at_least(first_unknown) is False:
-                return Decision.apply(f"the load's source is unavailable; Megatron-Bridge < {first_unknown} lacks it")
+            first = probe.FIRST_POSSIBLY_ALIGNING_BRIDGE
+            if probe.bridge_release_at_least(first) is False:
+                return Decision.apply(f"the load's source is unavailable; Megatron-Bridge < {first} lacks it")
             return Decision.refuse(
                 "the load's source is unavailable, so whether it follows the stored layout is not known"
             )

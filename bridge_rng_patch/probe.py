@@ -23,9 +23,9 @@ BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
 # The first Megatron-Bridge release with EP-aware RNG sharding and graph-safe RNG restore (PR #2092).
 FIRST_FIXED_BRIDGE = Version("0.3.0")
-# No release up to 0.6.2 asks for the RNG layout a checkpoint stores. Bridge main does since Sep 2026, and has
-# stated 0.7.0 since Aug 2026, before that; so a version number can only say that a release lacks it.
-FIRST_WITHOUT_KNOWN_LAYOUT_LOAD = Version("0.7.0")
+# The first version that may ask for the RNG layout a checkpoint stores: no release up to 0.6.2 does; Bridge main
+# does since Sep 2026 and has stated 0.7.0 since Aug 2026, before that. A version number can only say it lacks it.
+FIRST_POSSIBLY_ALIGNING_BRIDGE = Version("0.7.0")
 # Where each Megatron package states its version in its own code, for sources on PYTHONPATH without metadata.
 _PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "megatron.core"}
 UNKNOWN = "unknown"

@@ -269,3 +269,41 @@ def test_readme_cli_example_is_what_the_cli_prints():
         line.rsplit(", wrapt ", 1)[0] for line in shown[:1]
     ]
     assert printed[1:] == shown[1:]
+
+
+# The old release's three targets, compiled from text so that inspect cannot read their source: as an image that
+# ships only bytecode. Their behaviour does not matter here, only what can be told of them.
+WITHOUT_SOURCE = """
+import sys, types
+from megatron.core import tensor_parallel
+module = types.ModuleType("megatron.bridge.training.checkpointing")
+exec(compile('''
+def get_rng_state(data_parallel_random_init, ckpt_format="torch_dist"):
+    pass
+def _load_checkpoint_from_path(load_dir, state, model, optimizer, opt_param_scheduler):
+    pass
+def _load_global_dist_base_checkpoint(load_dir, ckpt_cfg, rank0, sharded_state_dict, iteration, release):
+    pass
+def get_checkpoint_name(load_dir, iteration, release):
+    return load_dir
+''', "<no source>", "exec"), module.__dict__)
+module.tensor_parallel = tensor_parallel
+sys.modules[module.__name__] = module
+import json, bridge_rng_patch
+print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status()}))
+"""
+
+
+def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
+    """The second signal, alone only where the first cannot be read: 0.2.0rc6 lacks all three fixes."""
+    assert _result(run_python(RUNNER, WITHOUT_SOURCE)) == {
+        "save_sharding": [
+            "applied",
+            "the source of get_rng_state is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
+        ],
+        "tracker_restore": [
+            "applied",
+            "the source of _load_checkpoint_from_path is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
+        ],
+        "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks it"],
+    }
