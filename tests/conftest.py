@@ -32,6 +32,9 @@ def run_python(env: Release, code: str, *, extra_env: dict[str, str] | None = No
     )
 
 
+EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+
+
 class Jobs:
     """Runs each named job once per test session, so that several tests can read one checkpoint's results."""
 
@@ -49,6 +52,14 @@ class Jobs:
             assert crashes is None, f"job {name} in {env.name} crashed:\n{crashes}"
             self._results[name] = results
         return self._results[name]
+
+    def save(self, env: Release, name: str, layout: dict = EP2_DP4, **spec) -> list[dict]:
+        """Save into the checkpoint directory named ``name``."""
+        return self.run(env, name, action="save", checkpoint_dir=self.checkpoint_dir(name), **layout, **spec)
+
+    def load(self, env: Release, checkpoint: str, name: str, layout: dict = EP2_DP4, **spec) -> list[dict]:
+        """Load the checkpoint that the save named ``checkpoint`` wrote."""
+        return self.run(env, name, action="load", checkpoint_dir=self.checkpoint_dir(checkpoint), **layout, **spec)
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +86,7 @@ def assert_each_rank_resumes_its_own_state(saved: list[dict], loaded: list[dict]
             continue
         assert rank["fresh"] != own[coordinates(rank)]
         assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
+
+
+def rank_zero_logs(results: list[dict]) -> str:
+    return "\n".join(results[0]["logs"])

@@ -11,65 +11,52 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_each_rank_resumes_its_own_state, coordinates, saved_by_coordinates
+from conftest import EP2_DP4, assert_each_rank_resumes_its_own_state, coordinates, rank_zero_logs, saved_by_coordinates
 
 from bridge_rng_patch.rng_layout import RngCheckpointError, read_stored_layouts
 from tools.release_envs import RELEASES, SIGNATURE_FAMILIES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
-EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
-
-
-def _save(jobs, env, name, layout=EP2_DP4, **spec):
-    return jobs.run(env, name, action="save", checkpoint_dir=jobs.checkpoint_dir(name), **layout, **spec)
-
-
-def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
-    return jobs.run(env, name, action="load", checkpoint_dir=jobs.checkpoint_dir(checkpoint), **layout, **spec)
-
-
-def _rank_zero_logs(results):
-    return "\n".join(results[0]["logs"])
 
 
 def test_unpatched_checkpoint_loads_under_the_patch_from_its_one_shared_state(jobs):
-    saved = _save(jobs, OLD, "unpatched-ep2", patched=False)
-    loaded = _load(jobs, OLD, "unpatched-ep2", "unpatched-ep2-then-patched")
+    saved = jobs.save(OLD, "unpatched-ep2", patched=False)
+    loaded = jobs.load(OLD, "unpatched-ep2", "unpatched-ep2-then-patched")
     shared = next(rank["saved"] for rank in saved if rank["coords"]["dp"] == 0)
     assert all(rank["error"] is None and rank["loaded"] == shared for rank in loaded)
-    assert "carries one shared state per (pp, tp)" in _rank_zero_logs(loaded)
-    assert "(the old bug)" in _rank_zero_logs(loaded)
+    assert "carries one shared state per (pp, tp)" in rank_zero_logs(loaded)
+    assert "(the old bug)" in rank_zero_logs(loaded)
 
 
 def test_patched_checkpoint_resumes_every_rank_bit_exact(jobs):
-    saved = _save(jobs, OLD, "patched-ep2")
-    assert_each_rank_resumes_its_own_state(saved, _load(jobs, OLD, "patched-ep2", "patched-ep2-load"))
+    saved = jobs.save(OLD, "patched-ep2")
+    assert_each_rank_resumes_its_own_state(saved, jobs.load(OLD, "patched-ep2", "patched-ep2-load"))
 
 
 def test_patched_checkpoint_loads_with_ep_now_1_and_each_rank_takes_its_own_coordinates_state(jobs):
-    saved = _save(jobs, OLD, "patched-ep2")
-    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-ep1", layout={**EP2_DP4, "ep": 1})
+    saved = jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-ep1", layout={**EP2_DP4, "ep": 1})
     assert_each_rank_resumes_its_own_state(saved, loaded)
-    assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in _rank_zero_logs(loaded)
+    assert "each rank restores the state saved at its own (pp, tp, dp) coordinates" in rank_zero_logs(loaded)
 
 
 @pytest.mark.parametrize("old", list(SIGNATURE_FAMILIES.values()))
 def test_fixed_upstream_checkpoint_loads_on_patched_old_release_bit_exact(jobs, old):
-    saved = _save(jobs, FIXED, "fixed-ep2")
-    assert_each_rank_resumes_its_own_state(saved, _load(jobs, RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))
+    saved = jobs.save(FIXED, "fixed-ep2")
+    assert_each_rank_resumes_its_own_state(saved, jobs.load(RELEASES[old], "fixed-ep2", f"fixed-ep2-load-{old}"))
 
 
 def test_dp_shrink_from_4_to_2_gives_each_remaining_rank_its_own_state(jobs):
-    saved = _save(jobs, OLD, "patched-ep2")
-    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-dp2", layout={**EP2_DP4, "world": 2})
+    saved = jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-dp2", layout={**EP2_DP4, "world": 2})
     assert_each_rank_resumes_its_own_state(saved, loaded)
-    assert "stores RNG state for DP size 4, this job runs DP size 2" in _rank_zero_logs(loaded)
+    assert "stores RNG state for DP size 4, this job runs DP size 2" in rank_zero_logs(loaded)
 
 
 def test_dp_growth_from_4_to_8_keeps_fresh_rng_on_new_ranks_and_names_them(jobs):
-    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2"))
-    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-dp8", layout={**EP2_DP4, "world": 8})
+    saved = saved_by_coordinates(jobs.save(OLD, "patched-ep2"))
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-dp8", layout={**EP2_DP4, "world": 8})
     for rank in loaded:
         assert rank["error"] is None
         dp = rank["coords"]["dp"]
@@ -83,38 +70,38 @@ def test_dp_growth_from_4_to_8_keeps_fresh_rng_on_new_ranks_and_names_them(jobs)
                 and line.endswith("holds no RNG state for it; it keeps its fresh RNG state")
                 for line in rank["logs"]
             )
-    assert "DP ranks 4..7 keep fresh RNG state" in _rank_zero_logs(loaded)
+    assert "DP ranks 4..7 keep fresh RNG state" in rank_zero_logs(loaded)
 
 
 def test_unpatched_old_release_cannot_load_a_patched_checkpoint_but_loads_with_load_rng_false(jobs):
     """The README's advice for this row: import the package, or resume with load_rng=False."""
-    _save(jobs, OLD, "patched-ep2")
-    failed = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-unpatched", patched=False)
+    jobs.save(OLD, "patched-ep2")
+    failed = jobs.load(OLD, "patched-ep2", "patched-ep2-load-unpatched", patched=False)
     assert all("rng_state/shard_0.0_1.1" in rank["error"] for rank in failed)
     assert all(rank["loaded"] == rank["fresh"] for rank in failed)
-    without_rng = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-unpatched-no-rng", patched=False, load_rng=False)
+    without_rng = jobs.load(OLD, "patched-ep2", "patched-ep2-load-unpatched-no-rng", patched=False, load_rng=False)
     assert all(rank["error"] is None and rank["loaded"] == rank["fresh"] for rank in without_rng)
 
 
 @pytest.mark.parametrize("option", [{"load_rng": False}, {"finetune": True}], ids=["load_rng=False", "finetune"])
 def test_load_rng_false_and_finetune_leave_rng_state_alone_as_upstream(jobs, option):
-    _save(jobs, OLD, "patched-ep2")
-    loaded = _load(jobs, OLD, "patched-ep2", f"patched-ep2-load-{next(iter(option))}", **option)
+    jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", f"patched-ep2-load-{next(iter(option))}", **option)
     assert all(rank["error"] is None and rank["loaded"] == rank["fresh"] for rank in loaded)
 
 
 def test_data_parallel_random_init_round_trip_is_bit_exact(jobs):
-    saved = _save(jobs, OLD, "patched-ep2-dp-random-init", data_parallel_random_init=True)
+    saved = jobs.save(OLD, "patched-ep2-dp-random-init", data_parallel_random_init=True)
     assert all(rank["sharded_object"]["states"] == 4 for rank in saved)  # the DP all-gather is kept
-    loaded = _load(
-        jobs, OLD, "patched-ep2-dp-random-init", "patched-ep2-dp-random-init-load", data_parallel_random_init=True
+    loaded = jobs.load(
+        OLD, "patched-ep2-dp-random-init", "patched-ep2-dp-random-init-load", data_parallel_random_init=True
     )
     assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def test_tensor_states_restore_into_a_graph_safe_tracker_as_generators(jobs):
-    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2"))
-    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load-graph-safe", graph_safe_tracker=True)
+    saved = saved_by_coordinates(jobs.save(OLD, "patched-ep2"))
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-graph-safe", graph_safe_tracker=True)
     for rank in loaded:
         assert rank["error"] is None
         expected = {name: ["Generator", digest] for name, (_, digest) in saved[coordinates(rank)]["tracker"].items()}
@@ -123,15 +110,15 @@ def test_tensor_states_restore_into_a_graph_safe_tracker_as_generators(jobs):
 
 def test_unpatched_release_hands_a_graph_safe_tracker_byte_tensors(jobs):
     """The second bug, on the real release: the tracker ends up holding the wrong form of state."""
-    _save(jobs, OLD, "unpatched-ep2", patched=False)
-    loaded = _load(jobs, OLD, "unpatched-ep2", "unpatched-ep2-load-graph-safe", patched=False, graph_safe_tracker=True)
+    jobs.save(OLD, "unpatched-ep2", patched=False)
+    loaded = jobs.load(OLD, "unpatched-ep2", "unpatched-ep2-load-graph-safe", patched=False, graph_safe_tracker=True)
     assert all(kind == "Tensor" for rank in loaded for kind, _ in rank["loaded"]["tracker"].values())
 
 
 def test_generator_states_from_a_graph_safe_tracker_restore_into_a_plain_tracker_as_tensors(jobs):
-    saved = saved_by_coordinates(_save(jobs, OLD, "patched-ep2-graph-safe", graph_safe_tracker=True))
+    saved = saved_by_coordinates(jobs.save(OLD, "patched-ep2-graph-safe", graph_safe_tracker=True))
     assert all(kind == "Generator" for rank in saved.values() for kind, _ in rank["tracker"].values())
-    loaded = _load(jobs, OLD, "patched-ep2-graph-safe", "patched-ep2-graph-safe-load-plain")
+    loaded = jobs.load(OLD, "patched-ep2-graph-safe", "patched-ep2-graph-safe-load-plain")
     for rank in loaded:
         assert rank["error"] is None
         expected = {name: ["Tensor", digest] for name, (_, digest) in saved[coordinates(rank)]["tracker"].items()}
@@ -140,14 +127,14 @@ def test_generator_states_from_a_graph_safe_tracker_restore_into_a_plain_tracker
 
 def test_one_rank_reads_the_stored_layout_and_the_others_receive_it(jobs):
     """One read of the checkpoint's metadata per load for the whole job, not one per rank."""
-    _save(jobs, OLD, "patched-ep2")
-    loaded = _load(jobs, OLD, "patched-ep2", "patched-ep2-load")
+    jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load")
     assert [rank["layout_reads"] for rank in loaded] == [1, 0, 0, 0]
 
 
 def test_unreadable_metadata_fails_every_rank_with_the_same_error_and_none_waits(jobs):
-    _save(jobs, OLD, "truncated-metadata", tamper="truncated_metadata")
-    loaded = _load(jobs, OLD, "truncated-metadata", "truncated-metadata-load")
+    jobs.save(OLD, "truncated-metadata", tamper="truncated_metadata")
+    loaded = jobs.load(OLD, "truncated-metadata", "truncated-metadata-load")
     errors = {rank["error"] for rank in loaded}
     assert len(errors) == 1
     assert re.fullmatch(
@@ -169,8 +156,8 @@ def test_unreadable_metadata_fails_every_rank_with_the_same_error_and_none_waits
 )
 def test_bad_rng_state_fails_naming_checkpoint_and_key_and_restores_nothing(jobs, tamper, message):
     name = f"tampered-{tamper}"
-    _save(jobs, OLD, name, tamper=tamper)
-    loaded = _load(jobs, OLD, name, f"{name}-load")
+    jobs.save(OLD, name, tamper=tamper)
+    loaded = jobs.load(OLD, name, f"{name}-load")
     for rank in loaded:
         assert rank["error"].startswith(f"RngCheckpointError: checkpoint {jobs.checkpoint_dir(name)}/iter_0000010")
         assert message in rank["error"]
@@ -184,8 +171,8 @@ def test_data_parallel_random_init_dp_growth_keeps_fresh_rng_past_the_gathered_l
     after a DP growth, DP ranks past its end have no state in it."""
     layout = {"world": 4, "tp": 1, "pp": 1, "ep": 1, "data_parallel_random_init": True}
     name = f"{release}-ep1-random-init"
-    saved = saved_by_coordinates(_save(jobs, RELEASES[release], name, layout))
-    loaded = _load(jobs, RELEASES[release], name, f"{name}-dp8", {**layout, "world": 8})
+    saved = saved_by_coordinates(jobs.save(RELEASES[release], name, layout))
+    loaded = jobs.load(RELEASES[release], name, f"{name}-dp8", {**layout, "world": 8})
     for rank in loaded:
         assert rank["error"] is None
         dp = rank["coords"]["dp"]
@@ -196,14 +183,14 @@ def test_data_parallel_random_init_dp_growth_keeps_fresh_rng_past_the_gathered_l
             assert any(line.startswith(f"WARNING: rank {rank['rank']} (pp 0, tp 0, dp {dp})") for line in rank["logs"])
     assert (
         "stores RNG states gathered with data_parallel_random_init for DP size 4, this job runs DP size 8: "
-        "DP ranks 4..7 keep fresh RNG state" in _rank_zero_logs(loaded)
+        "DP ranks 4..7 keep fresh RNG state" in rank_zero_logs(loaded)
     )
 
 
 def test_every_cut_of_a_real_metadata_file_is_told_from_the_whole_one(jobs, tmp_path):
     """A cut pickle may end with a "." of its own (0.6.2's, cut in half, did); the layout read refuses every
     cut without unpickling, and reads the whole file."""
-    _save(jobs, OLD, "patched-ep2")
+    jobs.save(OLD, "patched-ep2")
     data = (Path(jobs.checkpoint_dir("patched-ep2")) / "iter_0000010" / ".metadata").read_bytes()
     for length in [*range(0, len(data), 7), len(data) // 2, len(data) - 1]:
         (tmp_path / ".metadata").write_bytes(data[:length])
