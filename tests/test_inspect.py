@@ -12,14 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import EP2_DP4, REPO
 
 import bridge_rng_patch
 from tools.release_envs import RELEASES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
-EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 
 
 def _checkpoint(jobs, env, name, **spec) -> str:

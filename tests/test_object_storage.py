@@ -13,11 +13,10 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO, assert_each_rank_resumes_its_own_state, run_python
+from conftest import EP2_DP4, REPO, assert_each_rank_resumes_its_own_state, run_python
 
 from tools.release_envs import FIXED_WITH_MSC, OLD_WITH_MSC, ensure
 
-EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 EP2_DP2 = {**EP2_DP4, "world": 2}
 PROFILE = "checkpoints"
 

@@ -70,7 +70,6 @@ def base_python(python_line: str) -> Path:
 
 
 BASE = base_dir("3.11")
-BASE_PYTHON = base_python("3.11")
 
 
 def find_python(python_line: str) -> Path | None:
@@ -198,7 +197,7 @@ FIXED_FAMILIES = {"0.3.x": "bridge-0.3.1", "0.4.x": "bridge-0.4.2", "0.5.x/0.6.x
 RUNNER = RELEASES["bridge-0.2.0rc6"]
 
 
-def _pip(*args: str, python: Path = BASE_PYTHON) -> None:
+def _pip(*args: str, python: Path) -> None:
     command = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     subprocess.run(command, check=True)
 
