@@ -4,12 +4,18 @@
 fixed release, where only the stored-layout load applies). Megatron-Bridge 0.2.0rc6 by default, 2 ranks, EP 2,
 a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real ``save_checkpoint``, then the
 real ``load_checkpoint`` of what it wrote, as a resume does, timing each across the job (barrier to barrier).
-Unpatched and patched jobs alternate, so that drift in machine load hits both sides alike. Also reports the
-package's own time inside each patched load (its dist-load wrapper, less the load it wraps; the least over
-ranks: a rank that arrives early waits there for rank 0's broadcast, as it would wait in the load's next
-collective without the package), the RNG layout read's own time (the package's scan, and megatron-core's
-``load_sharded_metadata`` that earlier versions used, for reference) and how many reads of the layout one load
-makes across all ranks.
+
+Three sides, one job each per round: A, unpatched; A', unpatched again (the A/A control); B, patched. The
+rounds run the sides in balanced orders after one warm-up job, and each job starts on a settled machine (the
+previous jobs' checkpoints deleted and on disk): see ``sides.py``. ``--no-settle`` and ``--fixed-order``
+(A, A', B in every round) leave those out, to see what they buy. B/A is the end-to-end ratio; A'/A, how far
+it may stray from 1 that day with no package at all.
+
+The figure that noise cannot reach is the package's own time inside each patched load (its dist-load wrapper,
+less the load it wraps; the least over ranks: a rank that arrives early waits there for rank 0's broadcast, as
+it would wait in the load's next collective without the package). Also: the RNG layout read's own time (the
+package's scan, and megatron-core's ``load_sharded_metadata`` that earlier versions used, for reference) and
+how many reads of the layout one load makes across all ranks.
 """
 
 from __future__ import annotations
@@ -23,20 +29,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import sides
 from tools.jobs import TIMING_JOB, crash_summary, run_job
 from tools.release_envs import RELEASES, Release, ensure
 
 DEFAULT_RELEASE = "bridge-0.2.0rc6"
 LAYOUT = {"world": 2, "tp": 1, "pp": 1, "ep": 2}
+# Side -> whether its jobs run with the package. The first is the reference; the second, the A/A control.
+SIDES = {"A": False, "A'": False, "B": True}
+CONTROL = "A'"
+NAMES = {"A": "unpatched", "A'": "unpatched again", "B": "patched"}
 
 
-def _one_job(release: Release, work: Path, tensors: int, patched: bool, run: int) -> dict:
-    name = f"{'patched' if patched else 'unpatched'}-{tensors}-{run}"
+def _one_job(release: Release, work: Path, tensors: int, patched: bool, name: str, settle: bool) -> dict:
     spec = {
         "action": "time_checkpoint",
         "checkpoint_dir": str(work / name),
         "tensors": tensors,
         "patched": patched,
+        "settle": settle,
         **LAYOUT,
     }
     results = run_job(release, spec, work, name, TIMING_JOB)
@@ -50,78 +61,91 @@ def _one_job(release: Release, work: Path, tensors: int, patched: bool, run: int
     return timing
 
 
-def _summary(samples: list[float]) -> dict:
-    return {"median_s": statistics.median(samples), "range_s": [min(samples), max(samples)]}
-
-
-def measure(release: Release, tensors: int, runs: int, work: Path) -> dict:
-    sides: dict[bool, list[dict]] = {False: [], True: []}
-    for run in range(runs):
-        for patched in (False, True):
-            sides[patched].append(_one_job(release, work, tensors, patched, run))
-    figures: dict = {"tensors": tensors, "runs": runs}
-    for what in ("save_s", "load_s"):
-        unpatched = _summary([timing[what] for timing in sides[False]])
-        patched = _summary([timing[what] for timing in sides[True]])
-        figures[what.removesuffix("_s")] = {
-            "unpatched": unpatched,
-            "patched": patched,
-            "ratio": patched["median_s"] / unpatched["median_s"],
-        }
-    figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in sides[True])
+def measure(release: Release, tensors: int, rounds: int, work: Path, settle: bool, balanced: bool) -> dict:
+    """Every side's jobs, run in balanced orders (or in one order), and what they measured."""
+    _one_job(release, work, tensors, False, f"warm-up-{tensors}", settle)  # the run's first job also reads the
+    # environment's files from disk: it would weigh on whichever side came first
+    timings: dict[str, list[dict]] = {side: [] for side in SIDES}
+    orders = []
+    orders_to_run = sides.balanced_rounds(list(SIDES), rounds) if balanced else [tuple(SIDES)] * rounds
+    for number, order in enumerate(orders_to_run):
+        orders.append(" ".join(order))
+        for side in order:
+            if settle:
+                sides.settle(work)
+            name = f"{NAMES[side].replace(' ', '-')}-{tensors}-{number}"
+            timings[side].append(_one_job(release, work, tensors, SIDES[side], name, settle))
+    figures: dict = {"tensors": tensors, "rounds": rounds, "settled": settle, "orders": orders}
+    for what in ("save", "load"):
+        samples = {side: [timing[f"{what}_s"] for timing in timings[side]] for side in SIDES}
+        figures[what] = {side: sides.spread(samples[side]) for side in SIDES}
+        figures[what]["A/A"] = sides.ratio(samples[CONTROL], samples["A"])
+        figures[what]["A/B"] = sides.ratio(samples["B"], samples["A"])
+    patched = timings["B"]
+    figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in patched)
     figures["load_sharded_metadata_ms"] = statistics.median(
-        timing["load_sharded_metadata_s"] * 1e3 for timing in sides[True]
+        timing["load_sharded_metadata_s"] * 1e3 for timing in patched
     )
-    figures["layout_reads_per_load"] = sorted({timing["layout_reads"] for timing in sides[True]})
-    package_in_load = [timing["package_in_load_s"] for timing in sides[True]]
-    figures["package_in_load_ms"] = statistics.median(package_in_load) * 1e3
+    figures["layout_reads_per_load"] = sorted({timing["layout_reads"] for timing in patched})
+    figures["package_in_load_ms"] = statistics.median(timing["package_in_load_s"] for timing in patched) * 1e3
     figures["package_in_load_share"] = statistics.median(
-        timing["package_in_load_s"] / timing["load_s"] for timing in sides[True]
+        timing["package_in_load_s"] / timing["load_s"] for timing in patched
     )
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="300 tensors, 2 runs: a smoke run, rough figures")
-    parser.add_argument("--runs", type=int, default=5, help="jobs per side and size (default 5)")
+    parser.add_argument("--quick", action="store_true", help="300 tensors, 2 rounds: a smoke run, rough figures")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="jobs per side and size (default 6; balanced in multiples of 6)"
+    )
     parser.add_argument("--tensors", type=int, nargs="+", default=[300, 3000, 30000], help="model sizes")
     parser.add_argument("--release", default=DEFAULT_RELEASE, choices=sorted(RELEASES), help="which release")
+    parser.add_argument("--no-settle", action="store_true", help="start each job as soon as the last one ends")
+    parser.add_argument("--fixed-order", action="store_true", help="run the sides as A, A', B in every round")
     options = parser.parse_args()
-    sizes, runs = ((300,), 2) if options.quick else (options.tensors, options.runs)
+    sizes, rounds = ((300,), 2) if options.quick else (options.tensors, options.rounds)
     release = ensure(RELEASES[options.release])
     report = []
     with tempfile.TemporaryDirectory() as work_dir:
         for tensors in sizes:
-            print(f"{tensors} tensors, {runs} runs per side ...", flush=True)
-            report.append(measure(release, tensors, runs, Path(work_dir)))
+            print(f"{tensors} tensors, {rounds} rounds of {', '.join(SIDES)} ...", flush=True)
+            settle, balanced = not options.no_settle, not options.fixed_order
+            report.append(measure(release, tensors, rounds, Path(work_dir), settle, balanced))
             print(json.dumps(report[-1], indent=1), flush=True)
     print(markdown_table(report))
     return 0
 
 
 def markdown_table(report: list[dict]) -> str:
-    """The README's table of these figures: medians, the spread of the jobs in brackets."""
+    """The README's table of these figures: each side's median, the range of its jobs in brackets."""
 
     def seconds(side: dict) -> str:
-        low, high = side["range_s"]
-        return f"{side['median_s']:.2f} s ({low:.2f}-{high:.2f})"
+        low, high = side["range"]
+        return f"{side['median']:.2f} s ({low:.2f}-{high:.2f})"
 
     rows = [
-        "| tensors | save, unpatched | save, patched | ratio | load, unpatched | load, patched | ratio "
-        "| package's own time in the load | layout read: scan / load_sharded_metadata | layout reads per load |",
+        "| tensors | | A: unpatched | A': unpatched again | B: patched | A/A: A'/A | A/B: B/A "
+        "| package's own time | layout read: scan / load_sharded_metadata | layout reads per load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for figures in report:
-        save, load = figures["save"], figures["load"]
-        reads = ", ".join(map(str, figures["layout_reads_per_load"]))
-        layout_read = f"{figures['layout_read_ms']:.1f} ms / {figures['load_sharded_metadata_ms']:.0f} ms"
-        rows.append(
-            f"| {figures['tensors']:,} | {seconds(save['unpatched'])} | {seconds(save['patched'])} "
-            f"| {save['ratio']:.2f} | {seconds(load['unpatched'])} | {seconds(load['patched'])} "
-            f"| {load['ratio']:.2f} | {figures['package_in_load_ms']:.1f} ms ({figures['package_in_load_share']:.2%}) "
-            f"| {layout_read} | {reads} |"
-        )
+        for what in ("save", "load"):
+            timed = figures[what]
+            row = (
+                f"| {figures['tensors']:,} | {what} | {seconds(timed['A'])} | {seconds(timed[CONTROL])} "
+                f"| {seconds(timed['B'])} | {timed['A/A']:.3f} | {timed['A/B']:.3f} |"
+            )
+            if what == "load":
+                reads = ", ".join(map(str, figures["layout_reads_per_load"]))
+                row += (
+                    f" {figures['package_in_load_ms']:.1f} ms ({figures['package_in_load_share']:.2%}) "
+                    f"| {figures['layout_read_ms']:.1f} ms / {figures['load_sharded_metadata_ms']:.0f} ms | {reads} |"
+                )
+            else:
+                row += " | | |"
+            rows.append(row)
     return "\n".join(rows)
 
 

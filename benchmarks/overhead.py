@@ -4,10 +4,13 @@
 needed, then reports medians over repeated runs, as ratios where there is something to compare against:
 
 1. ``import bridge_rng_patch`` in a fresh interpreter: time, and whether torch or megatron got imported.
-2. importing ``megatron.bridge.training.checkpointing`` with the package active vs without (0.2.0rc6).
+2. importing ``megatron.bridge.training.checkpointing`` with the package active vs without (0.2.0rc6), each
+   in a fresh interpreter: A without, A' without again (the A/A control), B active, in balanced orders
+   (``sides.py``).
 3. one call of ``get_rng_state``, 4 ranks, EP 2: patched 0.2.0rc6 vs the same release unpatched, in one
-   process with the package applied and undone between alternating blocks (the package's own share, target
-   <= 3 us), and the fixed upstream one on 0.3.1, for information.
+   process with the package applied and undone between blocks in balanced orders, beside an A/A control
+   (the package's own share, target <= 3 us), and the fixed upstream one on 0.3.1, for information; the jobs
+   on the two releases run in ABBA order.
 4. the RNG restore, tracker with 3 states, the same way (the package's share, target <= 5 us), and
    upstream's fixed restore (0.3.1), with the number of conversions per restore.
 
@@ -27,12 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import sides
 from tools.jobs import TIMING_JOB, crash_summary, run_job
 from tools.release_envs import RELEASES, Release, ensure
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
 EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+CONTROL = "A'"  # the reference side, run again under another name
 
 TIME_PACKAGE_IMPORT = """
 import json, sys, time
@@ -75,28 +80,35 @@ def package_import(runs: int) -> dict:
 
 
 def bridge_import(runs: int) -> dict:
-    timings: dict[str, list[float]] = {"active": [], "without": []}
+    modes = {"A": "without", CONTROL: "without", "B": "active"}
+    timings: dict[str, list[float]] = {side: [] for side in modes}
     states = []
-    for _ in range(runs):  # interleaved, so drifts in machine load hit both sides alike
-        for mode in timings:
-            sample = _fresh_interpreter(OLD, TIME_BRIDGE_IMPORT, mode)
-            timings[mode].append(sample["seconds"])
+    for order in sides.balanced_rounds(list(modes), runs):
+        for side in order:
+            sample = _fresh_interpreter(OLD, TIME_BRIDGE_IMPORT, modes[side])
+            timings[side].append(sample["seconds"])
             states = sample["states"] or states
-    active, without = (statistics.median(timings[mode]) for mode in ("active", "without"))
-    return {"active_s": active, "without_s": without, "ratio": active / without, "patch_states": states}
+    figures = {side: sides.spread(samples) for side, samples in timings.items()}
+    return {
+        **figures,
+        "A/A": sides.ratio(timings[CONTROL], timings["A"]),
+        "A/B": sides.ratio(timings["B"], timings["A"]),
+        "patch_states": states,
+    }
 
 
 def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list[dict]]:
-    """Rank 0's timings from ``runs`` jobs on the old release and as many on the fixed one, interleaved.
+    """Rank 0's timings from ``runs`` jobs on the old release and as many on the fixed one, in ABBA order.
 
-    In each job on the old release the package is applied and undone between alternating blocks of calls
-    (``_per_call_timings`` in benchmarks/timing_job.py), so its share comes from one process, not from the
-    difference of two jobs' medians, which differ by more than the share from job to job.
+    In each job on the old release the package is applied and undone between blocks of calls in balanced
+    orders, beside an A/A control (``_per_call_timings`` in benchmarks/timing_job.py), so its share comes from
+    one process, not from the difference of two jobs' medians, which differ by more than the share from job to
+    job.
     """
     timings: dict[str, list[dict]] = {OLD.name: [], FIXED.name: []}
-    for run in range(runs):
-        for env in (OLD, FIXED):
-            spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 9, **EP2}
+    for run, order in enumerate(sides.balanced_rounds([OLD, FIXED], runs)):
+        for env in order:
+            spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 12, **EP2}
             spec["patched"] = env is OLD  # the fixed release as released: upstream's own cost
             results = run_job(env, spec, work, f"{action}-{env.name}-{run}", TIMING_JOB)
             crashes = crash_summary(results)
@@ -118,6 +130,7 @@ def per_call_cost(action: str, work: Path, runs: int, calls: int) -> dict:
         "patched old": _microseconds([timing["seconds_per_call"]["patched"] for timing in old]),
         "unpatched old": _microseconds([timing["seconds_per_call"]["unpatched"] for timing in old]),
         "package share": _microseconds([timing["share_seconds_per_call"] for timing in old]),
+        "A/A control": _microseconds([timing["control_seconds_per_call"] for timing in old]),
         "fixed upstream": _microseconds([timing["seconds_per_call"]["as released"] for timing in fixed]),
     }
     figures["ratio_vs_fixed_upstream"] = figures["patched old"]["median_us"] / figures["fixed upstream"]["median_us"]
@@ -134,7 +147,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run: few repeats, rough figures")
     options = parser.parse_args()
-    runs, calls = (2, 200) if options.quick else (9, 5000)
+    runs, calls = (2, 200) if options.quick else (8, 5000)
     ensure(OLD)
     ensure(FIXED)
     report = {"runs": runs}
@@ -157,7 +170,7 @@ def markdown_table(report: dict) -> str:
 
     def micro(figure: dict) -> str:
         low, high = figure["range_us"]
-        return f"{figure['median_us']:.1f} µs ({low:.1f}-{high:.1f})"
+        return f"{figure['median_us']:.1f} µs ({low:.1f} to {high:.1f})"
 
     heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
     bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
@@ -168,14 +181,16 @@ def markdown_table(report: dict) -> str:
             "|---|---|---|---|---|---|",
             f"| `import bridge_rng_patch`, fresh interpreter | {report['package_import']['median_ms']:.1f} ms, "
             f"imports {heavy} | | | < 20 ms | |",
-            f"| importing Bridge's checkpointing module | {bridge['active_s']:.2f} s | {bridge['without_s']:.2f} s "
-            f"| ratio {bridge['ratio']:.3f} | | |",
+            f"| importing Bridge's checkpointing module | {bridge['B']['median']:.2f} s "
+            f"| {bridge['A']['median']:.2f} s; again: {bridge[CONTROL]['median']:.2f} s "
+            f"| ratio {bridge['A/B']:.3f}; A/A control: {bridge['A/A']:.3f} | | |",
             f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "
-            f"| {micro(rng['package share'])} | <= 3 µs | {micro(rng['fixed upstream'])} |",
+            f"| {micro(rng['package share'])}; A/A control: {micro(rng['A/A control'])} | <= 3 µs "
+            f"| {micro(rng['fixed upstream'])} |",
             f"| RNG restore, tracker with {restore['tracker_states']} states | {micro(restore['patched old'])}, "
             f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
-            f"| {micro(restore['package share'])} | <= 5 µs | {micro(restore['fixed upstream'])}, "
-            f"{conversions['fixed upstream']} conversions |",
+            f"| {micro(restore['package share'])}; A/A control: {micro(restore['A/A control'])} | <= 5 µs "
+            f"| {micro(restore['fixed upstream'])}, {conversions['fixed upstream']} conversions |",
         ]
     )
 

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "jobs"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rng_job
+
+from benchmarks import sides
 
 
 def _time_get_rng_state(spec: dict) -> dict:
@@ -109,31 +112,45 @@ def _counting(convert: Any, conversions: list[int]) -> Any:
 
 
 def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -> dict:
-    """Seconds per call, the median over ``repeats`` blocks of ``calls`` calls each.
+    """Seconds per call, the median over ``repeats`` rounds of blocks of ``calls`` calls each.
 
-    With the package, blocks with it applied and with it undone alternate in this one process, so both sides
-    share its memory layout, caches and machine load; the package's share is the median of the paired
-    differences. A job without the package (``patched`` false) has one side, the release as released.
+    With the package, each round runs three blocks in this one process, in balanced orders (benchmarks/sides.py):
+    unpatched, unpatched again (the A/A control), patched, the package undone and applied in between, so all
+    share its memory layout, caches and machine load. The package's share is the median of the rounds'
+    differences, patched less unpatched; the control's, unpatched again less unpatched, is what such a
+    difference is with no package at all. A job without the package (``patched`` false) has one side, the
+    release as released.
     """
     import statistics
 
-    blocks = spec["repeats"]
+    rounds = spec["repeats"]
     if not spec.get("patched", True):
-        as_released = [_block_seconds_per_call(call, spec["calls"]) for _ in range(blocks)]
+        as_released = [_block_seconds_per_call(call, spec["calls"]) for _ in range(rounds)]
         return {"seconds_per_call": {"as released": statistics.median(as_released)}}
     import bridge_rng_patch
 
-    samples: dict[str, list[float]] = {"patched": [], "unpatched": []}
-    for _ in range(blocks):
-        bridge_rng_patch.undo()
-        samples["unpatched"].append(_block_seconds_per_call(call_without_package or call, spec["calls"]))
-        bridge_rng_patch.apply()
-        samples["patched"].append(_block_seconds_per_call(call, spec["calls"]))
+    calls = {
+        "unpatched": call_without_package or call,
+        "unpatched again": call_without_package or call,
+        "patched": call,
+    }
+    samples: dict[str, list[float]] = {side: [] for side in calls}
+    for order in sides.balanced_rounds(list(calls), rounds):
+        for side in order:
+            if side == "patched":
+                bridge_rng_patch.apply()
+            else:
+                bridge_rng_patch.undo()
+            samples[side].append(_block_seconds_per_call(calls[side], spec["calls"]))
+    bridge_rng_patch.apply()
+
+    def median_difference(side: str) -> float:
+        return statistics.median(a - b for a, b in zip(samples[side], samples["unpatched"], strict=True))
+
     return {
         "seconds_per_call": {side: statistics.median(side_samples) for side, side_samples in samples.items()},
-        "share_seconds_per_call": statistics.median(
-            patched - unpatched for patched, unpatched in zip(samples["patched"], samples["unpatched"], strict=True)
-        ),
+        "share_seconds_per_call": median_difference("patched"),
+        "control_seconds_per_call": median_difference("unpatched again"),
     }
 
 
@@ -162,8 +179,12 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
 
     One load per job, as a resume is. Each timed call starts with ``gc.collect()``: otherwise the collector's
     counters, left by whatever ran before, decide whether a full collection (0.3-0.4 s on this heap) falls
-    inside the timed call, and that swung one side's load by 0.45 s in either direction.
+    inside the timed call, and that swung one side's load by 0.45 s in either direction. With ``settle`` in the
+    spec it also starts with the writes before it on disk (the save's files that it does not sync itself,
+    before the load), as a resume from a checkpoint written earlier does.
     """
+
+    import os
 
     import torch
 
@@ -172,6 +193,8 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
     package_in_load = _time_package_in_load(spec)
 
     def across_the_job(call: Any) -> float:
+        if spec.get("settle"):
+            os.sync()
         gc.collect()  # each side starts with the collector's counters at zero, see the docstring
         torch.distributed.barrier()
         start = time.perf_counter()
