@@ -9,7 +9,8 @@ Three sides, one job each per round: A, unpatched; A', unpatched again (the A/A 
 rounds run the sides in balanced orders after one warm-up job, and each job starts on a settled machine (the
 previous jobs' checkpoints deleted and on disk): see ``sides.py``. ``--no-settle`` and ``--fixed-order``
 (A, A', B in every round) leave those out, to see what they buy. B/A is the end-to-end ratio; A'/A, how far
-it may stray from 1 that day with no package at all.
+it strayed from 1 that day with no package at all; the no-difference band, how far it strays when the jobs are
+dealt out among the sides at random (95%): a B/A inside it shows no cost.
 
 The figure that noise cannot reach is the package's own time inside each patched load (its dist-load wrapper,
 less the load it wraps; the least over ranks: a rank that arrives early waits there for rank 0's broadcast, as
@@ -81,6 +82,7 @@ def measure(release: Release, tensors: int, rounds: int, work: Path, settle: boo
         figures[what] = {side: sides.spread(samples[side]) for side in SIDES}
         figures[what]["A/A"] = sides.ratio(samples[CONTROL], samples["A"])
         figures[what]["A/B"] = sides.ratio(samples["B"], samples["A"])
+        figures[what]["no-difference band"] = sides.no_difference_band(samples)
     patched = timings["B"]
     figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in patched)
     figures["load_sharded_metadata_ms"] = statistics.median(
@@ -123,19 +125,22 @@ def markdown_table(report: list[dict]) -> str:
 
     def seconds(side: dict) -> str:
         low, high = side["range"]
+        if high < 1:
+            return f"{side['median'] * 1e3:.0f} ms ({low * 1e3:.0f}-{high * 1e3:.0f})"
         return f"{side['median']:.2f} s ({low:.2f}-{high:.2f})"
 
     rows = [
-        "| tensors | | A: unpatched | A': unpatched again | B: patched | A/A: A'/A | A/B: B/A "
+        "| tensors | | A: unpatched | A': unpatched again | B: patched | A/A: A'/A | A/B: B/A | no-difference band "
         "| package's own time | layout read: scan / load_sharded_metadata | layout reads per load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for figures in report:
         for what in ("save", "load"):
             timed = figures[what]
+            low, high = timed["no-difference band"]
             row = (
                 f"| {figures['tensors']:,} | {what} | {seconds(timed['A'])} | {seconds(timed[CONTROL])} "
-                f"| {seconds(timed['B'])} | {timed['A/A']:.3f} | {timed['A/B']:.3f} |"
+                f"| {seconds(timed['B'])} | {timed['A/A']:.3f} | {timed['A/B']:.3f} | {low:.3f} to {high:.3f} |"
             )
             if what == "load":
                 reads = ", ".join(map(str, figures["layout_reads_per_load"]))

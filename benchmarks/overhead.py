@@ -93,6 +93,7 @@ def bridge_import(runs: int) -> dict:
         **figures,
         "A/A": sides.ratio(timings[CONTROL], timings["A"]),
         "A/B": sides.ratio(timings["B"], timings["A"]),
+        "no-difference band": sides.no_difference_band(timings),
         "patch_states": states,
     }
 
@@ -174,6 +175,7 @@ def markdown_table(report: dict) -> str:
 
     heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
     bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
+    low, high = bridge["no-difference band"]
     conversions = restore["conversions_per_restore"]
     return "\n".join(
         [
@@ -183,7 +185,8 @@ def markdown_table(report: dict) -> str:
             f"imports {heavy} | | | < 20 ms | |",
             f"| importing Bridge's checkpointing module | {bridge['B']['median']:.2f} s "
             f"| {bridge['A']['median']:.2f} s; again: {bridge[CONTROL]['median']:.2f} s "
-            f"| ratio {bridge['A/B']:.3f}; A/A control: {bridge['A/A']:.3f} | | |",
+            f"| ratio {bridge['A/B']:.3f}; A/A control: {bridge['A/A']:.3f}; no-difference band: {low:.3f} to "
+            f"{high:.3f} | | |",
             f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "
             f"| {micro(rng['package share'])}; A/A control: {micro(rng['A/A control'])} | <= 3 µs "
             f"| {micro(rng['fixed upstream'])} |",

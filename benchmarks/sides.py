@@ -4,16 +4,18 @@ settled machine.
 Run back to back, a job that follows another one can run slower than the one before it (a reported run:
 unpatched / patched / unpatched again, saves of 3.18 s / 3.49 s / 3.75 s), and a fixed order puts that on one
 side every time. A balanced order spreads it over every side alike; the A/A control, the reference side run
-twice under two names, shows how far two identical sides differ on that machine that day, which is the
-distance from 1 that a ratio of the side under test must beat before it says anything.
+twice under two names, shows how far two identical sides differ on that machine that day. It is one draw;
+the no-difference band is many: the ratios the sides' jobs give when their labels are shuffled among them.
+A ratio of the side under test inside that band shows no difference from the reference.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import cycle, islice
 from pathlib import Path
 from typing import TypeVar
@@ -23,15 +25,20 @@ Side = TypeVar("Side")
 
 def balanced_orders(sides: Sequence[Side]) -> list[tuple[Side, ...]]:
     """Orders in which every side runs in every position, and right after every other side, equally often: a
-    cyclic Latin square and its mirror image (a Williams design; for two sides, ABBA)."""
+    Williams design. Its first order takes the sides as first, second, last, third, last but one, ...; the
+    others shift that by one side each; an odd number of sides needs their mirror images too. For two sides:
+    AB, BA (ABBA); for three, six orders."""
     count = len(sides)
-    square = [tuple(sides[(first + step) % count] for step in range(count)) for first in range(count)]
-    return square + [order[::-1] for order in square]
+    first = [0]
+    for step in range(1, count):
+        first.append((step + 1) // 2 if step % 2 else count - step // 2)
+    orders = [tuple(sides[(index + shift) % count] for index in first) for shift in range(count)]
+    return orders if count % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
 def balanced_rounds(sides: Sequence[Side], rounds: int) -> Iterator[tuple[Side, ...]]:
     """``rounds`` orders, cycling through :func:`balanced_orders`; balanced whenever ``rounds`` is a multiple
-    of ``2 * len(sides)``."""
+    of their number."""
     return islice(cycle(balanced_orders(sides)), rounds)
 
 
@@ -52,3 +59,17 @@ def spread(samples: Sequence[float]) -> dict:
 def ratio(side: Sequence[float], reference: Sequence[float]) -> float:
     """The ratio of the two sides' medians."""
     return statistics.median(side) / statistics.median(reference)
+
+
+def no_difference_band(samples: Mapping[str, Sequence[float]], draws: int = 4000) -> list[float]:
+    """The middle 95% of the ratios of two sides' medians when the jobs of all ``samples``' sides (as many per
+    side) are dealt out among them at random: how far from 1 such a ratio strays when no side differs at all."""
+    pool = [sample for side in samples.values() for sample in side]
+    size = len(pool) // len(samples)
+    dealer = random.Random(0)  # the same band for the same samples
+    ratios = []
+    for _ in range(draws):
+        dealer.shuffle(pool)
+        ratios.append(statistics.median(pool[:size]) / statistics.median(pool[size : 2 * size]))
+    ratios.sort()
+    return [ratios[int(0.025 * draws)], ratios[int(0.975 * draws)]]
