@@ -36,10 +36,9 @@ from tools.release_envs import RELEASES, Release, ensure
 
 DEFAULT_RELEASE = "bridge-0.2.0rc6"
 LAYOUT = {"world": 2, "tp": 1, "pp": 1, "ep": 2}
-# Side -> whether its jobs run with the package. The first is the reference; the second, the A/A control.
-SIDES = {"A": False, "A'": False, "B": True}
-CONTROL = "A'"
-NAMES = {"A": "unpatched", "A'": "unpatched again", "B": "patched"}
+# Side -> whether its jobs run with the package.
+SIDES = {sides.REFERENCE: False, sides.CONTROL: False, sides.TESTED: True}
+NAMES = {sides.REFERENCE: "unpatched", sides.CONTROL: "unpatched again", sides.TESTED: "patched"}
 
 
 def _one_job(release: Release, work: Path, tensors: int, patched: bool, name: str, settle: bool) -> dict:
@@ -78,12 +77,8 @@ def measure(release: Release, tensors: int, rounds: int, work: Path, settle: boo
             timings[side].append(_one_job(release, work, tensors, SIDES[side], name, settle))
     figures: dict = {"tensors": tensors, "rounds": rounds, "settled": settle, "orders": orders}
     for what in ("save", "load"):
-        samples = {side: [timing[f"{what}_s"] for timing in timings[side]] for side in SIDES}
-        figures[what] = {side: sides.spread(samples[side]) for side in SIDES}
-        figures[what]["A/A"] = sides.ratio(samples[CONTROL], samples["A"])
-        figures[what]["A/B"] = sides.ratio(samples["B"], samples["A"])
-        figures[what]["no-difference band"] = sides.no_difference_band(samples)
-    patched = timings["B"]
+        figures[what] = sides.compare({side: [timing[f"{what}_s"] for timing in timings[side]] for side in SIDES})
+    patched = timings[sides.TESTED]
     figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in patched)
     figures["load_sharded_metadata_ms"] = statistics.median(
         timing["load_sharded_metadata_s"] * 1e3 for timing in patched
@@ -108,12 +103,12 @@ def main() -> int:
     parser.add_argument("--fixed-order", action="store_true", help="run the sides as A, A', B in every round")
     options = parser.parse_args()
     sizes, rounds = ((300,), 2) if options.quick else (options.tensors, options.rounds)
+    settle, balanced = not options.no_settle, not options.fixed_order
     release = ensure(RELEASES[options.release])
     report = []
     with tempfile.TemporaryDirectory() as work_dir:
         for tensors in sizes:
             print(f"{tensors} tensors, {rounds} rounds of {', '.join(SIDES)} ...", flush=True)
-            settle, balanced = not options.no_settle, not options.fixed_order
             report.append(measure(release, tensors, rounds, Path(work_dir), settle, balanced))
             print(json.dumps(report[-1], indent=1), flush=True)
     print(markdown_table(report))
@@ -139,8 +134,9 @@ def markdown_table(report: list[dict]) -> str:
             timed = figures[what]
             low, high = timed["no-difference band"]
             row = (
-                f"| {figures['tensors']:,} | {what} | {seconds(timed['A'])} | {seconds(timed[CONTROL])} "
-                f"| {seconds(timed['B'])} | {timed['A/A']:.3f} | {timed['A/B']:.3f} | {low:.3f} to {high:.3f} |"
+                f"| {figures['tensors']:,} | {what} | {seconds(timed[sides.REFERENCE])} "
+                f"| {seconds(timed[sides.CONTROL])} | {seconds(timed[sides.TESTED])} | {timed['A/A']:.3f} "
+                f"| {timed['A/B']:.3f} | {low:.3f} to {high:.3f} |"
             )
             if what == "load":
                 reads = ", ".join(map(str, figures["layout_reads_per_load"]))

@@ -37,7 +37,6 @@ from tools.release_envs import RELEASES, Release, ensure
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
 EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
-CONTROL = "A'"  # the reference side, run again under another name
 
 TIME_PACKAGE_IMPORT = """
 import json, sys, time
@@ -80,7 +79,7 @@ def package_import(runs: int) -> dict:
 
 
 def bridge_import(runs: int) -> dict:
-    modes = {"A": "without", CONTROL: "without", "B": "active"}
+    modes = {sides.REFERENCE: "without", sides.CONTROL: "without", sides.TESTED: "active"}
     timings: dict[str, list[float]] = {side: [] for side in modes}
     states = []
     for order in sides.balanced_rounds(list(modes), runs):
@@ -88,14 +87,7 @@ def bridge_import(runs: int) -> dict:
             sample = _fresh_interpreter(OLD, TIME_BRIDGE_IMPORT, modes[side])
             timings[side].append(sample["seconds"])
             states = sample["states"] or states
-    figures = {side: sides.spread(samples) for side, samples in timings.items()}
-    return {
-        **figures,
-        "A/A": sides.ratio(timings[CONTROL], timings["A"]),
-        "A/B": sides.ratio(timings["B"], timings["A"]),
-        "no-difference band": sides.no_difference_band(timings),
-        "patch_states": states,
-    }
+    return {**sides.compare(timings), "patch_states": states}
 
 
 def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list[dict]]:
@@ -183,8 +175,8 @@ def markdown_table(report: dict) -> str:
             "|---|---|---|---|---|---|",
             f"| `import bridge_rng_patch`, fresh interpreter | {report['package_import']['median_ms']:.1f} ms, "
             f"imports {heavy} | | | < 20 ms | |",
-            f"| importing Bridge's checkpointing module | {bridge['B']['median']:.2f} s "
-            f"| {bridge['A']['median']:.2f} s; again: {bridge[CONTROL]['median']:.2f} s "
+            f"| importing Bridge's checkpointing module | {bridge[sides.TESTED]['median']:.2f} s "
+            f"| {bridge[sides.REFERENCE]['median']:.2f} s; again: {bridge[sides.CONTROL]['median']:.2f} s "
             f"| ratio {bridge['A/B']:.3f}; A/A control: {bridge['A/A']:.3f}; no-difference band: {low:.3f} to "
             f"{high:.3f} | | |",
             f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "

@@ -22,6 +22,9 @@ from typing import TypeVar
 
 Side = TypeVar("Side")
 
+# The reference side, the same side run again under another name (the A/A control), and the side under test.
+REFERENCE, CONTROL, TESTED = "A", "A'", "B"
+
 
 def balanced_orders(sides: Sequence[Side]) -> list[tuple[Side, ...]]:
     """Orders in which every side runs in every position, and right after every other side, equally often: a
@@ -59,6 +62,16 @@ def spread(samples: Sequence[float]) -> dict:
 def ratio(side: Sequence[float], reference: Sequence[float]) -> float:
     """The ratio of the two sides' medians."""
     return statistics.median(side) / statistics.median(reference)
+
+
+def compare(samples: Mapping[str, Sequence[float]]) -> dict:
+    """Each side's spread; the control's and the tested side's ratios to the reference (A/A, A/B); the band."""
+    return {
+        **{side: spread(side_samples) for side, side_samples in samples.items()},
+        "A/A": ratio(samples[CONTROL], samples[REFERENCE]),
+        "A/B": ratio(samples[TESTED], samples[REFERENCE]),
+        "no-difference band": no_difference_band(samples),
+    }
 
 
 def no_difference_band(samples: Mapping[str, Sequence[float]], draws: int = 4000) -> list[float]:
