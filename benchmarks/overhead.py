@@ -13,6 +13,8 @@ needed, then reports medians over repeated runs, as ratios where there is someth
    on the two releases run in ABBA order.
 4. the RNG restore, tracker with 3 states, the same way (the package's share, target <= 5 us), and
    upstream's fixed restore (0.3.1), with the number of conversions per restore.
+5. one call of ``get_rng_state`` in Megatron-LM's own loop (megatron-core 0.19.2), 4 ranks, EP 2: the package's
+   share the same way, in its own jobs.
 
 End-to-end save and load of real checkpoints: ``benchmarks/checkpoint_cost.py``.
 """
@@ -36,6 +38,7 @@ from tools.release_envs import RELEASES, Release, ensure
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
+MEGATRON_LM = RELEASES["megatron-lm-0.19.2"]
 EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 
 TIME_PACKAGE_IMPORT = """
@@ -54,7 +57,7 @@ if sys.argv[1] == 'active':
 start = time.perf_counter()
 import megatron.bridge.training.checkpointing
 elapsed = time.perf_counter() - start
-states = [s.state for s in bridge_rng_patch.status()] if sys.argv[1] == 'active' else []
+states = [s.state for s in bridge_rng_patch.status('Megatron-Bridge')] if sys.argv[1] == 'active' else []
 print(json.dumps({'seconds': elapsed, 'states': states}))
 """
 
@@ -101,14 +104,28 @@ def timed_jobs(action: str, work: Path, runs: int, calls: int) -> dict[str, list
     timings: dict[str, list[dict]] = {OLD.name: [], FIXED.name: []}
     for run, order in enumerate(sides.balanced_rounds([OLD, FIXED], runs)):
         for env in order:
-            spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 12, **EP2}
-            spec["patched"] = env is OLD  # the fixed release as released: upstream's own cost
-            results = run_job(env, spec, work, f"{action}-{env.name}-{run}", TIMING_JOB)
-            crashes = crash_summary(results)
-            if crashes:
-                raise RuntimeError(crashes)
-            timings[env.name].append(results[0]["timing"])
+            # The fixed release as released: upstream's own cost.
+            timings[env.name].append(_rank_zero_timing(env, action, work, f"{run}", calls, patched=env is OLD))
     return timings
+
+
+def _rank_zero_timing(env: Release, action: str, work: Path, run: str, calls: int, patched: bool) -> dict:
+    spec = {"action": action, "checkpoint_dir": str(work), "calls": calls, "repeats": 12, "patched": patched, **EP2}
+    results = run_job(env, spec, work, f"{action}-{env.name}-{run}", TIMING_JOB)
+    crashes = crash_summary(results)
+    if crashes:
+        raise RuntimeError(crashes)
+    return results[0]["timing"]
+
+
+def _package_share(patched_jobs: list[dict]) -> dict:
+    """Per call, from jobs with the package applied and undone between blocks: each side and the share."""
+    return {
+        "patched": _microseconds([timing["seconds_per_call"]["patched"] for timing in patched_jobs]),
+        "unpatched": _microseconds([timing["seconds_per_call"]["unpatched"] for timing in patched_jobs]),
+        "package share": _microseconds([timing["share_seconds_per_call"] for timing in patched_jobs]),
+        "A/A control": _microseconds([timing["control_seconds_per_call"] for timing in patched_jobs]),
+    }
 
 
 def _microseconds(seconds: list[float]) -> dict:
@@ -119,11 +136,12 @@ def _microseconds(seconds: list[float]) -> dict:
 def per_call_cost(action: str, work: Path, runs: int, calls: int) -> dict:
     timings = timed_jobs(action, work, runs, calls)
     old, fixed = timings[OLD.name], timings[FIXED.name]
+    share = _package_share(old)
     figures = {
-        "patched old": _microseconds([timing["seconds_per_call"]["patched"] for timing in old]),
-        "unpatched old": _microseconds([timing["seconds_per_call"]["unpatched"] for timing in old]),
-        "package share": _microseconds([timing["share_seconds_per_call"] for timing in old]),
-        "A/A control": _microseconds([timing["control_seconds_per_call"] for timing in old]),
+        "patched old": share["patched"],
+        "unpatched old": share["unpatched"],
+        "package share": share["package share"],
+        "A/A control": share["A/A control"],
         "fixed upstream": _microseconds([timing["seconds_per_call"]["as released"] for timing in fixed]),
     }
     figures["ratio_vs_fixed_upstream"] = figures["patched old"]["median_us"] / figures["fixed upstream"]["median_us"]
@@ -143,6 +161,7 @@ def main() -> int:
     runs, calls = (2, 200) if options.quick else (8, 5000)
     ensure(OLD)
     ensure(FIXED)
+    ensure(MEGATRON_LM)
     report = {"runs": runs}
     print("1. import bridge_rng_patch ...", flush=True)
     report["package_import"] = package_import(runs * 3)
@@ -153,6 +172,12 @@ def main() -> int:
         report["get_rng_state"] = per_call_cost("time_get_rng_state", Path(work_dir), runs, calls)
         print("4. RNG restore per call, tracker with 3 states ...", flush=True)
         report["restore"] = per_call_cost("time_restore", Path(work_dir), runs, calls)
+        print("5. get_rng_state per call in Megatron-LM's loop (megatron-core 0.19.2), 4 ranks, EP 2 ...", flush=True)
+        jobs = [
+            _rank_zero_timing(MEGATRON_LM, "time_get_rng_state", Path(work_dir), f"{run}", calls, patched=True)
+            for run in range(max(2, runs // 2))
+        ]
+        report["megatron_lm_get_rng_state"] = _package_share(jobs)
     print(json.dumps(report, indent=2))
     print(markdown_table(report))
     return 0
@@ -167,6 +192,7 @@ def markdown_table(report: dict) -> str:
 
     heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
     bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
+    mlm = report["megatron_lm_get_rng_state"]
     low, high = bridge["no-difference band"]
     conversions = restore["conversions_per_restore"]
     return "\n".join(
@@ -186,6 +212,9 @@ def markdown_table(report: dict) -> str:
             f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
             f"| {micro(restore['package share'])}; A/A control: {micro(restore['A/A control'])} | <= 5 µs "
             f"| {micro(restore['fixed upstream'])}, {conversions['fixed upstream']} conversions |",
+            f"| Megatron-LM's loop (megatron-core 0.19.2): `get_rng_state`, 4 ranks, EP 2, per call "
+            f"| {micro(mlm['patched'])} | {micro(mlm['unpatched'])} | {micro(mlm['package share'])}; A/A control: "
+            f"{micro(mlm['A/A control'])} | <= 3 µs | |",
         ]
     )
 

@@ -30,7 +30,7 @@ from benchmarks import sides
 
 def _time_get_rng_state(spec: dict) -> dict:
     """Seconds per call of the installed get_rng_state, called as save_checkpoint calls it."""
-    return _per_call_timings(spec, rng_job.installed_get_rng_state())
+    return _per_call_timings(spec, rng_job.installed_get_rng_state(spec))
 
 
 def _time_restore(spec: dict) -> dict:
@@ -45,8 +45,8 @@ def _time_restore(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    checkpointing = rng_job.bridge_checkpointing()
-    entry = rng_job.installed_get_rng_state()().data[0]
+    checkpointing = rng_job.loop_checkpointing()
+    entry = rng_job.installed_get_rng_state(spec)().data[0]
     conversions: list[int] = []
 
     def set_sources(rng_state: dict) -> None:
@@ -155,8 +155,9 @@ def _per_call_timings(spec: dict, call: Any, call_without_package: Any = None) -
 
 
 def _release_restore_converts() -> bool:
-    """Whether the release's own restore converts tracker states (0.3.0 and later), read without the package."""
-    return "convert_cuda_rng_state" in inspect.getsource(rng_job.bridge_checkpointing()._load_checkpoint_from_path)
+    """Whether the release's own restore converts tracker states (Bridge 0.3.0 and later, Megatron-LM's loop),
+    read without the package."""
+    return "convert_cuda_rng_state" in inspect.getsource(rng_job.loop_restore_function())
 
 
 def _block_seconds_per_call(call: Any, calls: int) -> float:
@@ -188,7 +189,6 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
 
     import torch
 
-    checkpointing = rng_job.bridge_checkpointing()
     layout_reads = rng_job.count_layout_reads(spec)
     package_in_load = _time_package_in_load(spec)
 
@@ -203,8 +203,8 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
         return time.perf_counter() - start
 
     timing = {
-        "save_s": across_the_job(lambda: checkpointing.save_checkpoint(state, model, None, None, 0)),
-        "load_s": across_the_job(lambda: checkpointing.load_checkpoint(state, model, None, None)),
+        "save_s": across_the_job(lambda: rng_job.save_checkpoint(state, model, spec)),
+        "load_s": across_the_job(lambda: rng_job.load_checkpoint(state, model, spec)),
         "layout_reads": layout_reads(),
         "package_in_load_s": package_in_load(),
     }

@@ -1,12 +1,13 @@
 """``python -m bridge_rng_patch`` (or ``bridge-rng-patch``): what the package does here; ``... inspect CHECKPOINT``:
 what a checkpoint holds; ``... run -- COMMAND``: run a job with every Python process in it patched.
 
-Without a command: imports Megatron-Bridge's checkpointing module and says what was patched. Exits 0 when every
-patch is applied or not needed, 1 when one was refused, 2 when that module cannot be imported here.
+Without a command: imports the checkpointing module of each training loop installed here (Megatron-Bridge's,
+Megatron-LM's) and says what was patched. Exits 0 when every patch is applied or not needed, 1 when one was
+refused, 2 when neither module can be imported here.
 
 ``inspect``: per iteration, the RNG layout stored, the parallel layout of the run that wrote it, and a verdict.
 Exits 0 when every iteration is complete, 1 when one is incomplete or has no RNG state, 2 when one is
-unreadable or the path is not a Megatron-Bridge checkpoint.
+unreadable or the path is not a Megatron-Bridge or Megatron-LM checkpoint.
 
 ``run``: replaces itself with COMMAND, whose exit code is then the exit code; 2 without a COMMAND, 127 for one
 that is not found. ``run --check``: what a Python started by COMMAND would do, without running the job.
@@ -52,24 +53,37 @@ def main(argv: list[str] | None = None) -> int:
 def status_command(quiet: bool) -> int:
     import bridge_rng_patch
     from bridge_rng_patch.decision import REFUSED
-    from bridge_rng_patch.patcher import TARGET_MODULE
+    from bridge_rng_patch.loops import LOOPS
+    from bridge_rng_patch.patcher import loop_installed
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
-    try:
-        importlib.import_module(TARGET_MODULE)
-    except Exception as error:  # whatever an image lacks (Bridge, megatron-core, torch), say it in one line
-        unimportable = f"{type(error).__name__}: {error}".splitlines()[0]
-    else:
-        unimportable = None
+    unimportable = {loop.name: _import_problem(loop.module) if loop_installed(loop) else None for loop in LOOPS}
     statuses = bridge_rng_patch.status()
     versions = ", ".join(f"{name} {version}" for name, version in statuses[0].versions.items())
     print(f"bridge_rng_patch {bridge_rng_patch.__version__}; found {versions}")
-    if unimportable is not None:
-        print(f"{TARGET_MODULE} cannot be imported here ({unimportable}): nothing to patch")
+    checked = []
+    for loop in LOOPS:
+        if not loop_installed(loop):
+            print(f"{loop.name}: {loop.package} is not installed here: nothing to patch")
+        elif unimportable[loop.name] is not None:
+            print(f"{loop.name}: {loop.module} cannot be imported here ({unimportable[loop.name]}): nothing to patch")
+        else:
+            print(f"{loop.name} ({loop.module}):")
+            for patch in (patch for patch in statuses if patch.loop == loop.name):
+                print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
+                checked.append(patch)
+    if not checked:
         return EXIT_NOT_CHECKED
-    for patch in statuses:
-        print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
-    return EXIT_REFUSED if any(patch.state == REFUSED for patch in statuses) else EXIT_OK
+    return EXIT_REFUSED if any(patch.state == REFUSED for patch in checked) else EXIT_OK
+
+
+def _import_problem(module: str) -> str | None:
+    """Why ``module`` cannot be imported, in one line; None when it imports."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # whatever an image lacks (Bridge, megatron-core, torch), say it in one line
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None
 
 
 def inspect_command(options: argparse.Namespace) -> int:

@@ -37,15 +37,6 @@ class Decision(NamedTuple):
     def refuse(cls, reason: str) -> Decision:
         return cls(REFUSED, reason)
 
-    @classmethod
-    def by_version(cls, unavailable: str, release_has_fix: bool | None, first_fixed: str) -> Decision:
-        """The version number alone decides, for code whose features cannot be probed."""
-        if release_has_fix is None:
-            return cls.refuse(f"{unavailable} is unavailable and the Megatron-Bridge version unknown")
-        if release_has_fix:
-            return cls.not_needed(f"{unavailable} is unavailable; Megatron-Bridge >= {first_fixed} has the fix")
-        return cls.apply(f"{unavailable} is unavailable; Megatron-Bridge < {first_fixed} lacks the fix")
-
 
 def report(message: str, level: int | None = None, every_rank: bool = False) -> None:
     """Log ``message`` once per job: on rank 0 (by torch.distributed, or $RANK before it is initialised)."""

@@ -1,15 +1,20 @@
 """What a checkpoint already on disk holds of its ranks' RNG state, and what a patched resume would do with it.
 
 Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
-``.metadata`` (scanned, see ``rng_layout``) and the ``run_config.yaml`` Megatron-Bridge saves beside them, on a
-file system or through the Multi-Storage Client (``msc://``). Needs no GPU, no torch.distributed, and no
-Megatron import.
+``.metadata`` (scanned, see ``rng_layout``), and the parallel sizes of the run that wrote it: the
+``run_config.yaml`` Megatron-Bridge saves, or the ``args`` Megatron-LM's loop keeps in its common state (read
+without running any pickled code), on a file system or through the Multi-Storage Client (``msc://``). Needs no
+GPU, no torch, and no Megatron import.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import pickle
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +45,15 @@ class CheckpointInputError(ValueError):
     """The path given is not something this inspector can read; the message says what it is and why."""
 
 
+BRIDGE_CONFIG, MEGATRON_LM_COMMON = "run_config.yaml", "common.pt"
+
+
 @dataclass
 class RunLayout:
-    """The parallel layout of the run that wrote a checkpoint, from its saved configuration."""
+    """The parallel layout of the run that wrote a checkpoint, and the loop that wrote it, from its saved
+    configuration."""
 
+    loop: str
     tp: int
     pp: int
     ep: int
@@ -78,7 +88,7 @@ class IterationReport:
         if self.run is not None:
             run = self.run
             dp = "?" if run.dp is None else run.dp
-            sizes = f"TP {run.tp}, PP {run.pp}, EP {run.ep}, CP {run.cp}, DP {dp}"
+            sizes = f"{run.loop}, TP {run.tp}, PP {run.pp}, EP {run.ep}, CP {run.cp}, DP {dp}"
             lines.append(f"written by   {sizes} (DP: {run.dp_source})")
         if self.rng_layout is not None:
             layout = self.rng_layout
@@ -122,14 +132,14 @@ def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
             raise CheckpointInputError(f"{checkpoint}: no iteration {iteration} (no iter_{iteration:07d})")
     if not found:
         raise CheckpointInputError(
-            f"{checkpoint}: not a Megatron-Bridge checkpoint (no iter_* directories, no {METADATA_FILE} or "
-            "metadata.json)"
+            f"{checkpoint}: not a Megatron-Bridge or Megatron-LM checkpoint (no iter_* directories, no "
+            f"{METADATA_FILE} or metadata.json)"
         )
     return found
 
 
 def _is_iteration_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("metadata.json", METADATA_FILE, "run_config.yaml")) or any(
+    return any((path / name).exists() for name in ("metadata.json", METADATA_FILE, BRIDGE_CONFIG)) or any(
         child.name.startswith("mp_rank_") for child in path.iterdir()
     )
 
@@ -168,14 +178,15 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
 
 
 def _plain_rng_layout(directory: Path) -> StoredRngLayout | None:
-    """The layout of ``rng_state``; a MegatronMIMO checkpoint, with one RNG object per module, is refused."""
+    """The layout of the one RNG object: ``rng_state``, or Megatron-LM's prefixed ``{key_prefix}rng_state``; a
+    MegatronMIMO checkpoint, with one RNG object per module, is refused."""
     layouts = read_stored_layouts(str(directory))
-    if layouts and RNG_STATE_KEY not in layouts:
+    if len(layouts) > 1:
         raise CheckpointInputError(
             f"{directory}: a MegatronMIMO checkpoint (RNG state per module: {', '.join(layouts)}); this inspector "
-            f"reads a plain '{RNG_STATE_KEY}' only"
+            f"reads a single '{RNG_STATE_KEY}' only"
         )
-    return layouts.get(RNG_STATE_KEY)
+    return next(iter(layouts.values()), None)
 
 
 def _check_format(directory: Path) -> None:
@@ -202,15 +213,107 @@ def _check_format(directory: Path) -> None:
             f"{directory}: a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt per rank), which holds "
             "RNG state inside each rank's pickle: only torch_dist is supported"
         )
-    raise CheckpointInputError(f"{directory}: not a Megatron-Bridge checkpoint (no metadata.json, no {METADATA_FILE})")
+    raise CheckpointInputError(
+        f"{directory}: not a Megatron-Bridge or Megatron-LM checkpoint (no metadata.json, no {METADATA_FILE})"
+    )
 
 
 def _run_layout(directory: Path) -> RunLayout:
-    config_file = directory / "run_config.yaml"
-    if not config_file.is_file():
+    """From Megatron-Bridge's ``run_config.yaml``, else from the ``args`` in Megatron-LM's common state."""
+    if (directory / BRIDGE_CONFIG).is_file():
+        return _bridge_run_layout(directory)
+    args = _megatron_lm_args(directory)
+    if args is None:
         raise CheckpointInputError(
-            f"{directory}: run_config.yaml is missing, so the parallel layout of the run that wrote it is unknown"
+            f"{directory}: neither {BRIDGE_CONFIG} (Megatron-Bridge) nor Megatron-LM's args in its common state, "
+            "so the parallel layout of the run that wrote it is unknown"
         )
+    try:
+        sizes = {axis: int(getattr(args, key, None) or 1) for axis, key in PARALLEL_SIZES.items()}
+        dp = getattr(args, "data_parallel_size", None)
+        dp = int(dp) if dp else None
+    except (TypeError, ValueError) as error:
+        raise CheckpointInputError(f"{directory / MEGATRON_LM_COMMON}: args with unreadable sizes ({error})") from None
+    dp, dp_source = (dp, "its saved args") if dp is not None else _data_parallel_size(directory, sizes)
+    random_init = bool(getattr(args, "data_parallel_random_init", False))
+    return RunLayout("Megatron-LM", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
+
+
+class _Unpickled:
+    """What a class or function named in a pickle becomes here: a placeholder that keeps what it was given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _ArgsReader(pickle.Unpickler):
+    """Unpickles Megatron-LM's common state without running pickled code: ``argparse.Namespace`` is built for
+    real (a plain attribute holder); every other class or function it names (enums, torch dtypes, signals)
+    becomes a placeholder, and tensor storages become None."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("argparse", "Namespace"):
+            return argparse.Namespace
+        return type(name, (_Unpickled,), {"__module__": f"unpickled.{module}"})
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def _megatron_lm_args(directory: Path) -> argparse.Namespace | None:
+    """The ``args`` of Megatron-LM's common state, or None where the checkpoint keeps none.
+
+    megatron-core up to 0.18 writes the common state to ``common.pt``; 0.19 stores it inside the checkpoint, as
+    a ``common_state/...`` item of torch's DCP whose file, offset and length ``.metadata`` records. Either way it
+    is a torch zip archive, read with the reader below, and only its bytes are read.
+    """
+    common = directory / MEGATRON_LM_COMMON
+    if common.is_file():
+        return _args_in_archive(common, common.read_bytes())
+    metadata = directory / METADATA_FILE
+    data = metadata.read_bytes() if metadata.is_file() else b""
+    if _COMMON_STATE_ITEM not in data:
+        return None
+    where = _common_state_storage(metadata, data)
+    with (directory / where["relative_path"]).open("rb") as storage:
+        storage.seek(where["offset"])
+        return _args_in_archive(metadata, storage.read(where["length"]))
+
+
+_COMMON_STATE_ITEM = b"common_state/"
+
+
+def _common_state_storage(metadata: Path, data: bytes) -> dict[str, Any]:
+    """Where ``.metadata`` says the common state's bytes are: relative_path, offset, length."""
+    try:
+        storage_data = _ArgsReader(io.BytesIO(data)).load().state["storage_data"]
+        return next(
+            info.state
+            for index, info in storage_data.items()
+            if index.state["fqn"].startswith(_COMMON_STATE_ITEM.decode())
+        )
+    except Exception as error:  # a cut or foreign file: pickle, attribute and lookup errors alike
+        raise CheckpointInputError(f"{metadata}: no readable common state in it ({type(error).__name__})") from None
+
+
+def _args_in_archive(where: Path, archive_bytes: bytes) -> argparse.Namespace | None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
+            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            state = _ArgsReader(io.BytesIO(archive.read(pickled))).load()
+    except Exception as error:  # a cut or foreign file: zipfile, pickle and StopIteration errors alike
+        raise CheckpointInputError(f"{where}: not a readable common state ({type(error).__name__})") from None
+    if isinstance(state, list) and len(state) == 1:  # 0.19 keeps the common state as a one-item list
+        state = state[0]
+    args = state.get("args") if isinstance(state, dict) else None
+    return args if isinstance(args, argparse.Namespace) else None
+
+
+def _bridge_run_layout(directory: Path) -> RunLayout:
+    config_file = directory / BRIDGE_CONFIG
     try:
         import yaml
     except ImportError:
@@ -222,9 +325,8 @@ def _run_layout(directory: Path) -> RunLayout:
     except Exception as error:
         raise CheckpointInputError(f"{config_file}: not a readable run configuration ({error!r})") from None
     dp, dp_source = _data_parallel_size(directory, sizes)
-    return RunLayout(
-        **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=bool(rng.get("data_parallel_random_init"))
-    )
+    random_init = bool(rng.get("data_parallel_random_init"))
+    return RunLayout("Megatron-Bridge", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
 
 
 def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | None, str]:

@@ -1,17 +1,18 @@
 """Stored-layout load: the RNG load request follows the layout the checkpoint stores, and the entry a rank
 restores is checked before any RNG source is set.
 
-Every release up to 0.6.2 asks for ``rng_state`` in the layout the running job would write, and the
-ShardedObject key embeds the global shape: a checkpoint stored in another layout (an old release's (pp, tp)
-under EP > 1, a (pp, tp, dp) one after a DP resize or under EP == 1) fails on every rank in torch's load
-planner. Bridge main aligns the request with the stored layout (Sep 2026); here the dist-load wrapper does:
+Every Megatron-Bridge release up to 0.6.2, and Megatron-LM's loop up to 0.19.2, asks for ``rng_state`` in the
+layout the running job would write, and the ShardedObject key embeds the global shape: a checkpoint stored in
+another layout (an old release's (pp, tp) under EP > 1, a (pp, tp, dp) one after a DP resize or under EP == 1)
+fails on every rank in torch's load planner. Bridge main aligns the request with the stored layout (Sep 2026);
+here the dist-load wrapper does, for both loops (they share its name and the arguments it binds):
 
 - rank 0 reads the stored layout once per load and every rank receives it, or the same error;
 - each rank asks for its own stored shard, and for the shards of DP ranks that no longer exist after a shrink;
-- the loaded states reach Bridge's restore as a list that checks the entry it picks before the first RNG
+- the loaded states reach the loop's restore as a list that checks the entry it picks before the first RNG
   source is set, gives a rank without a stored state its own current (fresh) state, and, where the states
-  were gathered over DP with context parallel, picks the rank's own entry (upstream indexes by the DP rank
-  without context parallel).
+  were gathered over DP with context parallel, picks the rank's own entry (Bridge 0.3.0 and later index by the
+  DP rank without context parallel).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megatron.core.msc_utils import MultiStorageClientFeature
 
 from bridge_rng_patch import probe
 from bridge_rng_patch.decision import Decision, report
+from bridge_rng_patch.loops import LAYOUT_LOAD, TrainingLoop
 from bridge_rng_patch.rng_layout import (
     NOTHING_RESTORED,
     RNG_STATE_KEY,
@@ -44,10 +46,10 @@ from bridge_rng_patch.rng_layout import (
 )
 from bridge_rng_patch.storage import MSC_SCHEME, scheme_of, unknown_scheme
 
-LOAD_FUNCTION = "_load_checkpoint_from_path"
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
-# What the dist-load wrapper binds by name; the config parameter is ``cfg`` in 0.1.0a0, ``ckpt_cfg`` later.
-# Where a release has them, it also binds ``checkpoint_path_override`` (0.4+) and ``pg_collection`` (0.3+).
+# What the dist-load wrapper binds by name; the config parameter is ``cfg`` in Bridge 0.1.0a0, ``ckpt_cfg`` in
+# later ones, ``args`` in Megatron-LM. Where a release has them, it also binds ``checkpoint_path_override``
+# (Bridge 0.4+), ``pg_collection`` (Bridge 0.3+) and ``dp_cp_group`` (Megatron-LM 0.19).
 _DIST_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict", "iteration", "release")
 
 
@@ -65,7 +67,7 @@ def _cpu_rng_state_size() -> int:
     return torch.get_rng_state().numel()
 
 
-# What Bridge's restore sets, in its order, with what each must be.
+# What the loops' restore sets, in its order, with what each must be.
 _EXPECTED = {
     "random_rng_state": "a random.getstate() tuple",
     "np_rng_state": "a numpy.random.get_state() tuple",
@@ -121,12 +123,12 @@ def current_rng_state() -> dict[str, Any]:
 
 
 class RestorableRngStates(list):
-    """A rank's loaded RNG states, checked when Bridge's restore picks one.
+    """A rank's loaded RNG states, checked when the loop's restore picks one.
 
-    Bridge's restore indexes this list (``[dp_rank]`` or ``[0]``) and then sets python, numpy, torch, CUDA and
-    tracker state one after another; checking the picked entry first makes that restore all or nothing. A rank
-    the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG. ``own_index``,
-    where given, is the entry this rank saved, whatever index the restore asks for.
+    The restore (Bridge's and Megatron-LM's alike) indexes this list (``[dp_rank]`` or ``[0]``) and then sets
+    python, numpy, torch, CUDA and tracker state one after another; checking the picked entry first makes that
+    restore all or nothing. A rank the checkpoint holds no state for gets its own current state, so it keeps its
+    fresh RNG. ``own_index``, where given, is the entry this rank saved, whatever index the restore asks for.
     """
 
     def __init__(self, states: list, checkpoint_dir: str, rank: RankCoordinates, own_index: int | None) -> None:
@@ -228,14 +230,15 @@ def _storage_not_judged(checkpoint_dir: str) -> str | None:
     return None
 
 
-def _data_parallel_sizes(pg_collection: Any) -> tuple[int, int]:
-    """DP size with context parallel (as the RNG layouts count it) and without, from the release's groups."""
-    if pg_collection is None:
-        return (
-            parallel_state.get_data_parallel_world_size(with_context_parallel=True),
-            parallel_state.get_data_parallel_world_size(),
-        )
-    return pg_collection.dp_cp.size(), pg_collection.dp.size()
+def _data_parallel_sizes(call: Mapping[str, Any]) -> tuple[int, int]:
+    """DP size with context parallel (as the RNG layouts count it) and without, from the groups the load was given:
+    Bridge's ``pg_collection``, Megatron-LM's ``dp_cp_group``, else mpu globals."""
+    pg_collection = call.get("pg_collection")
+    if pg_collection is not None:
+        return pg_collection.dp_cp.size(), pg_collection.dp.size()
+    dp_cp_group = call.get("dp_cp_group")
+    dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    return dp_cp_size if dp_cp_group is None else dp_cp_group.size(), parallel_state.get_data_parallel_world_size()
 
 
 class LayoutAwareDistLoad:
@@ -259,7 +262,7 @@ class LayoutAwareDistLoad:
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
-        dp_cp_size, dp_size = _data_parallel_sizes(call.get("pg_collection"))
+        dp_cp_size, dp_size = _data_parallel_sizes(call)
         _report_layout(stored, request, dp_cp_size)
         rank = RankCoordinates.of_request(request)
         requests = stored.requests_for(rank, dp_cp_size, request.data)
@@ -270,7 +273,7 @@ class LayoutAwareDistLoad:
         own_states = state_dict.get(RNG_STATE_KEY, [])
         for key in requests:
             state_dict.pop(key, None)
-        # With data_parallel_random_init this rank's request holds its DP group's gathered states; 0.3.0 and
+        # With data_parallel_random_init this rank's request holds its DP group's gathered states; Bridge 0.3.0 and
         # later gather over DP with context parallel, where the rank's own entry is at its DP-with-CP rank.
         gathered = len(request.data)
         gathered_with_context_parallel = gathered == dp_cp_size != dp_size
@@ -282,22 +285,31 @@ class LayoutAwareDistLoad:
         return result
 
     def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
-        """Where the release itself loads from: its override (0.4 and later), else the iteration's directory."""
+        """Where the release itself loads from: its override (Bridge 0.4 and later), else the iteration's directory
+        (Megatron-LM's ``get_checkpoint_name`` names a rank's file unless asked for ``return_base_dir``)."""
         override = call.get("checkpoint_path_override")
         if override is not None:
             return str(override)
-        return str(self._checkpointing.get_checkpoint_name(call["load_dir"], call["iteration"], call["release"]))
+        get_checkpoint_name = self._checkpointing.get_checkpoint_name
+        base_dir = {"return_base_dir": True} if self._names_base_dir else {}
+        return str(get_checkpoint_name(call["load_dir"], call["iteration"], call["release"], **base_dir))
+
+    @functools.cached_property
+    def _names_base_dir(self) -> bool:
+        return not probe.missing_parameters(self._checkpointing.get_checkpoint_name, ("return_base_dir",))
 
 
 class LayoutLoadPatch:
-    targets = (DIST_LOAD_FUNCTION,)
+    def targets(self, loop: TrainingLoop) -> tuple[str, ...]:
+        return (DIST_LOAD_FUNCTION,)
 
-    def decide(self, checkpointing: ModuleType) -> Decision:
+    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
         missing = [name for name in (DIST_LOAD_FUNCTION, "get_checkpoint_name") if not hasattr(checkpointing, name)]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
         # Is the fix already there? Asked first, from the code: no release number says so.
-        follows = probe.load_follows_stored_rng_layout(checkpointing, (LOAD_FUNCTION, DIST_LOAD_FUNCTION))
+        load_functions = (loop.restore_function, DIST_LOAD_FUNCTION)
+        follows = probe.load_follows_stored_rng_layout(checkpointing, load_functions)
         if follows:
             return Decision.not_needed("upstream's load already asks for the RNG layout the checkpoint stores")
         dist_load = getattr(checkpointing, DIST_LOAD_FUNCTION)
@@ -306,15 +318,10 @@ class LayoutLoadPatch:
         if unbound:
             return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
         if follows is None:
-            first = probe.FIRST_POSSIBLY_ALIGNING_BRIDGE
-            if probe.bridge_release_at_least(first) is False:
-                return Decision.apply(f"the load's source is unavailable; Megatron-Bridge < {first} lacks it")
-            return Decision.refuse(
-                "the load's source is unavailable, so whether it follows the stored layout is not known"
-            )
+            return probe.decide_by_release(loop, LAYOUT_LOAD, "the load's source")
         return Decision.apply(f"{shown} asks for RNG state in the running job's layout only")
 
-    def instrument(self, checkpointing: ModuleType) -> None:
+    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
 
 

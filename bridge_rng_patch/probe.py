@@ -1,4 +1,5 @@
-"""Find out what is installed: versions and features (signatures, source, helpers) of the code actually loaded.
+"""Find out what is installed: which training loops, their versions, and the features (signatures, source,
+helpers) of the code actually loaded.
 
 Patches decide by the features (signatures, what a function's source does, which helpers exist); the
 release number is only a second signal, reported beside them.
@@ -19,20 +20,21 @@ from types import ModuleType
 
 from packaging.version import InvalidVersion, Version
 
+from bridge_rng_patch.decision import Decision
+from bridge_rng_patch.loops import TrainingLoop
+
 BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
-# The first Megatron-Bridge release with EP-aware RNG sharding and graph-safe RNG restore (PR #2092).
-FIRST_FIXED_BRIDGE = Version("0.3.0")
-# The first version that may ask for the RNG layout a checkpoint stores: no release up to 0.6.2 does; Bridge main
-# does since Sep 2026 and has stated 0.7.0 since Aug 2026, before that. A version number can only say it lacks it.
-FIRST_POSSIBLY_ALIGNING_BRIDGE = Version("0.7.0")
 # Where each Megatron package states its version in its own code, for sources on PYTHONPATH without metadata.
 _PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "megatron.core"}
 UNKNOWN = "unknown"
 NOT_INSTALLED = "not installed"
 
-_EP_AWARE_SHARDING = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel")
+# Bridge's fix shards by EP; a layout with a third axis after (pp_size, tp_size) keeps every DP rank's state too
+# (Megatron-LM #6858 shards by (pp, tp, dp_cp) always).
+_EVERY_DP_RANK_SHARDED = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel|\(\s*pp_size\s*,\s*tp_size\s*,")
 _CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+_RNG_STATE_BRANCH = re.compile(r"""["']rng_state["'] in state_dict""")
 _READS_STORED_METADATA = re.compile(r"load_sharded_metadata|load_tensors_metadata|read_metadata\(|state_dict_metadata")
 
 
@@ -86,15 +88,30 @@ def installed_versions() -> dict[str, str]:
     }
 
 
-def bridge_release_at_least(first: Version) -> bool | None:
-    """Whether the installed Megatron-Bridge's version number is ``first`` or later; None when it says nothing."""
-    version = installed_version(BRIDGE_DISTRIBUTION)
-    if version is None:
-        return None
+def _release(loop: TrainingLoop) -> Version | None:
     try:
-        return Version(version) >= first
+        return Version(installed_version(loop.distribution) or "")
     except InvalidVersion:
         return None
+
+
+def release_claims_fix(loop: TrainingLoop, patch: str) -> bool:
+    """Whether the loop's version number says it has the fix ``patch`` carries (the second signal)."""
+    release, known = _release(loop), loop.fixed_in[patch].known
+    return release is not None and known is not None and release >= Version(known)
+
+
+def decide_by_release(loop: TrainingLoop, patch: str, unavailable: str) -> Decision:
+    """The version number alone decides, for code whose features cannot be read."""
+    release, fixed_in = _release(loop), loop.fixed_in[patch]
+    product = "megatron-core" if loop.distribution == CORE_DISTRIBUTION else loop.name
+    if release is None:
+        return Decision.refuse(f"{unavailable} is unavailable and the {product} version unknown")
+    if release_claims_fix(loop, patch):
+        return Decision.not_needed(f"{unavailable} is unavailable; {product} >= {fixed_in.known} has the fix")
+    if release < Version(fixed_in.possibly):
+        return Decision.apply(f"{unavailable} is unavailable; {product} < {fixed_in.possibly} lacks the fix")
+    return Decision.refuse(f"{unavailable} is unavailable, and whether {product} {release} has the fix is not known")
 
 
 def describe_signature(function: Callable) -> str:
@@ -119,56 +136,60 @@ def source_of(function: Callable) -> str | None:
         return None
 
 
+# The arguments that name the process groups the save wrapper sizes EP and DP by: Bridge's ``pg_collection``
+# (later main and the fixed releases), Megatron-LM's ``dp_cp_group`` (0.19). Without them, mpu globals.
+_GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")
+
+
 @dataclass(frozen=True)
 class RngStateSignature:
     """How a ``get_rng_state`` takes what the save wrapper needs, known by the parameters it binds.
 
-    Old releases take ``data_parallel_random_init`` and, from 0.1.0rc3, ``ckpt_format`` (without it the format
-    is always torch_dist); unreleased main between 0.2.2 and the fix adds ``pg_collection``, positional or
-    keyword-only. Process groups come from ``pg_collection`` where it is given, else from mpu globals.
+    Old Bridge releases take ``data_parallel_random_init`` and, from 0.1.0rc3, ``ckpt_format`` (without it the
+    format is always torch_dist); unreleased main between 0.2.2 and the fix adds ``pg_collection``, positional
+    or keyword-only. Megatron-LM's takes ``(ckpt_format, tp_group, pp_group)``, and from 0.19 ``dp_cp_group``,
+    ``dp_group`` and ``key_prefix``. Process groups come from those arguments where given, else from mpu globals.
     """
 
     names: tuple[str, ...]
     keyword_only: frozenset[str]
     shown: str
 
-    @property
-    def pg_collection_position(self) -> int | None:
-        """Where ``pg_collection`` may come positionally; None when it is keyword-only or not taken."""
-        if "pg_collection" not in self.names or "pg_collection" in self.keyword_only:
+    def position(self, name: str) -> int | None:
+        """Where ``name`` may come positionally; None when it is keyword-only or not taken."""
+        if name not in self.names or name in self.keyword_only:
             return None
-        return self.names.index("pg_collection")
+        return self.names.index(name)
 
     def describe(self) -> str:
-        groups = "" if "pg_collection" in self.names else " with mpu globals"
+        groups = "" if any(name in self.names for name in _GROUP_ARGUMENTS) else " with mpu globals"
         return f"get_rng_state{self.shown}{groups}"
 
 
-_RNG_STATE_REQUIRED = "data_parallel_random_init"
-_RNG_STATE_OPTIONAL = frozenset({"ckpt_format", "pg_collection"})
-
-
-def rng_state_signature(get_rng_state: Callable) -> RngStateSignature | None:
+def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop) -> RngStateSignature | None:
     """The signature of ``get_rng_state`` if every parameter is one the package knows how to fix, else None."""
     try:
         parameters = list(inspect.signature(get_rng_state).parameters.values())
     except (TypeError, ValueError):
         return None
     names = tuple(parameter.name for parameter in parameters)
-    if not names or names[0] != _RNG_STATE_REQUIRED or not set(names[1:]) <= _RNG_STATE_OPTIONAL:
+    leading = len(loop.rng_state_parameters)
+    if names[:leading] != loop.rng_state_parameters or not set(names[leading:]) <= loop.rng_state_optional:
         return None
-    if parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(parameter.kind not in positional for parameter in parameters[:leading]):
         return None
     keyword_only = frozenset(parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY)
     return RngStateSignature(names, keyword_only, describe_signature(get_rng_state))
 
 
-def shards_rng_state_by_ep(get_rng_state: Callable) -> bool | None:
-    """Whether ``get_rng_state`` already shards by EP (the upstream fix); None when its source is unavailable."""
+def shards_every_dp_rank(get_rng_state: Callable) -> bool | None:
+    """Whether ``get_rng_state`` already writes every DP rank's state (the upstream fix); None when its source is
+    unavailable."""
     source = source_of(get_rng_state)
     if source is None:
         return None
-    return bool(_EP_AWARE_SHARDING.search(source))
+    return bool(_EVERY_DP_RANK_SHARDED.search(source))
 
 
 def builds_rng_sharded_object(get_rng_state: Callable) -> bool | None:
@@ -176,9 +197,9 @@ def builds_rng_sharded_object(get_rng_state: Callable) -> bool | None:
     return None if source is None else "ShardedObject(" in source and "replica_id=" in source
 
 
-def restore_converts_tracker_states(load_checkpoint_from_path: Callable) -> bool | None:
-    """Whether Bridge's RNG restore already converts tracker states (the upstream fix)."""
-    source = source_of(load_checkpoint_from_path)
+def restore_converts_tracker_states(restore: Callable) -> bool | None:
+    """Whether the loop's RNG restore already converts tracker states (the upstream fix)."""
+    source = source_of(restore)
     return None if source is None else "convert_cuda_rng_state" in source
 
 
@@ -191,16 +212,16 @@ def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
     return [name for name in names if name not in parameters]
 
 
-def restore_sets_tracker_states(load_checkpoint_from_path: Callable) -> bool | None:
-    """Whether Bridge's RNG restore has the shape this package patches: tracker states set from the checkpoint."""
-    source = source_of(load_checkpoint_from_path)
+def restore_sets_tracker_states(restore: Callable) -> bool | None:
+    """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint."""
+    source = source_of(restore)
     if source is None:
         return None
-    return "get_cuda_rng_tracker().set_states(" in source and '"rng_state" in state_dict' in source
+    return ".set_states(" in source and bool(_RNG_STATE_BRANCH.search(source))
 
 
 def load_follows_stored_rng_layout(checkpointing: ModuleType, load_functions: tuple[str, ...]) -> bool | None:
-    """Whether Bridge's own load path already asks for the RNG shards the checkpoint stores (Bridge main).
+    """Whether the loop's own load path already asks for the RNG shards the checkpoint stores (Bridge main).
 
     True when one of ``load_functions`` calls a function of the module that is about RNG state and about the
     checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a source that

@@ -1,11 +1,11 @@
-"""Graph-safe tracker restore: Bridge's RNG restore hands the CUDA RNG tracker its states in the form it keeps.
+"""Graph-safe tracker restore: the RNG restore hands the CUDA RNG tracker its states in the form it keeps.
 
-Old releases pass the saved states to ``set_states`` as they are, so a graph-safe tracker (CUDA graphs:
-``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of graph-safe states.
+Old Megatron-Bridge releases pass the saved states to ``set_states`` as they are, so a graph-safe tracker (CUDA
+graphs: ``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of graph-safe states.
 Megatron-Bridge 0.3.0 converts each one with ``convert_cuda_rng_state(state, to_graphable=...)`` first
-(PR #2092). Here, while ``_load_checkpoint_from_path`` runs, Bridge's checkpointing module sees a
-``tensor_parallel`` whose tracker converts the same way in every restore branch; outside loads (every save) it
-sees megatron-core's own, and megatron-core is unchanged for everyone else.
+(PR #2092), as Megatron-LM's loop does in every release that ships it. Here, while the loop's restore function
+runs, its checkpointing module sees a ``tensor_parallel`` whose tracker converts the same way in every restore
+branch; outside loads (every save) it sees megatron-core's own, and megatron-core is unchanged for everyone else.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import wrapt
 
 from bridge_rng_patch import compat, probe
 from bridge_rng_patch.decision import Decision
+from bridge_rng_patch.loops import TRACKER_RESTORE, TrainingLoop
 from bridge_rng_patch.rng_layout import NOTHING_RESTORED, RngCheckpointError
-
-LOAD_FUNCTION = "_load_checkpoint_from_path"
 
 
 class GraphSafeRestoringTracker(wrapt.ObjectProxy):
@@ -48,8 +47,8 @@ class GraphSafeRestoringTracker(wrapt.ObjectProxy):
         )
 
 
-class BridgeTensorParallel(wrapt.ObjectProxy):
-    """``megatron.core.tensor_parallel`` as Bridge's checkpointing module sees it while it loads a checkpoint."""
+class ConvertingTensorParallel(wrapt.ObjectProxy):
+    """``megatron.core.tensor_parallel`` as the loop's checkpointing module sees it while it loads a checkpoint."""
 
     def __init__(self, tensor_parallel: ModuleType) -> None:
         super().__init__(tensor_parallel)
@@ -65,8 +64,8 @@ class BridgeTensorParallel(wrapt.ObjectProxy):
 
 
 class ConvertingTrackerWhileLoading:
-    """The ``_load_checkpoint_from_path`` wrapper: Bridge's module sees the converting ``tensor_parallel`` while
-    a load runs (its restore is there), and megatron-core's own otherwise, so that saves pay nothing for it.
+    """The restore function's wrapper: the loop's module sees the converting ``tensor_parallel`` while a load
+    runs (its restore is there), and megatron-core's own otherwise, so that saves pay nothing for it.
 
     Loads that overlap (nested, or in threads) share one swap: the module gets back what it had when the last
     one ends.
@@ -74,7 +73,7 @@ class ConvertingTrackerWhileLoading:
 
     def __init__(self, checkpointing: ModuleType) -> None:
         self._checkpointing = checkpointing
-        self._converting = BridgeTensorParallel(checkpointing.tensor_parallel)
+        self._converting = ConvertingTensorParallel(checkpointing.tensor_parallel)
         self._lock = threading.Lock()
         self._loads_running = 0
         self._seen_before: Any = None
@@ -94,25 +93,24 @@ class ConvertingTrackerWhileLoading:
                     self._checkpointing.tensor_parallel = self._seen_before
 
 
-def _by_version(release_has_fix: bool | None) -> Decision:
-    return Decision.by_version(f"the source of {LOAD_FUNCTION}", release_has_fix, str(probe.FIRST_FIXED_BRIDGE))
-
-
 class TrackerRestorePatch:
-    targets = (LOAD_FUNCTION,)
+    def targets(self, loop: TrainingLoop) -> tuple[str, ...]:
+        return (loop.restore_function,)
 
-    def decide(self, checkpointing: ModuleType) -> Decision:
-        missing = [name for name in (LOAD_FUNCTION, "tensor_parallel") if not hasattr(checkpointing, name)]
+    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
+        restore_function = loop.restore_function
+        missing = [name for name in (restore_function, "tensor_parallel") if not hasattr(checkpointing, name)]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        load_checkpoint_from_path = getattr(checkpointing, LOAD_FUNCTION)
-        converts = probe.restore_converts_tracker_states(load_checkpoint_from_path)
+        restore = getattr(checkpointing, restore_function)
+        converts = probe.restore_converts_tracker_states(restore)
         if converts:
             return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
         if converts is None:
-            return _by_version(probe.bridge_release_at_least(probe.FIRST_FIXED_BRIDGE))
-        if not probe.restore_sets_tracker_states(load_checkpoint_from_path):
-            return Decision.refuse(f"unexpected RNG restore in {LOAD_FUNCTION}: no 'rng_state' branch with set_states")
+            return probe.decide_by_release(loop, TRACKER_RESTORE, f"the source of {restore_function}")
+        if not probe.restore_sets_tracker_states(restore):
+            unexpected = f"unexpected RNG restore in {restore_function}"
+            return Decision.refuse(f"{unexpected}: no 'rng_state' branch with set_states")
         helpers = (
             "megatron-core's"
             if not compat.USES_OWN_HELPERS
@@ -120,8 +118,9 @@ class TrackerRestorePatch:
         )
         return Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
 
-    def instrument(self, checkpointing: ModuleType) -> None:
-        wrapt.wrap_function_wrapper(checkpointing, LOAD_FUNCTION, ConvertingTrackerWhileLoading(checkpointing))
+    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
+        wrapper = ConvertingTrackerWhileLoading(checkpointing)
+        wrapt.wrap_function_wrapper(checkpointing, loop.restore_function, wrapper)
 
 
 PATCH = TrackerRestorePatch()

@@ -154,7 +154,7 @@ def test_bridge_sees_megatron_cores_tensor_parallel_outside_loads(bridge_checkpo
     assert bridge_checkpointing.tensor_parallel is tensor_parallel
     with pytest.raises(OSError, match="the load failed"):
         _while_loading(bridge_checkpointing, failing_load)
-    assert seen == ["BridgeTensorParallel"] * 3
+    assert seen == ["ConvertingTensorParallel"] * 3
     assert bridge_checkpointing.tensor_parallel is tensor_parallel
 
 

@@ -19,6 +19,7 @@ from tools.release_envs import RELEASES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
+MEGATRON_LM = RELEASES["megatron-lm-0.19.2"]
 
 
 def _checkpoint(jobs, env, name, **spec) -> str:
@@ -54,6 +55,27 @@ def test_unpatched_old_release_with_ep_2_is_incomplete_with_3_of_4_streams_never
     assert "a resume gives those ranks DP rank 0's streams" in report["summary"]
 
 
+@pytest.mark.parametrize("core", ["0.17.1", "0.19.2"], ids=["common.pt", "common state inside the checkpoint"])
+def test_unpatched_megatron_lm_checkpoint_is_incomplete_its_run_read_from_the_saved_args(jobs, core):
+    """Megatron-LM keeps its args in its common state (common.pt up to 0.18, a checkpoint item from 0.19), which
+    the inspector reads without running pickled code."""
+    release = RELEASES[f"megatron-lm-{core}"]
+    code, (report,) = _inspect_json(_checkpoint(jobs, release, f"mlm-{core}-unpatched", patched=False))
+    assert (code, report["verdict"]) == (1, "incomplete")
+    run = report["run"]
+    assert (run["loop"], run["tp"], run["pp"], run["ep"], run["dp"]) == ("Megatron-LM", 1, 1, 2, 4)
+    assert run["dp_source"] == "its saved args"
+    assert "3 of 4 ranks' RNG streams were never written" in report["summary"]
+
+
+def test_patched_megatron_lm_checkpoint_is_complete_and_a_resume_plan_gives_each_rank_its_own(jobs):
+    checkpoint = _checkpoint(jobs, MEGATRON_LM, "mlm-0.19.2-ep2")
+    code, (report,) = _inspect_json(checkpoint, "--resume-with", "dp=2")
+    assert (code, report["verdict"], report["run"]["loop"]) == (0, "complete", "Megatron-LM")
+    assert report["rng_layout"] == {"axes": "(pp, tp, dp)", "global_shape": [1, 1, 4], "shards": 4}
+    assert [rank["gets"] for rank in report["resume"]] == ["own state"] * 2
+
+
 @pytest.mark.parametrize(
     ("env", "name", "spec"),
     [(OLD, "patched-ep2", {}), (FIXED, "fixed-ep2", {}), (OLD, "patched-ep1", {"ep": 1})],
@@ -73,7 +95,7 @@ def test_table_names_layout_run_and_verdict_and_the_function_agrees(jobs):
     assert process.returncode == 1
     lines = process.stdout.splitlines()
     assert lines[0] == f"checkpoint   {checkpoint}/iter_0000010 (iteration 10)"
-    assert lines[1].startswith("written by   TP 1, PP 1, EP 2, CP 1, DP 4 (DP: 4 ranks wrote shard files")
+    assert lines[1].startswith("written by   Megatron-Bridge, TP 1, PP 1, EP 2, CP 1, DP 4 (DP: 4 ranks wrote shard")
     assert lines[2] == "RNG layout   by (pp, tp), global shape (1, 1), 1 shard stored"
     assert lines[3].startswith("verdict      incomplete: written with EP 2 and one RNG state per (pp, tp)")
     assert [report.verdict for report in bridge_rng_patch.inspect_checkpoint(checkpoint)] == ["incomplete"]
@@ -135,7 +157,8 @@ BAD_ITERATIONS = {
     "corrupt metadata": (lambda iteration: _scramble(iteration / ".metadata"), ".metadata is truncated or corrupt"),
     "missing run configuration": (
         lambda iteration: (iteration / "run_config.yaml").unlink(),
-        "run_config.yaml is missing, so the parallel layout of the run that wrote it is unknown",
+        "neither run_config.yaml (Megatron-Bridge) nor Megatron-LM's args in its common state, so the parallel "
+        "layout of the run that wrote it is unknown",
     ),
     "corrupt run configuration": (
         lambda iteration: (iteration / "run_config.yaml").write_text("model: [unclosed"),
@@ -162,7 +185,7 @@ def test_unreadable_iteration_gets_one_clear_line_and_exit_code_2(copy_of_patche
     ("arguments", "message"),
     [
         (["/no/such/checkpoint"], "error: /no/such/checkpoint: no such file or directory"),
-        (["{empty}"], "not a Megatron-Bridge checkpoint (no iter_* directories"),
+        (["{empty}"], "not a Megatron-Bridge or Megatron-LM checkpoint (no iter_* directories"),
         (["{patched}", "--iteration", "7"], "no iteration 7 (no iter_0000007)"),
         (["{patched}", "--resume-with", "dp=eight"], "'dp=eight' is not AXIS=SIZE"),
     ],

@@ -16,7 +16,7 @@ TARGETS = "('get_rng_state', '_load_checkpoint_from_path', '_load_global_dist_ba
 PRINT_STATES_AND_WRAPPED = f"""
 import json
 print(json.dumps({{
-    "states": [s.state for s in bridge_rng_patch.status()],
+    "states": [s.state for s in bridge_rng_patch.status("Megatron-Bridge")],
     "wrapped": [hasattr(getattr(checkpointing, name), "__wrapped__") for name in {TARGETS}],
 }}))
 """
@@ -39,7 +39,7 @@ def test_importing_the_package_imports_neither_torch_nor_megatron():
             """,
         )
     )
-    assert result == {"heavy": [], "states": ["pending", "pending", "pending"]}
+    assert result == {"heavy": [], "states": ["pending"] * 6}  # both loops' patches wait for their imports
 
 
 @pytest.mark.parametrize("order", ["package first", "bridge first"])
@@ -119,9 +119,9 @@ def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
             patched = [getattr(checkpointing, name) is not original for name, original in originals.items()]
             bridge_rng_patch.undo()
             restored = [getattr(checkpointing, name) is original for name, original in originals.items()]
-            undone = [s.state for s in bridge_rng_patch.status()]
+            undone = [s.state for s in bridge_rng_patch.status("Megatron-Bridge")]
             bridge_rng_patch.apply()
-            reapplied = [s.state for s in bridge_rng_patch.status()]
+            reapplied = [s.state for s in bridge_rng_patch.status("Megatron-Bridge")]
             print(json.dumps(dict(patched=patched, restored=restored, undone=undone, reapplied=reapplied)))
             """,
         )
@@ -159,7 +159,7 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         sys.modules[unknown.__name__] = unknown
         import bridge_rng_patch
         print(json.dumps({
-            "states": [s.state for s in bridge_rng_patch.status()],
+            "states": [s.state for s in bridge_rng_patch.status("Megatron-Bridge")],
             "untouched": unknown.get_rng_state is get_rng_state,
         }))
         """,
@@ -167,10 +167,10 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
     assert _result(process) == {"states": ["refused"] * 3, "untouched": True}
     refusals = [line for line in process.stderr.splitlines() if "refused" in line]
     assert refusals == [
-        "bridge_rng_patch: save_sharding: refused: unknown signature get_rng_state(seed, layout)",
-        "bridge_rng_patch: tracker_restore: refused: megatron.bridge.training.checkpointing lacks "
+        "bridge_rng_patch: Megatron-Bridge save_sharding: refused: unknown signature get_rng_state(seed, layout)",
+        "bridge_rng_patch: Megatron-Bridge tracker_restore: refused: megatron.bridge.training.checkpointing lacks "
         "_load_checkpoint_from_path, tensor_parallel",
-        "bridge_rng_patch: layout_load: refused: megatron.bridge.training.checkpointing lacks "
+        "bridge_rng_patch: Megatron-Bridge layout_load: refused: megatron.bridge.training.checkpointing lacks "
         "_load_global_dist_base_checkpoint, get_checkpoint_name",
     ]
 
@@ -190,6 +190,8 @@ def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected)
     assert [row.split()[0] for row in rows] == ["save_sharding", "tracker_restore", "layout_load"]
     assert [row[17:28].strip() for row in rows] == expected
     assert sum(line.strip().startswith("why: ") for line in lines) == 3
+    # megatron-core before 0.17 ships no megatron.training: one line, and nothing else changes.
+    assert lines[-1] == "Megatron-LM: megatron.training is not installed here: nothing to patch"
     assert process.returncode == 0
 
 
@@ -241,14 +243,14 @@ def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path)
         spec.loader.exec_module(module)
         sys.modules[spec.name] = module
         import bridge_rng_patch
-        print(json.dumps({{s.name: [s.state, s.reason] for s in bridge_rng_patch.status()}}))
+        print(json.dumps({{s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}}))
         """,
     )
     assert _result(process) == {
         "save_sharding": [
             "not needed",
             "upstream get_rng_state(data_parallel_random_init, ckpt_format, *, pg_collection, module_name) already "
-            "shards RNG state by EP",
+            "writes every DP rank's RNG state",
         ],
         "tracker_restore": [
             "not needed",
@@ -290,7 +292,7 @@ def get_checkpoint_name(load_dir, iteration, release):
 module.tensor_parallel = tensor_parallel
 sys.modules[module.__name__] = module
 import json, bridge_rng_patch
-print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status()}))
+print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}))
 """
 
 
@@ -305,5 +307,5 @@ def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
             "applied",
             "the source of _load_checkpoint_from_path is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
         ],
-        "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks it"],
+        "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks the fix"],
     }

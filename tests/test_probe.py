@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge_rng_patch import probe
+from bridge_rng_patch.loops import BRIDGE, MEGATRON_LM
 
 
 def mpu_globals(data_parallel_random_init): ...
@@ -33,10 +34,10 @@ def pg_collection_without_format(data_parallel_random_init, *, pg_collection=Non
     ],
 )
 def test_get_rng_state_is_known_by_the_parameters_it_binds(function, described, position):
-    signature = probe.rng_state_signature(function)
+    signature = probe.rng_state_signature(function, BRIDGE)
     assert signature is not None
     assert signature.describe() == described
-    assert signature.pg_collection_position == position
+    assert signature.position("pg_collection") == position
 
 
 def fixed_with_module_name(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection, module_name=None): ...
@@ -50,7 +51,7 @@ def extra_arguments(data_parallel_random_init, *args, **kwargs): ...
 
 @pytest.mark.parametrize("function", [fixed_with_module_name, other_first_parameter, extra_arguments])
 def test_get_rng_state_with_a_parameter_the_package_does_not_know_is_not_one_it_can_fix(function):
-    assert probe.rng_state_signature(function) is None
+    assert probe.rng_state_signature(function, BRIDGE) is None
 
 
 def dist_load_0_1_0a0(load_dir, cfg, rank0, sharded_state_dict, iteration, release, checkpointing_context=None): ...
@@ -79,3 +80,28 @@ def test_signature_is_described_without_annotations_or_defaults():
         return {}
 
     assert probe.describe_signature(annotated) == "(data_parallel_random_init, ckpt_format, *, pg_collection)"
+
+
+def megatron_lm_0_17(ckpt_format, tp_group, pp_group): ...
+
+
+def megatron_lm_0_19(ckpt_format, tp_group, pp_group, dp_cp_group=None, dp_group=None, key_prefix=""): ...
+
+
+@pytest.mark.parametrize(
+    ("function", "described", "dp_cp_group_at"),
+    [
+        (megatron_lm_0_17, "get_rng_state(ckpt_format, tp_group, pp_group) with mpu globals", None),
+        (megatron_lm_0_19, "get_rng_state(ckpt_format, tp_group, pp_group, dp_cp_group, dp_group, key_prefix)", 3),
+    ],
+)
+def test_megatron_lm_get_rng_state_is_known_by_the_parameters_it_binds(function, described, dp_cp_group_at):
+    signature = probe.rng_state_signature(function, MEGATRON_LM)
+    assert signature is not None
+    assert signature.describe() == described
+    assert signature.position("dp_cp_group") == dp_cp_group_at
+
+
+def test_one_loops_get_rng_state_is_not_taken_for_the_others():
+    assert probe.rng_state_signature(megatron_lm_0_19, BRIDGE) is None
+    assert probe.rng_state_signature(with_format, MEGATRON_LM) is None

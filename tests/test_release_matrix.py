@@ -1,8 +1,9 @@
-"""Every Megatron-Bridge release people pin, each with a megatron-core it imports with, from the registry.
+"""Every Megatron-Bridge release people pin, each with a megatron-core it imports with, and every megatron-core
+release that ships Megatron-LM's own loop, from the registry.
 
 The decisions are what a user's ``import bridge_rng_patch`` makes on each real release, imported for real
-(0.4.0 and later under Python 3.12); the README's release table is checked against them. A save then resume
-runs on one release of each signature family.
+(Bridge 0.4.0 and later, and megatron-core 0.17 and later, under Python 3.12); the README's release tables are
+checked against them. A save then resume runs on one release of each signature family.
 """
 
 from __future__ import annotations
@@ -13,19 +14,30 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO, assert_each_rank_resumes_its_own_state, run_python
+from packaging.version import Version
 
-from tools.release_envs import MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, RELEASES, SIGNATURE_FAMILIES, ensure
+from bridge_rng_patch.loops import BRIDGE
+from bridge_rng_patch.loops import MEGATRON_LM as MEGATRON_LM_LOOP
+from tools.release_envs import (
+    MATRIX,
+    MEGATRON_LM,
+    OLD_ON_NEWER_CORE,
+    OLD_ON_PYTHON_312,
+    RELEASES,
+    SIGNATURE_FAMILIES,
+    ensure,
+)
 
-TARGETS = ("get_rng_state", "_load_checkpoint_from_path", "_load_global_dist_base_checkpoint")
-# Bridge first, so that the originals are seen before the package patches them at its import.
-DECIDE = f"""
+# The loop's module first, so that the originals are seen before the package patches them at its import.
+DECIDE = """
 import json
-import megatron.bridge.training.checkpointing as checkpointing
-originals = {{name: getattr(checkpointing, name) for name in {TARGETS}}}
+import {module} as checkpointing
+targets = ("get_rng_state", "{restore_function}", "_load_global_dist_base_checkpoint")
+originals = {{name: getattr(checkpointing, name) for name in targets}}
 import bridge_rng_patch
 print(json.dumps({{
-    "states": {{s.name: s.state for s in bridge_rng_patch.status()}},
-    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status()}},
+    "states": {{s.name: s.state for s in bridge_rng_patch.status("{loop}")}},
+    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status("{loop}")}},
     "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
     "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
@@ -36,7 +48,8 @@ ONLY_LAYOUT_LOAD = {"save_sharding": "not needed", "tracker_restore": "not neede
 
 
 def _decide(release) -> dict:
-    process = run_python(release, DECIDE)
+    loop = BRIDGE if release.bridge is not None else MEGATRON_LM_LOOP
+    process = run_python(release, DECIDE.format(**loop._asdict()))
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.splitlines()[-1])
 
@@ -95,10 +108,10 @@ def test_each_signature_family_resumes_every_rank_bit_exact(jobs, family):
     assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
-def _readme_release_rows() -> dict[str, tuple[str, ...]]:
-    """The README's release table: release -> (megatron-core, Python, save_sharding, tracker_restore, layout_load)."""
+def _readme_release_rows(table_name: str = "release table") -> dict[str, tuple[str, ...]]:
+    """A README release table: release -> (megatron-core, Python, save_sharding, tracker_restore, layout_load)."""
     text = (REPO / "README.md").read_text()
-    table = text[text.index("<!-- release table -->") : text.index("<!-- end of release table -->")]
+    table = text[text.index(f"<!-- {table_name} -->") : text.index(f"<!-- end of {table_name} -->")]
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -117,3 +130,56 @@ def test_readme_release_table_matches_what_the_package_decides(matrix_decisions)
         for release in MATRIX
     }
     assert _readme_release_rows() == expected
+
+
+@pytest.fixture(scope="session")
+def megatron_lm_decisions() -> dict[str, dict]:
+    """What the package decides on Megatron-LM's loop in each megatron-core release that ships it."""
+    for release in MEGATRON_LM:
+        ensure(release)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip((release.core for release in MEGATRON_LM), pool.map(_decide, MEGATRON_LM), strict=True))
+
+
+MEGATRON_LM_DECISIONS = {"save_sharding": "applied", "tracker_restore": "not needed", "layout_load": "applied"}
+
+
+@pytest.mark.parametrize("release", MEGATRON_LM, ids=lambda release: release.name)
+def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(megatron_lm_decisions, release):
+    """Its restore converts tracker states already (megatron-core 0.16 and later); nothing else is fixed."""
+    decision = megatron_lm_decisions[release.core]
+    assert decision["states"] == MEGATRON_LM_DECISIONS
+    assert decision["untouched"] == [False, True, False]
+    assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
+    assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")
+
+
+def test_readme_megatron_lm_table_matches_what_the_package_decides(megatron_lm_decisions):
+    expected = {
+        release.core: ("(its own)", release.python_line, *megatron_lm_decisions[release.core]["states"].values())
+        for release in MEGATRON_LM
+    }
+    assert _readme_release_rows("megatron-lm release table") == expected
+
+
+def _readme_coverage_summary() -> list[tuple[str, ...]]:
+    """The README's first table: (who trains with it, release range, save_sharding, tracker_restore, layout_load)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("<!-- coverage summary -->") : text.index("<!-- end of coverage summary -->")]
+    rows = [tuple(cell.strip() for cell in line.strip().strip("|").split("|")) for line in table.splitlines()[1:]]
+    return [row for row in rows if len(row) == 5 and " to " in row[1]]
+
+
+def test_readme_coverage_summary_matches_every_release_it_spans(matrix_decisions, megatron_lm_decisions):
+    """Each row's range holds releases whose decisions are all the row's, and the rows cover every release."""
+    covered = []
+    for loop, span, *states in _readme_coverage_summary():
+        first, last = (Version(end.removeprefix("megatron-core ")) for end in span.split(" to "))
+        decisions = megatron_lm_decisions if loop == "Megatron-LM's loop" else matrix_decisions
+        spanned = [release for release in decisions if first <= Version(release) <= last]
+        assert spanned, f"no tested release in {span}"
+        assert all(list(decisions[release]["states"].values()) == states for release in spanned), span
+        covered += [(loop, release) for release in spanned]
+    expected = [("Megatron-Bridge", release.bridge) for release in MATRIX]
+    expected += [("Megatron-LM's loop", release.core) for release in MEGATRON_LM]
+    assert sorted(covered) == sorted(expected)

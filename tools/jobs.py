@@ -1,5 +1,5 @@
 """Run the multi-process RNG job (tests/jobs/rng_job.py, or the benchmarks' timing_job.py built on it) in a
-release environment and read its reports."""
+release environment, on the training loop that release has, and read its reports."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run_job(env: Release, spec: dict, out_dir: Path, name: str, job: Path = JOB)
     """One report per rank; raises with the job's stderr when it fails. ``env`` must be built already."""
     out = out_dir / f"{name}.json"
     process = subprocess.run(
-        [str(env.python), str(job), json.dumps({**spec, "out": str(out)})],
+        [str(env.python), str(job), json.dumps({"loop": env.loop, **spec, "out": str(out)})],
         capture_output=True,
         text=True,
         env=env.environment({**os.environ, "PYTHONWARNINGS": "ignore"}),

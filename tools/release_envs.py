@@ -1,4 +1,5 @@
-"""The real Megatron-Bridge releases the tests, demo and benchmarks run on, installed from the package registry.
+"""The real Megatron-Bridge releases, and megatron-core releases with Megatron-LM's own loop, that the tests, demo
+and benchmarks run on, installed from the package registry.
 
 Two base virtual environments hold torch and what Bridge's checkpointing module needs at import time:
 ``.venvs/base`` (Python 3.11, torch 2.13.0 CPU, for 0.1.0a0 to 0.3.1 and megatron-core up to 0.16) and
@@ -89,21 +90,30 @@ MSC_REQUIREMENT = "multi-storage-client==1.3.1"
 
 @dataclass(frozen=True)
 class Release:
-    """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line;
+    """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line, or
+    (``bridge`` None) a megatron-core release alone, whose ``megatron.training`` is Megatron-LM's own loop;
     ``with_msc``: with the Multi-Storage Client importable, as images that keep checkpoints on object storage."""
 
-    bridge: str
+    bridge: str | None
     core: str
     python_line: str
     with_msc: bool = False
 
     @property
     def has_upstream_fix(self) -> bool:
-        """Whether it has PR #2092 (0.3.0 and later); only those import Transformer Engine at module level."""
-        return not self.bridge.startswith(("0.1.", "0.2."))
+        """Whether it is a Bridge release with PR #2092 (0.3.0 and later); only those import Transformer Engine
+        at module level."""
+        return self.bridge is not None and not self.bridge.startswith(("0.1.", "0.2."))
+
+    @property
+    def loop(self) -> str:
+        """The rank job's name for the training loop it runs."""
+        return "megatron-bridge" if self.bridge is not None else "megatron-lm"
 
     @property
     def name(self) -> str:
+        if self.bridge is None:
+            return f"megatron-lm-{self.core}"
         name = f"bridge-{self.bridge}"
         if DEFAULT_CORE.get(self.bridge) != self.core:
             name += f"-core-{self.core}"
@@ -117,7 +127,9 @@ class Release:
 
     @property
     def pythonpath(self) -> list[Path]:
-        paths = [target_dir("bridge", self.bridge), core_dir(self.core, self.python_line)]
+        paths = [core_dir(self.core, self.python_line)]
+        if self.bridge is not None:
+            paths.insert(0, target_dir("bridge", self.bridge))
         if self.with_msc:
             paths.append(msc_dir(self.python_line))
         return [*paths, TE_STANDIN] if self.has_upstream_fix else paths
@@ -179,8 +191,11 @@ OLD_ON_PYTHON_312 = Release("0.2.0rc6", "0.15.3", "3.12")
 # An old and a fixed release with the Multi-Storage Client, for checkpoints on object storage (msc://).
 OLD_WITH_MSC = Release("0.2.0rc6", "0.15.3", "3.11", with_msc=True)
 FIXED_WITH_MSC = Release("0.3.1", "0.16.1", "3.11", with_msc=True)
+# Megatron-LM's own loop: every megatron-core line that ships megatron.training (0.17 and later, Python 3.12).
+MEGATRON_LM = tuple(Release(None, core, "3.12") for core in ("0.17.1", "0.18.2", "0.19.2"))
 RELEASES = {
-    release.name: release for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, OLD_WITH_MSC, FIXED_WITH_MSC)
+    release.name: release
+    for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, OLD_WITH_MSC, FIXED_WITH_MSC, *MEGATRON_LM)
 }
 # One old release of each signature family (get_rng_state; _load_global_dist_base_checkpoint), the old release
 # on the newer megatron-core and under Python 3.12: the resume tests run on each.
@@ -263,7 +278,8 @@ def ensure_msc(python_line: str) -> None:
 def ensure(release: Release) -> Release:
     ensure_base(release.python_line)
     ensure_target("core", release.core, release.python_line)
-    ensure_target("bridge", release.bridge, release.python_line)
+    if release.bridge is not None:
+        ensure_target("bridge", release.bridge, release.python_line)
     if release.with_msc:
         ensure_msc(release.python_line)
     return release

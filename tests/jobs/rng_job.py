@@ -1,13 +1,16 @@
-"""A multi-process (gloo, CPU) Megatron-Bridge job around the REAL ``save_checkpoint`` / ``load_checkpoint``.
+"""A multi-process (gloo, CPU) training job around a loop's REAL ``save_checkpoint`` / ``load_checkpoint``.
 
 Run as ``python tests/jobs/rng_job.py '<json spec>'`` with the python of a release environment. Every rank
 seeds all its RNG sources with values of its own (the tracker through megatron-core's real
 ``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), then saves or loads a
-checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py).
+checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py, and
+megatron_lm_loop.py for Megatron-LM's loop).
 
 Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one
-registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: cp (context parallel,
-default 1), patched (default true), package_first (default true), data_parallel_random_init,
+registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-bridge", the default, or
+"megatron-lm": Megatron-LM's own loop, ``megatron.training``), cp (context parallel, default 1), patched
+(default true), package_first (default true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU:
+nothing faked, one device for all ranks), backend (default gloo), fully_parallel_load, data_parallel_random_init,
 graph_safe_tracker, load_rng, finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
 tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
 (how many small parameters the model has, default 8).
@@ -37,6 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import megatron_lm_loop
+
 SAVE_SEED = 1000
 FRESH_SEED = 5000
 STEP = 10
@@ -47,11 +52,19 @@ STEP = 10
 EXTRA_ACTIONS: dict[str, Callable[[int, Any, list, Any, dict], dict]] = {}
 
 
+BRIDGE, MEGATRON_LM = "megatron-bridge", "megatron-lm"
+CHECKPOINTING_MODULES = {BRIDGE: "megatron.bridge.training.checkpointing", MEGATRON_LM: megatron_lm_loop.MODULE}
+RESTORE_FUNCTIONS = {BRIDGE: "_load_checkpoint_from_path", MEGATRON_LM: "load_checkpoint"}
+_job_loop = BRIDGE
+
+
 def main(spec: dict) -> None:
     """Import in the parent (as the spec orders), fork one process per rank, write the ranks' reports."""
+    global _job_loop
+    _job_loop = spec.get("loop", BRIDGE)
     if spec.get("patched", True) and spec.get("package_first", True):
         import bridge_rng_patch
-    importlib.import_module("megatron.bridge.training.checkpointing")
+    importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
     if spec.get("patched", True):
         import bridge_rng_patch  # noqa: F401
     with socket.socket() as probe_socket:
@@ -105,7 +118,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
     # A rank that fails must not leave the others waiting in a collective for long.
     torch.distributed.init_process_group(
-        "gloo", rank=rank, world_size=spec["world"], timeout=datetime.timedelta(seconds=90)
+        spec.get("backend", "gloo"), rank=rank, world_size=spec["world"], timeout=datetime.timedelta(seconds=90)
     )
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=spec["tp"],
@@ -113,9 +126,13 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         expert_model_parallel_size=spec["ep"],
         context_parallel_size=spec.get("cp", 1),
     )
-    device_generator = fake_cuda.install(seed=rank)
+    if spec.get("real_cuda"):
+        torch.cuda.set_device(0)
+        device_generator = torch.cuda.default_generators[0]
+    else:
+        device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
-    state, model = _build_state_and_model(spec)
+    state, model = _build_state_and_model(spec) if _job_loop == BRIDGE else _megatron_lm_model(spec)
     report = {
         "rank": rank,
         "coords": {
@@ -134,7 +151,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
         with _tampered(spec.get("tamper")):
-            bridge_checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
+            save_checkpoint(state, model, spec)
         torch.distributed.barrier()
         if spec.get("tamper") == "truncated_metadata":
             if rank == 0:
@@ -146,9 +163,9 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         report["fresh"] = rng_fingerprint(device_generator)
         layout_reads = count_layout_reads(spec)
         try:
-            bridge_checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
+            load_checkpoint(state, model, spec)
             report["error"] = None
-        except BaseException as error:  # Bridge's own restore failure path calls sys.exit()
+        except BaseException as error:  # the loops' own restore failure path calls sys.exit()
             report["error"] = f"{type(error).__name__}: {error}"
         report["loaded"] = rng_fingerprint(device_generator)
         report["layout_reads"] = layout_reads()
@@ -158,14 +175,32 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     return report
 
 
+def save_checkpoint(state: Any, model: list, spec: dict) -> None:
+    """The loop's real save_checkpoint, called as its training loop calls it at STEP."""
+    if _job_loop == BRIDGE:
+        loop_checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
+    else:
+        megatron_lm_loop.save(model, spec)
+
+
+def load_checkpoint(state: Any, model: list, spec: dict) -> None:
+    """The loop's real load_checkpoint, called as its training loop calls it on a resume."""
+    if _job_loop == BRIDGE:
+        loop_checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
+    else:
+        megatron_lm_loop.load(model, spec)
+
+
 def _module_name(spec: dict) -> dict:
     """A MegatronMIMO module's name, which Bridge 0.5 and later key the RNG state by (``rng_state.{name}``)."""
     return {"module_name": spec["module_name"]} if "module_name" in spec else {}
 
 
-def installed_get_rng_state() -> Any:
+def installed_get_rng_state(spec: dict | None = None) -> Any:
     """The installed get_rng_state, bound by name to the arguments save_checkpoint gives it."""
-    checkpointing = bridge_checkpointing()
+    if _job_loop == MEGATRON_LM:
+        return lambda data_parallel_random_init=False: megatron_lm_loop.get_rng_state(data_parallel_random_init, spec)
+    checkpointing = sys.modules[CHECKPOINTING_MODULES[BRIDGE]]
     parameters = inspect.signature(checkpointing.get_rng_state).parameters
     kwargs: dict[str, Any] = {}
     if "ckpt_format" in parameters:  # releases without it always write torch_dist
@@ -194,8 +229,14 @@ def count_layout_reads(spec: dict) -> Any:
     return lambda: len(reads)
 
 
-def bridge_checkpointing() -> Any:
-    return sys.modules["megatron.bridge.training.checkpointing"]
+def loop_checkpointing() -> Any:
+    """The checkpointing module of the job's loop."""
+    return sys.modules[CHECKPOINTING_MODULES[_job_loop]]
+
+
+def loop_restore_function() -> Any:
+    """The function of the job's loop that restores the loaded RNG state."""
+    return getattr(loop_checkpointing(), RESTORE_FUNCTIONS[_job_loop])
 
 
 def _capture_package_logs() -> list[str]:
@@ -212,10 +253,7 @@ def _capture_package_logs() -> list[str]:
 
 
 def _build_state_and_model(spec: dict) -> tuple[Any, list]:
-    """A real GlobalState with a real ConfigContainer, and a real MegatronModule of ``tensors`` small parameters.
-
-    Enough of them (8 by default) that megatron-core's fully parallel save gives every DP rank some to write.
-    """
+    """A real GlobalState with a real ConfigContainer, and the small model."""
     import torch
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.training.config import (
@@ -232,7 +270,6 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-    from megatron.core.transformer.module import MegatronModule
 
     model_config = GPTModelProvider(
         num_layers=1,
@@ -265,6 +302,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
             save_optim=False,
             load_optim=False,
             async_save=False,
+            fully_parallel_load=spec.get("fully_parallel_load", False),
         ),
         rng=RNGConfig(seed=1234, data_parallel_random_init=spec.get("data_parallel_random_init", False)),
     )
@@ -274,6 +312,22 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     init_num_microbatches_calculator(
         torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
     )
+
+    return state, [small_weights(model_config, spec)]
+
+
+def _megatron_lm_model(spec: dict) -> tuple[None, list]:
+    """Megatron-LM's loop keeps its state in global args, set as its command line sets them."""
+    megatron_lm_loop.configure(spec)
+    return None, [small_weights(megatron_lm_loop.model_config(spec), spec)]
+
+
+def small_weights(model_config: Any, spec: dict) -> Any:
+    """A real MegatronModule of ``tensors`` small parameters (8 by default): enough that megatron-core's fully
+    parallel save gives every DP rank some to write."""
+    import torch
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.module import MegatronModule
 
     class SmallWeights(MegatronModule):
         def __init__(self, config: Any, tensors: int) -> None:
@@ -287,18 +341,35 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
             stage = mpu.get_pipeline_model_parallel_rank()
             return super().sharded_state_dict(f"{prefix}stage{stage}.", *args, **kwargs)
 
-    return state, [SmallWeights(model_config, spec.get("tensors", 8))]
+    return SmallWeights(model_config, spec.get("tensors", 8))
 
 
 def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
-    """Seed as Bridge's real training start does; with EP > 1, let each rank's streams move on differently.
+    """Seed as the loop's real training start does; with EP > 1, let each rank's streams move on differently.
 
-    Bridge's own ``_set_random_seed`` seeds python, numpy and torch per PP stage (and per DP rank with
-    data_parallel_random_init) and the tracker through megatron-core per TP and EP rank. Under EP, ranks then
-    consume different randomness (expert dropout, router noise): a few rank-specific draws stand in for that.
+    Bridge's and Megatron-LM's own ``_set_random_seed`` seed python, numpy and torch per PP stage (and per DP
+    rank with data_parallel_random_init) and the tracker through megatron-core per TP and EP rank. Under EP,
+    ranks then consume different randomness (expert dropout, router noise): a few rank-specific draws stand in
+    for that.
     """
     import numpy as np
     import torch
+
+    if _job_loop == BRIDGE:
+        _set_bridge_random_seed(seed, spec)
+    else:
+        megatron_lm_loop.set_random_seed(seed, spec)
+    if spec.get("graph_safe_tracker"):
+        _switch_to_graph_safe_tracker(device_generator.device)
+    if spec["ep"] > 1:
+        draws = 1 + rank
+        random.getrandbits(32 * draws)
+        np.random.random(draws)
+        torch.rand(draws)
+        torch.rand(draws, generator=device_generator, device=device_generator.device)
+
+
+def _set_bridge_random_seed(seed: int, spec: dict) -> None:
     from megatron.bridge.training.initialize import _set_random_seed
 
     kwargs = {}
@@ -307,46 +378,39 @@ def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -
 
         kwargs["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
     _set_random_seed(seed, spec.get("data_parallel_random_init", False), **kwargs)
-    if spec.get("graph_safe_tracker"):
-        _switch_to_graph_safe_tracker()
-    if spec["ep"] > 1:
-        draws = 1 + rank
-        random.getrandbits(32 * draws)
-        np.random.random(draws)
-        torch.rand(draws)
-        torch.rand(draws, generator=device_generator)
 
 
-def _switch_to_graph_safe_tracker() -> None:
+def _switch_to_graph_safe_tracker(device: Any) -> None:
     """A graph-safe tracker (``use_cudagraphable_rng``), holding the same states as graph-safe Generators.
 
-    Its constructor refuses graph-safe mode without CUDA graph support and its ``add`` needs a CUDA device,
-    so the flag is set after construction, and the states the real seeding produced are put in as CPU
-    Generators holding them: the form a graph-safe tracker keeps.
+    On a GPU it is a real one: built graph-safe, each state in a device Generator of its own, as its ``add``
+    makes them. On the CPU its constructor refuses graph-safe mode (no CUDA graph support) and its ``add``
+    needs a CUDA device, so the flag is set after construction, and the states the real seeding produced are
+    put in as CPU Generators holding them: the form a graph-safe tracker keeps.
     """
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     seeded = tensor_parallel.get_cuda_rng_tracker().get_states()
-    initialize_rng_tracker(force_reset=True)
-    tensor_parallel.get_cuda_rng_tracker().use_cudagraphable_rng = True
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {name: _generator_holding(state) for name, state in seeded.items()}
-    )
-    assert tensor_parallel.get_cuda_rng_tracker().use_cudagraphable_rng
+    on_gpu = device.type == "cuda"
+    initialize_rng_tracker(use_cudagraphable_rng=on_gpu, force_reset=True)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.use_cudagraphable_rng = True
+    tracker.set_states({name: _generator_holding(state, device) for name, state in seeded.items()})
+    assert tracker.use_cudagraphable_rng
 
 
-def _generator_holding(state: Any) -> Any:
+def _generator_holding(state: Any, device: Any) -> Any:
     import torch
 
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)
     generator.set_state(state)
     return generator
 
 
 def _describe_rng_request(spec: dict) -> dict:
     """The ShardedObject the installed (and maybe patched) get_rng_state builds for this rank."""
-    return _describe(installed_get_rng_state()(spec.get("data_parallel_random_init", False)))
+    return _describe(installed_get_rng_state(spec)(spec.get("data_parallel_random_init", False)))
 
 
 def _requests_for_each_signature() -> dict:
@@ -359,10 +423,10 @@ def _requests_for_each_signature() -> dict:
     import wrapt
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from bridge_rng_patch import probe
+    from bridge_rng_patch import loops, probe
     from bridge_rng_patch.save_sharding import ep_aware_rng_state
 
-    checkpointing = bridge_checkpointing()
+    checkpointing = loop_checkpointing()
     release_own = checkpointing.get_rng_state.__wrapped__
 
     def positional(data_parallel_random_init, ckpt_format="torch_dist", pg_collection=None):
@@ -372,7 +436,7 @@ def _requests_for_each_signature() -> dict:
         return release_own(data_parallel_random_init, ckpt_format)
 
     def patched(function: Any) -> Any:
-        return wrapt.FunctionWrapper(function, ep_aware_rng_state(probe.rng_state_signature(function)))
+        return wrapt.FunctionWrapper(function, ep_aware_rng_state(probe.rng_state_signature(function, loops.BRIDGE)))
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     without_ep = ProcessGroupCollection.use_mpu_process_groups()
@@ -401,7 +465,7 @@ def _tampered(tamper: str | None):
     import torch
     from megatron.core import tensor_parallel
 
-    checkpointing = bridge_checkpointing()
+    checkpointing = loop_checkpointing()
     if tamper is None:
         yield
     elif tamper == "torch_rng_state":
@@ -452,7 +516,7 @@ def _stored_rng_keys(checkpoint_dir: str) -> list[str]:
         from torch.distributed.checkpoint import FileSystemReader
 
         reader = FileSystemReader(iteration_dir)
-    return sorted(key for key in reader.read_metadata().state_dict_metadata if key.startswith("rng_state"))
+    return sorted(key for key in reader.read_metadata().state_dict_metadata if "rng_state" in key)
 
 
 def _digest(data: bytes) -> str:
@@ -475,9 +539,11 @@ def rng_fingerprint(device_generator: Any) -> dict:
     python_copy = random.Random()
     python_copy.setstate(random.getstate())
     expert_state = tracker_states.get("expert-parallel-rng")
-    expert_draw = (
-        None if expert_state is None else torch.rand(1, generator=_generator_holding(_as_tensor(expert_state)))
-    )
+    if expert_state is None:
+        expert_draw = None
+    else:
+        generator = _generator_holding(_as_tensor(expert_state), device_generator.device)
+        expert_draw = torch.rand(1, generator=generator, device=generator.device)
     return {
         "random": _digest(pickle.dumps(random.getstate())),
         "numpy": _digest(pickle.dumps(np.random.get_state())),

@@ -1,0 +1,121 @@
+"""What the rank job (rng_job.py) does differently for Megatron-LM's own loop (``megatron.training``).
+
+The loop reads its configuration from global args: they are built as ``pretrain_gpt.py`` builds them, by the
+real ``parse_args`` / ``validate_args`` / ``set_global_variables`` from a command line (below), without a
+tokenizer. The model is the job's small MegatronModule; there is no optimizer, as with ``--no-save-optim``.
+Faked, beside fake_cuda.py's CUDA RNG calls: the one CUDA tensor the loop's ``read_metadata`` all-reduces to
+agree on the iteration is made on the CPU, which gloo reduces; and the device's properties, which
+``validate_args`` reads with TP or CP > 1, are a Hopper GPU's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+MODULE = "megatron.training.checkpointing"
+STEP = 10
+
+
+def configure(spec: dict) -> Any:
+    """Global args as Megatron-LM's loop sets them, from the command line a user would give it."""
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_global_variables
+
+    command_line = [
+        "pretrain_gpt.py",
+        *("--num-layers", str(spec["pp"]), "--hidden-size", "8", "--num-attention-heads", "2"),
+        *("--seq-length", "8", "--max-position-embeddings", "8", "--micro-batch-size", "1"),
+        *("--tokenizer-type", "NullTokenizer", "--vocab-size", "16", "--transformer-impl", "local"),
+        *("--tensor-model-parallel-size", str(spec["tp"]), "--pipeline-model-parallel-size", str(spec["pp"])),
+        *("--expert-model-parallel-size", str(spec["ep"]), "--context-parallel-size", str(spec.get("cp", 1))),
+        *(("--num-experts", str(spec["ep"]), "--disable-bias-linear") if spec["ep"] > 1 else ()),
+        *("--save", spec["checkpoint_dir"], "--load", spec["checkpoint_dir"], "--ckpt-format", "torch_dist"),
+        *("--train-iters", str(STEP), "--save-interval", str(STEP), "--seed", "1234"),
+        *("--no-save-optim", "--no-load-optim", "--no-gradient-accumulation-fusion"),
+        *(("--data-parallel-random-init",) if spec.get("data_parallel_random_init") else ()),
+        *(("--no-load-rng",) if spec.get("load_rng") is False else ()),
+        *(("--finetune",) if spec.get("finetune") else ()),
+    ]
+    _a_hopper_device()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # as Megatron-LM's launch scripts export it
+    saved_argv, sys.argv = sys.argv, command_line
+    try:
+        args = parse_args()
+    finally:
+        sys.argv = saved_argv
+    validate_args(args)
+    set_global_variables(args, build_tokenizer=False)
+    _iteration_agreed_on_the_cpu()
+    return args
+
+
+def _a_hopper_device() -> None:
+    import types
+
+    import torch
+
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(major=9, minor=0, name="stand-in")
+
+
+def _iteration_agreed_on_the_cpu() -> None:
+    """``read_metadata`` all-reduces the iteration in a CUDA tensor (NCCL on a GPU); here it is a CPU one."""
+    import torch
+    import wrapt
+
+    class CpuForCudaTensors(wrapt.ObjectProxy):
+        def tensor(self, *args: Any, device: Any = None, **kwargs: Any) -> Any:
+            return self.__wrapped__.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    sys.modules[MODULE].torch = CpuForCudaTensors(torch)
+    torch.cuda.empty_cache = lambda: None
+
+
+def model_config(spec: dict) -> Any:
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=spec["pp"],
+        pipeline_dtype=torch.float32,
+        hidden_size=8,
+        num_attention_heads=2,
+        tensor_model_parallel_size=spec["tp"],
+        pipeline_model_parallel_size=spec["pp"],
+        expert_model_parallel_size=spec["ep"],
+        context_parallel_size=spec.get("cp", 1),
+        num_moe_experts=spec["ep"] if spec["ep"] > 1 else None,
+        add_bias_linear=spec["ep"] == 1,
+    )
+
+
+def set_random_seed(seed: int, spec: dict) -> None:
+    """The loop's own seeding at training start (``initialize_megatron``)."""
+    from megatron.training.initialize import _set_random_seed
+
+    _set_random_seed(seed, spec.get("data_parallel_random_init", False))
+
+
+def _key_prefix(spec: dict) -> dict:
+    """Megatron-LM 0.19's prefix of the RNG key (``{key_prefix}rng_state``), for disjoint grids."""
+    return {"rng_state_key_prefix": spec["key_prefix"]} if "key_prefix" in spec else {}
+
+
+def save(model: list, spec: dict) -> None:
+    sys.modules[MODULE].save_checkpoint(STEP, model, None, None, 0, **_key_prefix(spec))
+
+
+def load(model: list, spec: dict) -> None:
+    sys.modules[MODULE].load_checkpoint(model, None, None, **_key_prefix(spec))
+
+
+def get_rng_state(data_parallel_random_init: bool, spec: dict | None) -> Any:
+    """The installed get_rng_state, called as the loop's save_checkpoint calls it (its args are global)."""
+    from megatron.core import parallel_state as mpu
+
+    args = sys.modules["megatron.training.global_vars"].get_args()
+    args.data_parallel_random_init = data_parallel_random_init
+    groups = (mpu.get_tensor_model_parallel_group(), mpu.get_pipeline_model_parallel_group())
+    key_prefix = {"key_prefix": spec["key_prefix"]} if spec and "key_prefix" in spec else {}
+    return sys.modules[MODULE].get_rng_state(args.ckpt_format, *groups, **key_prefix)
