@@ -20,6 +20,10 @@ import importlib
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge_rng_patch.loops import TrainingLoop
 
 EXIT_OK, EXIT_REFUSED, EXIT_NOT_CHECKED = 0, 1, 2
 
@@ -54,35 +58,37 @@ def status_command(quiet: bool) -> int:
     import bridge_rng_patch
     from bridge_rng_patch.decision import REFUSED
     from bridge_rng_patch.loops import LOOPS
-    from bridge_rng_patch.patcher import loop_installed
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
-    unimportable = {loop.name: _import_problem(loop.module) if loop_installed(loop) else None for loop in LOOPS}
+    unimportable = {loop.name: _why_not_importable(loop) for loop in LOOPS}  # importing applies the patches
     statuses = bridge_rng_patch.status()
     versions = ", ".join(f"{name} {version}" for name, version in statuses[0].versions.items())
     print(f"bridge_rng_patch {bridge_rng_patch.__version__}; found {versions}")
     checked = []
     for loop in LOOPS:
-        if not loop_installed(loop):
-            print(f"{loop.name}: {loop.package} is not installed here: nothing to patch")
-        elif unimportable[loop.name] is not None:
-            print(f"{loop.name}: {loop.module} cannot be imported here ({unimportable[loop.name]}): nothing to patch")
-        else:
-            print(f"{loop.name} ({loop.module}):")
-            for patch in (patch for patch in statuses if patch.loop == loop.name):
-                print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
-                checked.append(patch)
+        if unimportable[loop.name] is not None:
+            print(f"{loop.name}: {unimportable[loop.name]}: nothing to patch")
+            continue
+        print(f"{loop.name} ({loop.module}):")
+        for patch in (patch for patch in statuses if patch.loop == loop.name):
+            print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
+            checked.append(patch)
     if not checked:
         return EXIT_NOT_CHECKED
     return EXIT_REFUSED if any(patch.state == REFUSED for patch in checked) else EXIT_OK
 
 
-def _import_problem(module: str) -> str | None:
-    """Why ``module`` cannot be imported, in one line; None when it imports."""
+def _why_not_importable(loop: TrainingLoop) -> str | None:
+    """Why the loop's checkpointing module cannot be imported here, in one line; None when it imports."""
+    from bridge_rng_patch.patcher import loop_installed
+
+    if not loop_installed(loop):
+        return f"{loop.package} is not installed here"
     try:
-        importlib.import_module(module)
+        importlib.import_module(loop.module)
     except Exception as error:  # whatever an image lacks (Bridge, megatron-core, torch), say it in one line
-        return f"{type(error).__name__}: {error}".splitlines()[0]
+        detail = f"{type(error).__name__}: {error}".splitlines()[0]
+        return f"{loop.module} cannot be imported here ({detail})"
     return None
 
 

@@ -155,11 +155,10 @@ def status(loop: str | None = None) -> tuple[PatchStatus, ...]:
 
             _versions.update(installed_versions())
         return tuple(
-            PatchStatus(name, summary, _states[key].state, _states[key].reason, dict(_versions), each.name)
+            PatchStatus(name, summary, *_states[(each.name, name)], dict(_versions), each.name)
             for each in LOOPS
             if loop is None or each.name == loop
             for name, summary in PATCHES.items()
-            if (key := (each.name, name))
         )
 
 

@@ -134,6 +134,7 @@ class SourcesOnPythonpath:
     """A release as ``tools.jobs.run_job`` runs it: an interpreter, and Megatron's sources on PYTHONPATH."""
 
     name = "image-with-sources-on-pythonpath"
+    loop = "megatron-bridge"
 
     def __init__(self, python: Path, sources: list[Path]) -> None:
         self.python = python

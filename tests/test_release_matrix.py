@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -25,6 +26,7 @@ from tools.release_envs import (
     OLD_ON_PYTHON_312,
     RELEASES,
     SIGNATURE_FAMILIES,
+    Release,
     ensure,
 )
 
@@ -54,13 +56,18 @@ def _decide(release) -> dict:
     return json.loads(process.stdout.splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def matrix_decisions() -> dict[str, dict]:
-    """What the package decides on each release, two releases at a time (each import takes seconds)."""
-    for release in MATRIX:
+def _decisions(releases: tuple[Release, ...], version_of: Callable[[Release], str]) -> dict[str, dict]:
+    """What the package decides on each release, by its version, two releases at a time (each import takes
+    seconds)."""
+    for release in releases:
         ensure(release)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip((release.bridge for release in MATRIX), pool.map(_decide, MATRIX), strict=True))
+        return dict(zip(map(version_of, releases), pool.map(_decide, releases), strict=True))
+
+
+@pytest.fixture(scope="session")
+def matrix_decisions() -> dict[str, dict]:
+    return _decisions(MATRIX, lambda release: release.bridge)
 
 
 OLD = [release for release in MATRIX if not release.has_upstream_fix]
@@ -135,10 +142,7 @@ def test_readme_release_table_matches_what_the_package_decides(matrix_decisions)
 @pytest.fixture(scope="session")
 def megatron_lm_decisions() -> dict[str, dict]:
     """What the package decides on Megatron-LM's loop in each megatron-core release that ships it."""
-    for release in MEGATRON_LM:
-        ensure(release)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip((release.core for release in MEGATRON_LM), pool.map(_decide, MEGATRON_LM), strict=True))
+    return _decisions(MEGATRON_LM, lambda release: release.core)
 
 
 MEGATRON_LM_DECISIONS = {"save_sharding": "applied", "tracker_restore": "not needed", "layout_load": "applied"}

@@ -271,18 +271,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
-    model_config = GPTModelProvider(
-        num_layers=1,
-        hidden_size=8,
-        num_attention_heads=1,
-        tensor_model_parallel_size=spec["tp"],
-        pipeline_model_parallel_size=spec["pp"],
-        expert_model_parallel_size=spec["ep"],
-        context_parallel_size=spec.get("cp", 1),
-        # Older megatron-core refuses EP without experts, and MoE with linear biases.
-        num_moe_experts=spec["ep"] if spec["ep"] > 1 else None,
-        add_bias_linear=spec["ep"] == 1,
-    )
+    model_config = GPTModelProvider(num_layers=1, hidden_size=8, num_attention_heads=1, **model_parallelism(spec))
     data_parallel_size = mpu.get_data_parallel_world_size()
     config = ConfigContainer(
         train=TrainingConfig(micro_batch_size=1, global_batch_size=data_parallel_size, train_iters=STEP),
@@ -316,10 +305,34 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     return state, [small_weights(model_config, spec)]
 
 
+def model_parallelism(spec: dict) -> dict:
+    """The model configuration's parallel sizes; older megatron-core refuses EP without experts, and MoE with
+    linear biases."""
+    return {
+        "tensor_model_parallel_size": spec["tp"],
+        "pipeline_model_parallel_size": spec["pp"],
+        "expert_model_parallel_size": spec["ep"],
+        "context_parallel_size": spec.get("cp", 1),
+        "num_moe_experts": spec["ep"] if spec["ep"] > 1 else None,
+        "add_bias_linear": spec["ep"] == 1,
+    }
+
+
 def _megatron_lm_model(spec: dict) -> tuple[None, list]:
-    """Megatron-LM's loop keeps its state in global args, set as its command line sets them."""
+    """Megatron-LM's loop keeps its state in global args, set as its command line sets them; one layer per
+    pipeline stage, two heads so that TP 2 divides them."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     megatron_lm_loop.configure(spec)
-    return None, [small_weights(megatron_lm_loop.model_config(spec), spec)]
+    config = TransformerConfig(
+        num_layers=spec["pp"],
+        pipeline_dtype=torch.float32,
+        hidden_size=megatron_lm_loop.HIDDEN_SIZE,
+        num_attention_heads=megatron_lm_loop.ATTENTION_HEADS,
+        **model_parallelism(spec),
+    )
+    return None, [small_weights(config, spec)]
 
 
 def small_weights(model_config: Any, spec: dict) -> Any:
