@@ -38,8 +38,8 @@ targets = ("get_rng_state", "{restore_function}", "_load_global_dist_base_checkp
 originals = {{name: getattr(checkpointing, name) for name in targets}}
 import bridge_rng_patch
 print(json.dumps({{
-    "states": {{s.name: s.state for s in bridge_rng_patch.status("{loop}")}},
-    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status("{loop}")}},
+    "states": {{s.name: s.state for s in bridge_rng_patch.status("{name}")}},
+    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status("{name}")}},
     "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
     "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
