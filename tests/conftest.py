@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.jobs import crash_summary, run_job  # noqa: E402
+from tools.jobs import coordinates, crash_summary, run_job, saved_by_coordinates  # noqa: E402
 from tools.release_envs import Release, ensure  # noqa: E402
 
 
@@ -65,14 +65,6 @@ class Jobs:
 @pytest.fixture(scope="session")
 def jobs(tmp_path_factory) -> Jobs:
     return Jobs(tmp_path_factory.mktemp("jobs"))
-
-
-def coordinates(result: dict) -> tuple[int, int, int]:
-    return result["coords"]["pp"], result["coords"]["tp"], result["coords"]["dp"]
-
-
-def saved_by_coordinates(save_results: list[dict]) -> dict[tuple[int, int, int], dict]:
-    return {coordinates(result): result["saved"] for result in save_results}
 
 
 def assert_each_rank_resumes_its_own_state(saved: list[dict], loaded: list[dict], stored_dp_size: int | None = None):

@@ -14,10 +14,42 @@ import pytest
 from conftest import EP2_DP4, assert_each_rank_resumes_its_own_state, coordinates, rank_zero_logs, saved_by_coordinates
 
 from bridge_rng_patch.rng_layout import RngCheckpointError, read_stored_layouts
+from tools.jobs import lost_streams
 from tools.release_envs import RELEASES, SIGNATURE_FAMILIES
 
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
+
+
+# What a user's run sees: seeded as the loop seeds, then training steps that draw alike on every rank
+# (jobs/rng_job.py, ``_training_steps``), not the tests' per-rank draws that make every mix-up show.
+AS_A_RUN_DOES = {"seeding": "megatron"}
+
+
+@pytest.mark.parametrize("env", [OLD, RELEASES["megatron-lm-0.19.2"]], ids=lambda env: env.name)
+def test_a_run_seeded_as_megatron_seeds_loses_only_the_expert_stream_of_ranks_off_dp_rank_0s_ep_rank(jobs, env):
+    """The old (pp, tp) save keeps DP rank 0's state; the other DP ranks of its (pp, tp) hold the same state in every
+    source but the expert-parallel tracker, seeded per EP rank."""
+    saved = saved_by_coordinates(jobs.save(env, f"as-a-run-{env.name}", patched=False, **AS_A_RUN_DOES))
+    loaded = jobs.load(env, f"as-a-run-{env.name}", f"as-a-run-{env.name}-load", patched=False, **AS_A_RUN_DOES)
+    for rank in loaded:
+        assert rank["error"] is None
+        expected = [] if rank["coords"]["ep"] == 0 else ["expert-parallel-rng"]
+        assert lost_streams(saved[coordinates(rank)], rank["loaded"]) == expected, f"rank {rank['rank']}"
+
+
+def test_a_run_seeded_as_megatron_seeds_resumes_every_stream_with_the_package(jobs):
+    saved = jobs.save(OLD, "as-a-run-patched", **AS_A_RUN_DOES)
+    loaded = jobs.load(OLD, "as-a-run-patched", "as-a-run-patched-load", **AS_A_RUN_DOES)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
+
+
+def test_a_run_with_data_parallel_random_init_loses_nothing_unpatched_on_the_same_layout(jobs):
+    """Every source is seeded per DP rank, and the old save gathers every DP rank's state into its (pp, tp) shard."""
+    spec = {"patched": False, "data_parallel_random_init": True, **AS_A_RUN_DOES}
+    saved = jobs.save(OLD, "as-a-run-random-init", **spec)
+    loaded = jobs.load(OLD, "as-a-run-random-init", "as-a-run-random-init-load", **spec)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
 
 
 def test_unpatched_checkpoint_loads_under_the_patch_from_its_one_shared_state(jobs):

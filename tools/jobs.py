@@ -45,3 +45,27 @@ def crash_summary(results: list[dict]) -> str | None:
     lines = [f"rank {result['rank']}: {result['crash'].strip().splitlines()[-1]}" for result in crashed]
     cause = next((result for result in crashed if not _WAITED_FOR_ANOTHER_RANK.search(result["crash"])), crashed[0])
     return "\n".join([*lines, "", f"rank {cause['rank']}:", cause["crash"]])
+
+
+def coordinates(result: dict) -> tuple[int, int, int]:
+    """A rank's (pp, tp, dp) coordinates, from its report."""
+    return result["coords"]["pp"], result["coords"]["tp"], result["coords"]["dp"]
+
+
+def saved_by_coordinates(save_results: list[dict]) -> dict[tuple[int, int, int], dict]:
+    """What each rank of a save job saved, by its (pp, tp, dp) coordinates."""
+    return {coordinates(result): result["saved"] for result in save_results}
+
+
+def rng_streams(fingerprint: dict) -> dict[str, str]:
+    """Each RNG source a rank's fingerprint holds, by the name a user knows it by, with its state's digest."""
+    named = {"python": fingerprint["random"], "numpy": fingerprint["numpy"], "torch": fingerprint["torch"]}
+    named["cuda"] = fingerprint["cuda"]
+    named.update({name: digest for name, (_, digest) in fingerprint["tracker"].items()})
+    return named
+
+
+def lost_streams(saved: dict, resumed: dict) -> list[str]:
+    """The streams of a rank's saved fingerprint that its resumed fingerprint does not hold as saved."""
+    before, after = rng_streams(saved), rng_streams(resumed)
+    return [name for name in before if after.get(name) != before[name]]

@@ -1,9 +1,9 @@
 """A multi-process (gloo, CPU) training job around a loop's REAL ``save_checkpoint`` / ``load_checkpoint``.
 
 Run as ``python tests/jobs/rng_job.py '<json spec>'`` with the python of a release environment. Every rank
-seeds all its RNG sources with values of its own (the tracker through megatron-core's real
-``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), then saves or loads a
-checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py, and
+seeds its RNG sources with the loop's own seeding (the tracker through megatron-core's real
+``model_parallel_cuda_manual_seed``, so expert-parallel states differ by EP rank), moves them on, then saves or
+loads a checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py, and
 megatron_lm_loop.py for Megatron-LM's loop).
 
 Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one
@@ -11,7 +11,8 @@ registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-
 "megatron-lm": Megatron-LM's own loop, ``megatron.training``), cp (context parallel, default 1), patched
 (default true), package_first (default true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU:
 nothing faked, one device for all ranks), backend (default gloo), fully_parallel_load, data_parallel_random_init,
-graph_safe_tracker, load_rng, finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
+graph_safe_tracker, seeding ("per-rank", the default, or "megatron"; see ``seed_every_source``), load_rng,
+finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
 tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
 (how many small parameters the model has, default 8).
 """
@@ -358,12 +359,14 @@ def small_weights(model_config: Any, spec: dict) -> Any:
 
 
 def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -> None:
-    """Seed as the loop's real training start does; with EP > 1, let each rank's streams move on differently.
+    """Seed as the loop's real training start does, then move the streams on before a save.
 
     Bridge's and Megatron-LM's own ``_set_random_seed`` seed python, numpy and torch per PP stage (and per DP
-    rank with data_parallel_random_init) and the tracker through megatron-core per TP and EP rank. Under EP,
-    ranks then consume different randomness (expert dropout, router noise): a few rank-specific draws stand in
-    for that.
+    rank with data_parallel_random_init) and the tracker through megatron-core per TP and EP rank, so the DP
+    ranks of one (pp, tp) differ in the expert-parallel tracker only. ``seeding`` "per-rank" (the tests'
+    default) then draws a rank-specific number of values from every source under EP > 1, so that a rank given
+    another rank's state shows in every source; "megatron" runs the training steps a user's run takes
+    (``_training_steps``), which leave the DP ranks as alike as the seeding made them.
     """
     import numpy as np
     import torch
@@ -374,12 +377,38 @@ def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -
         megatron_lm_loop.set_random_seed(seed, spec)
     if spec.get("graph_safe_tracker"):
         _switch_to_graph_safe_tracker(device_generator.device)
-    if spec["ep"] > 1:
+    if spec.get("seeding", "per-rank") == "megatron":
+        _training_steps(device_generator, STEP)
+    elif spec["ep"] > 1:
         draws = 1 + rank
         random.getrandbits(32 * draws)
         np.random.random(draws)
         torch.rand(draws)
         torch.rand(draws, generator=device_generator, device=device_generator.device)
+
+
+# A training step's draws in a small MoE model: tokens routed, and experts.
+TOKENS, EXPERTS = 16, 4
+
+
+def _training_steps(device_generator: Any, steps: int) -> None:
+    """What ``steps`` steps of an MoE model draw on each rank, the same on every rank, each inside the real
+    tracker's ``fork`` where the model forks it: attention dropout from the model-parallel tracker; random router
+    logits (``moe_router_force_load_balancing``: megatron-core 0.16 and later draw them from the expert-parallel
+    tracker) and an expert dropout of the user's own from the expert-parallel tracker; router input jitter from
+    the default CUDA generator. A draw on the device is a draw from the stand-in device generator.
+    """
+    import torch
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    for _ in range(steps):
+        with tracker.fork("model-parallel-rng"):
+            torch.rand(TOKENS, generator=device_generator)
+        with tracker.fork("expert-parallel-rng"):
+            torch.randn(TOKENS * EXPERTS, generator=device_generator)
+            torch.rand(TOKENS, generator=device_generator)
+        torch.rand(TOKENS, generator=device_generator)
 
 
 def _set_bridge_random_seed(seed: int, spec: dict) -> None:
