@@ -1,73 +1,150 @@
-"""Show the fix on a real old release: save and resume a 4-rank EP=2 job, without and with the package.
+"""What a user's own MoE run loses on a resume, and what the package gives back, on real Megatron-Bridge releases.
 
-``python3 tools/demo.py``: builds the Megatron-Bridge 0.2.0rc6 environment if needed, then runs the real
-``save_checkpoint`` and ``load_checkpoint`` in 4 gloo processes (TP 1, PP 1, EP 2, DP 4), twice: unpatched
-and with ``import bridge_rng_patch``. Per rank it prints the next draw of the expert-parallel RNG stream and
-of python's ``random`` when the checkpoint was saved and after the resume. Only CUDA calls are faked, on CPU.
+``python3 tools/demo.py`` builds the Python 3.11 environments of Megatron-Bridge 0.2.0rc6 and 0.3.1 if needed,
+then runs their real ``save_checkpoint`` and ``load_checkpoint`` in gloo processes on the CPU (only CUDA calls
+are faked), without and with ``import bridge_rng_patch``. Every rank seeds as the loop itself does and takes the
+draws of 10 training steps, the same on every rank, each inside the real tracker's fork where a model forks it
+(``tests/jobs/rng_job.py``: ``_training_steps``), then saves; a new job seeds afresh and resumes. A stream is
+kept when the rank resumes it bit for bit as it was saved, so that its next step draws what an uninterrupted
+run would.
+
+1. 0.2.0rc6, 4 ranks with EP 2 (DP 4): the old save keeps one DP rank's state per (pp, tp); then the same with
+   data_parallel_random_init.
+2. 0.3.1, a fixed release, saved with DP 4 and resumed with DP 2.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.jobs import run_job
-from tools.release_envs import RELEASES, ensure
+from tools.jobs import coordinates, lost_streams, run_job, saved_by_coordinates
+from tools.release_envs import RELEASES, Release, ensure
 
-ENV = RELEASES["bridge-0.2.0rc6"]
-LAYOUT = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
-
-
-def _save_and_resume(work: Path, patched: bool) -> tuple[list[dict], list[dict]]:
-    name = "patched" if patched else "unpatched"
-    checkpoint = {"checkpoint_dir": str(work / name), "patched": patched, **LAYOUT}
-    saved = run_job(ENV, {"action": "save", **checkpoint}, work, f"{name}-save")
-    resumed = run_job(ENV, {"action": "load", **checkpoint}, work, f"{name}-load")
-    return saved, resumed
+OLD, FIXED = RELEASES["bridge-0.2.0rc6"], RELEASES["bridge-0.3.1"]
+EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+EP2_DP2 = {**EP2_DP4, "world": 2}
+EXPERT_STREAM = "expert-parallel-rng"
+# DP rank 0, whose state the old save keeps, is EP rank 0: the ranks of EP rank 1 lose their expert stream.
+EP_RANK_1 = {1, 3}
 
 
-def _cell(saved: dict, resumed: dict, key: str) -> str:
-    mark = "ok " if resumed[key] == saved[key] else "LOST"
-    return f"{resumed[key]:.6f} {mark}"
+class Demo:
+    """Runs the jobs, two at a time (each job is about one core's work), and says whether each rank did what the
+    text says it does."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.all_as_described = True
+
+    def job(self, env: Release, name: str, action: str, layout: dict, checkpoint: str, **spec) -> list[dict]:
+        checkpoint_dir = str(self.work / checkpoint)
+        job_spec = {"action": action, "checkpoint_dir": checkpoint_dir, "seeding": "megatron", **layout, **spec}
+        return run_job(env, job_spec, self.work, name)
+
+    def save_and_resume(self, env: Release, name: str, **spec) -> tuple[list[dict], list[dict]]:
+        saved = self.job(env, f"{name}-save", "save", EP2_DP4, name, **spec)
+        return saved, self.job(env, f"{name}-resume", "load", EP2_DP4, name, **spec)
+
+    def resize(self) -> tuple[list[dict], dict[bool, list[dict]]]:
+        """A fixed release's own checkpoint (the package steps aside from its save), resumed with DP 2."""
+        saved = self.job(FIXED, "resize-save", "save", EP2_DP4, "resize", patched=False)
+        resumes = {
+            patched: self.job(FIXED, f"resize-{patched}", "load", EP2_DP2, "resize", patched=patched)
+            for patched in (False, True)
+        }
+        return saved, resumes
+
+    def as_described(self, expectation: bool) -> str:
+        self.all_as_described &= expectation
+        return "" if expectation else "  << NOT AS DESCRIBED"
+
+    def print_same_layout(self, runs: dict[bool, tuple[list[dict], list[dict]]], expect_lost: set[int]) -> None:
+        """Per rank: the streams lost, unpatched and patched; the next draw from the expert stream."""
+        print(
+            f"  {'rank':>4} {'dp':>3} {'ep':>3}   {'lost, unpatched':<27} {'lost, patched':<15}"
+            "next expert-stream draw: uninterrupted | unpatched | patched"
+        )
+        for rank in range(EP2_DP4["world"]):
+            lost, draws = {}, []
+            for patched, (saved, resumed) in runs.items():
+                saved_state = saved_by_coordinates(saved)[coordinates(resumed[rank])]
+                resumed_state = resumed[rank]["loaded"]
+                lost[patched] = lost_streams(saved_state, resumed_state)
+                draws.append(resumed_state["next_expert"])
+            uninterrupted = saved_state["next_expert"]
+            shown = " | ".join(f"{draw:+.4f}" for draw in (uninterrupted, *draws))
+            expected = lost[False] == ([EXPERT_STREAM] if rank in expect_lost else []) and not lost[True]
+            coords = runs[True][1][rank]["coords"]
+            print(
+                f"  {rank:>4} {coords['dp']:>3} {coords['ep']:>3}   {', '.join(lost[False]) or 'nothing':<27} "
+                f"{', '.join(lost[True]) or 'nothing':<15}{shown}{self.as_described(expected)}"
+            )
+
+    def print_resize(self, saved: list[dict], resumes: dict[bool, list[dict]]) -> None:
+        for patched, resumed in resumes.items():
+            label = "with the package" if patched else "unpatched"
+            errors = [rank["error"] for rank in resumed if rank["error"]]
+            if errors:
+                last_line = errors[0].strip().splitlines()[-1]
+                expected = not patched and len(errors) == len(resumed)
+                crashed = f"{len(errors)} of {len(resumed)} ranks crashed"
+                print(f"  {label:<17} {crashed}: {last_line}{self.as_described(expected)}")
+                continue
+            for rank in resumed:
+                own = not lost_streams(saved_by_coordinates(saved)[coordinates(rank)], rank["loaded"])
+                state = "its own state, every stream" if own else "ANOTHER state"
+                print(
+                    f"  {label:<17} rank {rank['rank']} (dp {rank['coords']['dp']}) resumed {state}"
+                    f"{self.as_described(patched and own)}"
+                )
+                label = ""
 
 
 def main() -> int:
-    ensure(ENV)
-    print(f"megatron-bridge {ENV.bridge}, megatron-core {ENV.core}; 4 ranks, TP 1, PP 1, EP 2, DP 4", flush=True)
-    with tempfile.TemporaryDirectory() as work_dir:
-        work = Path(work_dir)
-        runs = {patched: _save_and_resume(work, patched) for patched in (False, True)}
-    stored = {patched: runs[patched][0][0]["stored_keys"] for patched in runs}
-    print(f"RNG shards written, unpatched: {stored[False]}")
-    print(f"RNG shards written, patched:   {stored[True]}\n")
-    header = (
-        f"{'rank':>4} {'dp':>2} {'ep':>2}  {'stream':<8} {'at save':>9}  "
-        f"{'resumed, unpatched':>20}  {'resumed, patched':>18}"
-    )
-    print(header)
-    print("-" * len(header))
-    all_kept, any_lost_unpatched = True, False
-    for rank in range(LAYOUT["world"]):
-        for stream, key in (("expert", "next_expert"), ("random", "next_random")):
-            saved_unpatched, resumed_unpatched = runs[False][0][rank]["saved"], runs[False][1][rank]["loaded"]
-            saved_patched, resumed_patched = runs[True][0][rank]["saved"], runs[True][1][rank]["loaded"]
-            coords = runs[True][1][rank]["coords"]
-            unpatched_cell = _cell(saved_unpatched, resumed_unpatched, key)
-            patched_cell = _cell(saved_patched, resumed_patched, key)
-            print(
-                f"{rank:>4} {coords['dp']:>2} {coords['ep']:>2}  {stream:<8} {saved_patched[key]:>9.6f}  "
-                f"{unpatched_cell:>20}  {patched_cell:>18}"
+    for env in (OLD, FIXED):
+        ensure(env)
+    with tempfile.TemporaryDirectory() as work_dir, ThreadPoolExecutor(max_workers=2) as pool:
+        demo = Demo(Path(work_dir))
+        old = {
+            patched: pool.submit(demo.save_and_resume, OLD, f"old-{patched}", patched=patched)
+            for patched in (False, True)
+        }
+        random_init = {
+            patched: pool.submit(
+                demo.save_and_resume, OLD, f"random-init-{patched}", patched=patched, data_parallel_random_init=True
             )
-            all_kept &= resumed_patched == saved_patched
-            any_lost_unpatched |= resumed_unpatched != saved_unpatched
-    print(
-        "\nunpatched: every rank resumes DP rank 0's streams (only its state was written);"
-        "\npatched:   every rank resumes its own streams, bit-exact (every RNG source compared)."
-    )
-    return 0 if all_kept and any_lost_unpatched else 1
+            for patched in (False, True)
+        }
+        resize = pool.submit(demo.resize)
+        print(
+            f"1. Megatron-Bridge {OLD.bridge} (megatron-core {OLD.core}), 4 ranks: TP 1, PP 1, EP 2, DP 4. Seeded"
+            " as Megatron seeds,\n   10 training steps, a save, then a resume in a new job.\n",
+            flush=True,
+        )
+        demo.print_same_layout({patched: run.result() for patched, run in old.items()}, EP_RANK_1)
+        print(
+            f"\n   The old save writes DP rank 0's state for all 4 DP ranks. Megatron seeds every other stream alike"
+            f"\n   on the DP ranks of one (pp, tp), so only {EXPERT_STREAM} is lost, on each rank whose EP rank"
+            "\n   differs from DP rank 0's. It feeds random router logits (moe_router_force_load_balancing, with"
+            "\n   megatron-core 0.16 and later) and any layer of your own that forks it.\n"
+        )
+        print("   With data_parallel_random_init (every stream seeded per DP rank; the save gathers all 4 ranks'):")
+        demo.print_same_layout({patched: run.result() for patched, run in random_init.items()}, set())
+        print("\n   Nothing is lost on a resume with the same layout, with or without the package.\n")
+        print(
+            f"2. Megatron-Bridge {FIXED.bridge} (megatron-core {FIXED.core}), a fixed release: saved with 4 ranks"
+            " (EP 2, DP 4),\n   resumed with 2 (EP 2, DP 2).\n",
+            flush=True,
+        )
+        demo.print_resize(*resize.result())
+    verdict = "as described" if demo.all_as_described else "NOT as described: see the rows marked"
+    print(f"\nEvery rank, every stream: {verdict}.")
+    return 0 if demo.all_as_described else 1
 
 
 if __name__ == "__main__":
