@@ -10,6 +10,7 @@ GPU, no torch, and no Megatron import.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import pickle
@@ -249,6 +250,12 @@ class _Unpickled:
         self.state = state
 
 
+@functools.cache
+def _placeholder_class(module: str, name: str) -> type:
+    """One class per name: a pickle may name a class once per object, in a few bytes each time."""
+    return type(name, (_Unpickled,), {"__module__": f"unpickled.{module}"})
+
+
 class _ArgsReader(pickle.Unpickler):
     """Unpickles Megatron-LM's common state without running pickled code: ``argparse.Namespace`` is built for
     real (a plain attribute holder); every other class or function it names (enums, torch dtypes, signals)
@@ -257,7 +264,7 @@ class _ArgsReader(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("argparse", "Namespace"):
             return argparse.Namespace
-        return type(name, (_Unpickled,), {"__module__": f"unpickled.{module}"})
+        return _placeholder_class(module, name)
 
     def persistent_load(self, pid: Any) -> None:
         return None
@@ -272,7 +279,8 @@ def _megatron_lm_args(directory: Path) -> argparse.Namespace | None:
     """
     common = directory / MEGATRON_LM_COMMON
     if common.is_file():
-        return _args_in_archive(common, common.read_bytes())
+        with common.open("rb") as archive:  # a zip archive is read where it says, its pickle alone
+            return _args_in_archive(common, archive)
     metadata = directory / METADATA_FILE
     data = metadata.read_bytes() if metadata.is_file() else b""
     if _COMMON_STATE_ITEM not in data:
@@ -280,7 +288,23 @@ def _megatron_lm_args(directory: Path) -> argparse.Namespace | None:
     where = _common_state_storage(metadata, data)
     with (directory / where["relative_path"]).open("rb") as storage:
         storage.seek(where["offset"])
-        return _args_in_archive(metadata, storage.read(where["length"]))
+        return _args_in_archive(metadata, io.BytesIO(_bounded_read(metadata, storage, where["length"])))
+
+
+# The args are kilobytes (about 30 KB pickled in a real Megatron-LM common state); what is read for them is bounded,
+# so that a crafted or foreign file cannot make the inspector read or inflate gigabytes.
+COMMON_STATE_LIMIT = 16 * 2**20
+
+
+def _bounded_read(where: Path, stream: Any, size: int, what: str = "common state") -> bytes:
+    """The ``size`` bytes of ``stream`` where they are at most ``COMMON_STATE_LIMIT``; CheckpointInputError, with
+    nothing read, where they are more."""
+    if size > COMMON_STATE_LIMIT:
+        raise CheckpointInputError(
+            f"{where}: its {what} holds {size:,} bytes, more than the {COMMON_STATE_LIMIT >> 20} MiB this inspector "
+            "reads for the run's args (a real one holds kilobytes), so it was not read"
+        )
+    return stream.read(size)
 
 
 _COMMON_STATE_ITEM = b"common_state/"
@@ -299,11 +323,15 @@ def _common_state_storage(metadata: Path, data: bytes) -> dict[str, Any]:
         raise CheckpointInputError(f"{metadata}: no readable common state in it ({type(error).__name__})") from None
 
 
-def _args_in_archive(where: Path, archive_bytes: bytes) -> argparse.Namespace | None:
+def _args_in_archive(where: Path, archive_file: Any) -> argparse.Namespace | None:
     try:
-        with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
-            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
-            state = _ArgsReader(io.BytesIO(archive.read(pickled))).load()
+        with zipfile.ZipFile(archive_file) as archive:
+            pickled = next(info for info in archive.infolist() if info.filename.endswith("/data.pkl"))
+            with archive.open(pickled) as member:  # zipfile inflates no more than the size its header states
+                data = _bounded_read(where, member, pickled.file_size, f"pickle {pickled.filename}, inflated,")
+            state = _ArgsReader(io.BytesIO(data)).load()
+    except CheckpointInputError:
+        raise
     except Exception as error:  # a cut or foreign file: zipfile, pickle and StopIteration errors alike
         raise CheckpointInputError(f"{where}: not a readable common state ({type(error).__name__})") from None
     if isinstance(state, list) and len(state) == 1:  # 0.19 keeps the common state as a one-item list
@@ -358,15 +386,15 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
     stored_states = len(stored.offsets)
     if run.dp is None:
         lost = (
-            "the RNG streams of every rank but DP rank 0 of each (pp, tp) were never written "
+            "the RNG states of every rank but DP rank 0 of each (pp, tp) were never written "
             f"(DP size unknown: {run.dp_source})"
         )
     else:
         ranks = stored.global_shape[0] * stored.global_shape[1] * run.dp * run.cp
-        lost = f"{ranks - stored_states} of {ranks} ranks' RNG streams were never written"
+        lost = f"{ranks - stored_states} of {ranks} ranks' RNG states were never written"
     return INCOMPLETE, (
-        f"written with EP {run.ep} and one RNG state per (pp, tp) (the old bug): {lost}; "
-        "a resume gives those ranks DP rank 0's streams"
+        f"written with EP {run.ep} and one RNG state per (pp, tp) (the old bug): {lost}; a resume gives those ranks "
+        "DP rank 0's, so each whose EP rank differs from DP rank 0's loses its expert-parallel RNG stream"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -45,14 +46,14 @@ def _inspect_json(*args: object) -> tuple[int, list[dict]]:
     return process.returncode, json.loads(process.stdout)
 
 
-def test_unpatched_old_release_with_ep_2_is_incomplete_with_3_of_4_streams_never_written(jobs):
+def test_unpatched_old_release_with_ep_2_is_incomplete_with_3_of_4_states_never_written(jobs):
     code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "unpatched-ep2", patched=False))
     assert code == 1
     assert report["verdict"] == "incomplete"
     assert report["rng_layout"] == {"axes": "(pp, tp)", "global_shape": [1, 1], "shards": 1}
     assert (report["run"]["ep"], report["run"]["dp"]) == (2, 4)
-    assert "3 of 4 ranks' RNG streams were never written" in report["summary"]
-    assert "a resume gives those ranks DP rank 0's streams" in report["summary"]
+    assert "3 of 4 ranks' RNG states were never written" in report["summary"]
+    assert "each whose EP rank differs from DP rank 0's loses its expert-parallel RNG stream" in report["summary"]
 
 
 @pytest.mark.parametrize("core", ["0.17.1", "0.19.2"], ids=["common.pt", "common state inside the checkpoint"])
@@ -65,7 +66,7 @@ def test_unpatched_megatron_lm_checkpoint_is_incomplete_its_run_read_from_the_sa
     run = report["run"]
     assert (run["loop"], run["tp"], run["pp"], run["ep"], run["dp"]) == ("Megatron-LM", 1, 1, 2, 4)
     assert run["dp_source"] == "its saved args"
-    assert "3 of 4 ranks' RNG streams were never written" in report["summary"]
+    assert "3 of 4 ranks' RNG states were never written" in report["summary"]
 
 
 def test_patched_megatron_lm_checkpoint_is_complete_and_a_resume_plan_gives_each_rank_its_own(jobs):
@@ -179,6 +180,41 @@ def test_unreadable_iteration_gets_one_clear_line_and_exit_code_2(copy_of_patche
     (line,) = process.stdout.splitlines()
     assert line.startswith(f"checkpoint {copy_of_patched_checkpoint} (iteration 10): unreadable: ")
     assert message in line
+
+
+def test_a_common_state_that_inflates_to_hundreds_of_megabytes_is_refused_without_inflating_it(tmp_path):
+    """A crafted common.pt of a few hundred kilobytes whose pickle inflates to 400 MiB: the inspector reads what its
+    zip header states and refuses it, with exit code 2, in a process that never grows past 100 MB."""
+    iteration = tmp_path / "iter_0000010"
+    iteration.mkdir()
+    (iteration / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    with (
+        zipfile.ZipFile(iteration / "common.pt", "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("archive/data.pkl", "w") as member,
+    ):
+        for _ in range(400):
+            member.write(bytes(2**20))
+    assert (iteration / "common.pt").stat().st_size < 2**20
+    inspect_and_measure = (
+        "import resource, subprocess, sys\n"
+        "process = subprocess.run([sys.executable, '-m', 'bridge_rng_patch', 'inspect', sys.argv[1]], "
+        "capture_output=True, text=True)\n"
+        "peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(process.returncode, peak_kb, process.stdout + process.stderr, sep='\\n')"
+    )
+    process = subprocess.run(
+        [str(OLD.python), "-c", inspect_and_measure, str(iteration)],
+        capture_output=True,
+        text=True,
+        env=OLD.environment(),
+        cwd=REPO,
+        timeout=120,
+    )
+    code, peak_kb, printed = process.stdout.split("\n", 2)
+    assert int(peak_kb) < 100_000, f"the inspector grew to {int(peak_kb) // 1024} MB"
+    assert int(code) == 2, printed
+    assert "Traceback" not in printed
+    assert "archive/data.pkl, inflated, holds 419,430,400 bytes, more than the 16 MiB this inspector reads" in printed
 
 
 @pytest.mark.parametrize(
