@@ -1,16 +1,23 @@
-"""``python -m bridge_rng_patch`` (or ``bridge-rng-patch``): what the package does here; ``... inspect CHECKPOINT``:
-what a checkpoint holds; ``... run -- COMMAND``: run a job with every Python process in it patched.
+"""What bridge_rng_patch does with the training loops installed here, and what a
+checkpoint on disk holds of its ranks' RNG state.
 
-Without a command: imports the checkpointing module of each training loop installed here (Megatron-Bridge's,
-Megatron-LM's) and says what was patched. Exits 0 when every patch is applied or not needed, 1 when one was
-refused, 2 when neither module can be imported here.
+  python -m bridge_rng_patch
+      Says which patches apply to each loop installed here (Megatron-Bridge,
+      Megatron-LM). Exit 0: each applied or not needed; 1: one refused;
+      2: neither loop's checkpointing module can be imported.
 
-``inspect``: per iteration, the RNG layout stored, the parallel layout of the run that wrote it, and a verdict.
-Exits 0 when every iteration is complete, 1 when one is incomplete or has no RNG state, 2 when one is
-unreadable or the path is not a Megatron-Bridge or Megatron-LM checkpoint.
+  python -m bridge_rng_patch inspect CHECKPOINT
+      Per iteration: the RNG layout stored, the parallel layout of the run
+      that wrote it, and a verdict. Exit 0: every iteration complete; 1: one
+      incomplete or without RNG state; 2: one unreadable, or CHECKPOINT is
+      not a checkpoint.
 
-``run``: replaces itself with COMMAND, whose exit code is then the exit code; 2 without a COMMAND, 127 for one
-that is not found. ``run --check``: what a Python started by COMMAND would do, without running the job.
+  python -m bridge_rng_patch run [--check] -- COMMAND
+      Runs COMMAND with every Python process it starts patched; the exit code
+      is COMMAND's (2 without one, 127 if not found). --check says what such
+      a process would do, and runs nothing.
+
+bridge-rng-patch is the same command.
 """
 
 from __future__ import annotations

@@ -273,6 +273,16 @@ def test_readme_cli_example_is_what_the_cli_prints():
     assert printed[1:] == shown[1:]
 
 
+@pytest.mark.parametrize("command", [[], ["inspect"], ["run"]], ids=["main", "inspect", "run"])
+def test_help_reads_in_an_80_column_terminal_without_markup(command):
+    code = f"from bridge_rng_patch.__main__ import main; main({[*command, '--help']})"
+    process = run_python(RUNNER, code, extra_env={"COLUMNS": "80"})
+    assert process.returncode == 0, process.stderr
+    assert "``" not in process.stdout
+    too_wide = [line for line in process.stdout.splitlines() if len(line) > 80]
+    assert not too_wide, too_wide
+
+
 # The old release's three targets, compiled from text so that inspect cannot read their source: as an image that
 # ships only bytecode. Their behaviour does not matter here, only what can be told of them.
 WITHOUT_SOURCE = """
