@@ -31,7 +31,6 @@ import torch
 import wrapt
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.msc_utils import MultiStorageClientFeature
 
 from bridge_rng_patch import probe
 from bridge_rng_patch.decision import Decision, report
@@ -225,9 +224,19 @@ def _storage_not_judged(checkpoint_dir: str) -> str | None:
     unknown = unknown_scheme(checkpoint_dir)
     if unknown is not None:
         return unknown
-    if scheme_of(checkpoint_dir) == MSC_SCHEME and not MultiStorageClientFeature.is_enabled():
+    if scheme_of(checkpoint_dir) == MSC_SCHEME and not _reads_through_multi_storage_client():
         return "an msc:// path, and megatron-core's MultiStorageClientFeature is not enabled here"
     return None
+
+
+def _reads_through_multi_storage_client() -> bool:
+    """Whether megatron-core reads checkpoints through the Multi-Storage Client; megatron-core before 0.13 has no
+    ``msc_utils`` and reads none so."""
+    try:
+        from megatron.core.msc_utils import MultiStorageClientFeature
+    except ImportError:
+        return False
+    return MultiStorageClientFeature.is_enabled()
 
 
 def _data_parallel_sizes(call: Mapping[str, Any]) -> tuple[int, int]:

@@ -23,16 +23,16 @@ class FixedIn(NamedTuple):
 class TrainingLoop(NamedTuple):
     """A training loop whose checkpointing module the package patches.
 
-    ``rng_state_parameters`` are the leading parameters of its ``get_rng_state``, ``rng_state_optional`` those
-    its releases add after them; ``restore_function`` restores the loaded RNG state; ``distribution`` states
-    the release number.
+    ``rng_state_first`` is the first parameter of its ``get_rng_state`` (one per family of releases),
+    ``rng_state_optional`` those its releases add after it; ``restore_function`` restores the loaded RNG state;
+    ``distribution`` states the release number.
     """
 
     name: str
     module: str
     distribution: str
     restore_function: str
-    rng_state_parameters: tuple[str, ...]
+    rng_state_first: frozenset[str]
     rng_state_optional: frozenset[str]
     fixed_in: dict[str, FixedIn]
 
@@ -47,7 +47,7 @@ BRIDGE = TrainingLoop(
     module="megatron.bridge.training.checkpointing",
     distribution="megatron-bridge",
     restore_function="_load_checkpoint_from_path",
-    rng_state_parameters=("data_parallel_random_init",),
+    rng_state_first=frozenset({"data_parallel_random_init"}),
     rng_state_optional=frozenset({"ckpt_format", "pg_collection"}),
     fixed_in={
         # EP-aware sharding and the graph-safe restore came with PR #2092 in 0.3.0. No release up to 0.6.2 asks for
@@ -57,14 +57,16 @@ BRIDGE = TrainingLoop(
         LAYOUT_LOAD: FixedIn("0.7.0"),
     },
 )
-# Megatron-LM's own loop (``megatron.training``), in the megatron-core wheels from 0.17 on.
+# Megatron-LM's own loop (``megatron.training``), in the megatron-core wheels from 0.17 on and in source trees before
+# them: get_rng_state(use_dist_ckpt) up to core_v0.11, (ckpt_format) from 0.12, (ckpt_format, tp_group, pp_group)
+# from 0.16, and 0.19 adds dp_cp_group, dp_group, key_prefix.
 MEGATRON_LM = TrainingLoop(
     name="Megatron-LM",
     module="megatron.training.checkpointing",
     distribution="megatron-core",
     restore_function="load_checkpoint",
-    rng_state_parameters=("ckpt_format", "tp_group", "pp_group"),
-    rng_state_optional=frozenset({"dp_cp_group", "dp_group", "key_prefix"}),
+    rng_state_first=frozenset({"ckpt_format", "use_dist_ckpt"}),
+    rng_state_optional=frozenset({"tp_group", "pp_group", "dp_cp_group", "dp_group", "key_prefix"}),
     fixed_in={
         # Per-rank RNG sharding (#6858, Aug 2026) and a stored-layout load are in no release up to 0.19.2, the newest
         # read; the restore converts tracker states from 0.16 (PR #2641), before megatron.training shipped.

@@ -147,8 +147,9 @@ class RngStateSignature:
 
     Old Bridge releases take ``data_parallel_random_init`` and, from 0.1.0rc3, ``ckpt_format`` (without it the
     format is always torch_dist); unreleased main between 0.2.2 and the fix adds ``pg_collection``, positional
-    or keyword-only. Megatron-LM's takes ``(ckpt_format, tp_group, pp_group)``, and from 0.19 ``dp_cp_group``,
-    ``dp_group`` and ``key_prefix``. Process groups come from those arguments where given, else from mpu globals.
+    or keyword-only. Megatron-LM's takes ``(use_dist_ckpt)`` in source trees up to core_v0.11, ``(ckpt_format)``
+    from 0.12, ``(ckpt_format, tp_group, pp_group)`` from 0.16, and from 0.19 ``dp_cp_group``, ``dp_group`` and
+    ``key_prefix``. Process groups come from those arguments where given, else from mpu globals.
     """
 
     names: tuple[str, ...]
@@ -173,11 +174,9 @@ def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop) -> RngState
     except (TypeError, ValueError):
         return None
     names = tuple(parameter.name for parameter in parameters)
-    leading = len(loop.rng_state_parameters)
-    if names[:leading] != loop.rng_state_parameters or not set(names[leading:]) <= loop.rng_state_optional:
+    if not names or names[0] not in loop.rng_state_first or not set(names[1:]) <= loop.rng_state_optional:
         return None
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if any(parameter.kind not in positional for parameter in parameters[:leading]):
+    if parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         return None
     keyword_only = frozenset(parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY)
     return RngStateSignature(names, keyword_only, describe_signature(get_rng_state))

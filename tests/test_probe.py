@@ -82,6 +82,12 @@ def test_signature_is_described_without_annotations_or_defaults():
     assert probe.describe_signature(annotated) == "(data_parallel_random_init, ckpt_format, *, pg_collection)"
 
 
+def megatron_lm_tree_0_11(use_dist_ckpt=False): ...
+
+
+def megatron_lm_tree_0_12(ckpt_format): ...
+
+
 def megatron_lm_0_17(ckpt_format, tp_group, pp_group): ...
 
 
@@ -91,6 +97,8 @@ def megatron_lm_0_19(ckpt_format, tp_group, pp_group, dp_cp_group=None, dp_group
 @pytest.mark.parametrize(
     ("function", "described", "dp_cp_group_at"),
     [
+        (megatron_lm_tree_0_11, "get_rng_state(use_dist_ckpt) with mpu globals", None),
+        (megatron_lm_tree_0_12, "get_rng_state(ckpt_format) with mpu globals", None),
         (megatron_lm_0_17, "get_rng_state(ckpt_format, tp_group, pp_group) with mpu globals", None),
         (megatron_lm_0_19, "get_rng_state(ckpt_format, tp_group, pp_group, dp_cp_group, dp_group, key_prefix)", 3),
     ],
