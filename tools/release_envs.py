@@ -60,14 +60,19 @@ PYTHON_LINES = {
     "3.11": ("torch==2.13.0",),
     "3.12": ("torch==2.14.1", "pyarrow", "megatron-energon"),
 }
+# megatron-core before 0.13 writes checkpoints with torch's private _write_item as torch 2.6 has it (later torch
+# adds a parameter): a Megatron-LM tree that old runs in a Python 3.11 environment of its own with torch 2.6.0 (the
+# registry's CUDA build, run on CPU), built only when the tests are pointed at such a tree.
+OLD_TREE_TORCH = "2.6.0"
 
 
-def base_dir(python_line: str) -> Path:
-    return ENVS_DIR / ("base" if python_line == "3.11" else f"base-py{python_line.replace('.', '')}")
+def base_dir(python_line: str, torch: str | None = None) -> Path:
+    name = "base" if python_line == "3.11" else f"base-py{python_line.replace('.', '')}"
+    return ENVS_DIR / (f"{name}-torch{torch}" if torch else name)
 
 
-def base_python(python_line: str) -> Path:
-    return base_dir(python_line) / "bin" / "python"
+def base_python(python_line: str, torch: str | None = None) -> Path:
+    return base_dir(python_line, torch) / "bin" / "python"
 
 
 BASE = base_dir("3.11")
@@ -92,12 +97,16 @@ MSC_REQUIREMENT = "multi-storage-client==1.3.1"
 class Release:
     """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line, or
     (``bridge`` None) a megatron-core release alone, whose ``megatron.training`` is Megatron-LM's own loop;
-    ``with_msc``: with the Multi-Storage Client importable, as images that keep checkpoints on object storage."""
+    ``with_msc``: with the Multi-Storage Client importable, as images that keep checkpoints on object storage;
+    ``source``: a Megatron-LM source tree, whose own ``megatron.core`` (release ``core``) and ``megatron.training``
+    are imported from it instead of a wheel; ``torch``: a torch release other than the Python line's own."""
 
     bridge: str | None
     core: str
     python_line: str
     with_msc: bool = False
+    source: Path | None = None
+    torch: str | None = None
 
     @property
     def has_upstream_fix(self) -> bool:
@@ -112,6 +121,8 @@ class Release:
 
     @property
     def name(self) -> str:
+        if self.source is not None:
+            return f"megatron-lm-source-{self.core}"
         if self.bridge is None:
             return f"megatron-lm-{self.core}"
         name = f"bridge-{self.bridge}"
@@ -123,11 +134,11 @@ class Release:
 
     @property
     def python(self) -> Path:
-        return base_python(self.python_line)
+        return base_python(self.python_line, self.torch)
 
     @property
     def pythonpath(self) -> list[Path]:
-        paths = [core_dir(self.core, self.python_line)]
+        paths = [self.source if self.source is not None else core_dir(self.core, self.python_line)]
         if self.bridge is not None:
             paths.insert(0, target_dir("bridge", self.bridge))
         if self.with_msc:
@@ -146,7 +157,7 @@ class Release:
         environment = dict(os.environ if base is None else base)
         environment["PYTHONPATH"] = os.pathsep.join(str(path) for path in (REPO, *self.pythonpath))
         environment["NO_VCS_VERSION"] = "1"
-        if self.python_line != "3.11":
+        if self.python_line != "3.11" or self.torch:
             environment.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return environment
 
@@ -197,6 +208,30 @@ RELEASES = {
     release.name: release
     for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, OLD_WITH_MSC, FIXED_WITH_MSC, *MEGATRON_LM)
 }
+# A Megatron-LM source tree to test the package against (a checkout of an upstream tag, or a fork): its root, the
+# folder that holds megatron/. Trees are never installed or committed here; the tests only point at one.
+MEGATRON_LM_SOURCE_VARIABLE = "MEGATRON_LM_SOURCE"
+_CORE_VERSION_PART = re.compile(r"^(MAJOR|MINOR|PATCH) = (\d+)$", re.MULTILINE)
+
+
+def megatron_lm_source(root: str | None = None) -> Release | None:
+    """The Megatron-LM tree at ``root`` (default: ``$MEGATRON_LM_SOURCE``) as a release, in the base environment
+    its megatron-core fits (Python 3.12 from 0.17, as the wheels; torch 2.6 before 0.13); None when no tree is
+    named. The version is read from the tree's own ``megatron/core/package_info.py`` as text."""
+    root = root or os.environ.get(MEGATRON_LM_SOURCE_VARIABLE)
+    if not root:
+        return None
+    source = Path(root).resolve()
+    package_info = source / "megatron" / "core" / "package_info.py"
+    if not (source / "megatron" / "training" / "checkpointing.py").is_file() or not package_info.is_file():
+        raise RuntimeError(f"{source}: not a Megatron-LM source tree (no megatron/training/checkpointing.py)")
+    parts = dict(_CORE_VERSION_PART.findall(package_info.read_text()))
+    core = ".".join(parts[part] for part in ("MAJOR", "MINOR", "PATCH"))
+    line = (int(parts["MAJOR"]), int(parts["MINOR"]))
+    python_line = "3.12" if line >= (0, 17) else "3.11"
+    return Release(None, core, python_line, source=source, torch=OLD_TREE_TORCH if line < (0, 13) else None)
+
+
 # One old release of each signature family (get_rng_state; _load_global_dist_base_checkpoint), the old release
 # on the newer megatron-core and under Python 3.12: the resume tests run on each.
 SIGNATURE_FAMILIES = {
@@ -230,10 +265,16 @@ def _digest(spec: list[str]) -> str:
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
-def ensure_base(python_line: str = "3.11") -> None:
-    requirements = [*PYTHON_LINES[python_line], *BASE_REQUIREMENTS]
-    directory = base_dir(python_line)
-    spec = [*requirements, CONSTRAINTS.read_text(), "bridge_rng_patch not installed"]
+def ensure_base(python_line: str = "3.11", torch: str | None = None) -> None:
+    """The base environment of a Python line, with its own torch or, where ``torch`` is given, that release (the
+    constraints' torch pins then left out)."""
+    torch_pin, *line_requirements = PYTHON_LINES[python_line]
+    requirements = [f"torch=={torch}" if torch else torch_pin, *line_requirements, *BASE_REQUIREMENTS]
+    constraints = CONSTRAINTS.read_text()
+    if torch:
+        constraints = "".join(line for line in constraints.splitlines(keepends=True) if not line.startswith("torch"))
+    directory = base_dir(python_line, torch)
+    spec = [*requirements, constraints, "bridge_rng_patch not installed"]
     if _is_current(directory, spec):
         return
     interpreter = find_python(python_line)
@@ -242,7 +283,9 @@ def ensure_base(python_line: str = "3.11") -> None:
     print(f"building {directory}: Python {python_line}, {requirements[0]} and what Bridge imports", flush=True)
     shutil.rmtree(directory, ignore_errors=True)
     subprocess.run([str(interpreter), "-m", "venv", str(directory)], check=True)
-    _pip("-c", str(CONSTRAINTS), *requirements, python=base_python(python_line))
+    constraints_file = directory / "constraints.txt"
+    constraints_file.write_text(constraints)
+    _pip("-c", str(constraints_file), *requirements, python=base_python(python_line, torch))
     _mark(directory, spec)
 
 
@@ -276,8 +319,9 @@ def ensure_msc(python_line: str) -> None:
 
 
 def ensure(release: Release) -> Release:
-    ensure_base(release.python_line)
-    ensure_target("core", release.core, release.python_line)
+    ensure_base(release.python_line, release.torch)
+    if release.source is None:
+        ensure_target("core", release.core, release.python_line)
     if release.bridge is not None:
         ensure_target("bridge", release.bridge, release.python_line)
     if release.with_msc:

@@ -97,11 +97,19 @@ def load(model: list, spec: dict) -> None:
 
 
 def get_rng_state(data_parallel_random_init: bool, spec: dict | None) -> Any:
-    """The installed get_rng_state, called as the loop's save_checkpoint calls it (its args are global)."""
+    """The installed get_rng_state, called as the loop's save_checkpoint calls it (its args are global), with what
+    its release takes: ``use_dist_ckpt`` up to core_v0.11, the format from 0.12, the groups from 0.16."""
+    import inspect
+
     from megatron.core import parallel_state as mpu
 
     args = sys.modules["megatron.training.global_vars"].get_args()
     args.data_parallel_random_init = data_parallel_random_init
+    get_rng_state = sys.modules[MODULE].get_rng_state
+    parameters = inspect.signature(get_rng_state).parameters
+    if "use_dist_ckpt" in parameters:
+        return get_rng_state(True)
     groups = (mpu.get_tensor_model_parallel_group(), mpu.get_pipeline_model_parallel_group())
+    groups = groups if "tp_group" in parameters else ()
     key_prefix = {"key_prefix": spec["key_prefix"]} if spec and "key_prefix" in spec else {}
-    return sys.modules[MODULE].get_rng_state(args.ckpt_format, *groups, **key_prefix)
+    return get_rng_state(args.ckpt_format, *groups, **key_prefix)
