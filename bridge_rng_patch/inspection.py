@@ -291,8 +291,8 @@ def _megatron_lm_args(directory: Path) -> argparse.Namespace | None:
         return _args_in_archive(metadata, io.BytesIO(_bounded_read(metadata, storage, where["length"])))
 
 
-# The args are kilobytes (about 30 KB pickled in a real Megatron-LM common state); what is read for them is bounded,
-# so that a crafted or foreign file cannot make the inspector read or inflate gigabytes.
+# The args are kilobytes (a real Megatron-LM common state's pickle: 17 KB, core 0.13 to 0.16); what is read for them
+# is bounded, so that a crafted or foreign file cannot make the inspector read or inflate gigabytes.
 COMMON_STATE_LIMIT = 16 * 2**20
 
 

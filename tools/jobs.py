@@ -59,10 +59,9 @@ def saved_by_coordinates(save_results: list[dict]) -> dict[tuple[int, int, int],
 
 def rng_streams(fingerprint: dict) -> dict[str, str]:
     """Each RNG source a rank's fingerprint holds, by the name a user knows it by, with its state's digest."""
-    named = {"python": fingerprint["random"], "numpy": fingerprint["numpy"], "torch": fingerprint["torch"]}
-    named["cuda"] = fingerprint["cuda"]
-    named.update({name: digest for name, (_, digest) in fingerprint["tracker"].items()})
-    return named
+    sources = {"python": "random", "numpy": "numpy", "torch": "torch", "cuda": "cuda"}
+    named = {name: fingerprint[key] for name, key in sources.items()}
+    return named | {name: digest for name, (_, digest) in fingerprint["tracker"].items()}
 
 
 def lost_streams(saved: dict, resumed: dict) -> list[str]:
