@@ -52,6 +52,7 @@ def configure(spec: dict) -> Any:
     validate_args(args)
     set_global_variables(args, build_tokenizer=False)
     _iteration_agreed_on_the_cpu()
+    _no_transformer_engine_version()
     return args
 
 
@@ -74,6 +75,22 @@ def _iteration_agreed_on_the_cpu() -> None:
 
     sys.modules[MODULE].torch = CpuForCudaTensors(torch)
     torch.cuda.empty_cache = lambda: None
+
+
+def _no_transformer_engine_version() -> None:
+    """core_v0.12's ``load_checkpoint`` asks for Transformer Engine's version whether it is installed or not
+    (``fix_fp8_params_lose_precision_when_loading_dist_ckpt``), and Transformer Engine needs CUDA: where it is
+    absent, megatron-core's cached answer is a version older than every release, so the fix finds no FP8 tensor."""
+    import importlib.util
+    import inspect
+
+    from megatron.core import utils
+    from packaging.version import Version
+
+    fix = getattr(sys.modules[MODULE], "fix_fp8_params_lose_precision_when_loading_dist_ckpt", None)
+    asks_version = fix is not None and "is_te_min_version" in inspect.getsource(fix)
+    if asks_version and importlib.util.find_spec("transformer_engine") is None:
+        utils._te_version = Version("0.0.0")
 
 
 def set_random_seed(seed: int, spec: dict) -> None:

@@ -351,9 +351,12 @@ def small_weights(model_config: Any, spec: dict) -> Any:
             )
 
         def sharded_state_dict(self, prefix: str = "", *args: Any, **kwargs: Any) -> dict:
-            # Each pipeline stage holds its own layers, so its weight has a key of its own.
-            stage = mpu.get_pipeline_model_parallel_rank()
-            return super().sharded_state_dict(f"{prefix}stage{stage}.", *args, **kwargs)
+            # Each pipeline stage holds its own layers, so its weight has a checkpoint key of its own; the dict is
+            # keyed by the module's own names, as load_state_dict reads it (megatron-core before 0.13 keys it by
+            # the checkpoint key).
+            stage_prefix = f"{prefix}stage{mpu.get_pipeline_model_parallel_rank()}."
+            sharded = super().sharded_state_dict(stage_prefix, *args, **kwargs)
+            return {name.removeprefix(stage_prefix): value for name, value in sharded.items()}
 
     return SmallWeights(model_config, spec.get("tensors", 8))
 
