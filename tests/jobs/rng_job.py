@@ -431,14 +431,16 @@ def _switch_to_graph_safe_tracker(device: Any) -> None:
     On a GPU it is a real one: built graph-safe, each state in a device Generator of its own, as its ``add``
     makes them. On the CPU its constructor refuses graph-safe mode (no CUDA graph support) and its ``add``
     needs a CUDA device, so the flag is set after construction, and the states the real seeding produced are
-    put in as CPU Generators holding them: the form a graph-safe tracker keeps.
+    put in as CPU Generators holding them: the form a graph-safe tracker keeps. megatron-core before 0.13 cannot
+    build a tracker again (no ``force_reset``): there the one the seeding built is switched.
     """
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     seeded = tensor_parallel.get_cuda_rng_tracker().get_states()
     on_gpu = device.type == "cuda"
-    initialize_rng_tracker(use_cudagraphable_rng=on_gpu, force_reset=True)
+    rebuilds = "force_reset" in inspect.signature(initialize_rng_tracker).parameters
+    initialize_rng_tracker(use_cudagraphable_rng=on_gpu, **({"force_reset": True} if rebuilds else {}))
     tracker = tensor_parallel.get_cuda_rng_tracker()
     tracker.use_cudagraphable_rng = True
     tracker.set_states({name: _generator_holding(state, device) for name, state in seeded.items()})
