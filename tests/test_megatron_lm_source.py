@@ -40,7 +40,7 @@ UPSTREAM_HAS_BOTH_FIXES = Version(TREE.core) >= Version("0.16.0")
 EP2_DP2 = {**EP2_DP4, "world": 2}
 PER_PP_TP = ["rng_state/shard_0.0_1.1"]
 PER_DP_RANK = [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
-WHEELS = [RELEASES["megatron-lm-0.17.1"], RELEASES["megatron-lm-0.19.2"]]
+WHEELS = [RELEASES["megatron-lm-0.17.1"], RELEASES["megatron-lm-0.18.2"], RELEASES["megatron-lm-0.19.2"]]
 STATUS = "import json, bridge_rng_patch, megatron.training.checkpointing\n" + (
     "print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status('Megatron-LM')}))"
 )
