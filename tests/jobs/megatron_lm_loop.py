@@ -4,8 +4,9 @@ The loop reads its configuration from global args: they are built as ``pretrain_
 real ``parse_args`` / ``validate_args`` / ``set_global_variables`` from a command line (below), without a
 tokenizer. The model is the job's small MegatronModule; there is no optimizer, as with ``--no-save-optim``.
 Faked, beside fake_cuda.py's CUDA RNG calls: the one CUDA tensor the loop's ``read_metadata`` all-reduces to
-agree on the iteration is made on the CPU, which gloo reduces; and the device's properties, which
-``validate_args`` reads with TP or CP > 1, are a Hopper GPU's.
+agree on the iteration is made on the CPU, which gloo reduces; the device's properties, which
+``validate_args`` reads with TP or CP > 1, are a Hopper GPU's; and on a core_v0.12 tree, whose load asks for
+Transformer Engine's version installed or not, megatron-core's cached answer is a version older than any.
 """
 
 from __future__ import annotations
