@@ -50,11 +50,16 @@ def _tree(name: str) -> str:
     return f"source-{TREE.core}-{name}"
 
 
-def test_each_patch_decides_from_the_trees_code():
+@pytest.fixture(scope="module")
+def decisions() -> dict[str, str]:
+    """What each patch decides on the tree, from one import of its checkpointing module."""
+    process = run_python(TREE, STATUS)
+    return {name: state for name, (state, _) in json.loads(process.stdout.splitlines()[-1]).items()}
+
+
+def test_each_patch_decides_from_the_trees_code(decisions):
     """On an upstream tag, what it lacks is applied and what it has is not needed; a fork that backported a fix
     differs here by design."""
-    process = run_python(TREE, STATUS)
-    decisions = {name: state for name, (state, _) in json.loads(process.stdout.splitlines()[-1]).items()}
     upstream_fix = "not needed" if UPSTREAM_HAS_BOTH_FIXES else "applied"
     assert decisions == {"save_sharding": upstream_fix, "tracker_restore": upstream_fix, "layout_load": "applied"}
 
@@ -67,14 +72,13 @@ def _readme_source_rows() -> list[list[str]]:
     return [row for row in rows if len(row) == 6 and row[0].startswith("core_v")]
 
 
-def test_the_readmes_source_table_row_for_the_tree_is_what_the_package_decides():
+def test_the_readmes_source_table_row_for_the_tree_is_what_the_package_decides(decisions):
     """The row whose range of tags holds the tree's version: its Python and the three decisions."""
-    decisions = json.loads(run_python(TREE, STATUS).stdout.splitlines()[-1])
     for row in _readme_source_rows():
         first, last = (Version(tag.removeprefix("core_v")) for tag in row[0].split(" to "))
         if first <= Version(TREE.core) <= last:
             python = f"{TREE.python_line}, torch {TREE.torch}" if TREE.torch else TREE.python_line
-            assert row[1:5] == [python, *(state for state, _ in decisions.values())], row
+            assert row[1:5] == [python, *decisions.values()], row
             return
     pytest.skip(f"the README's source table has no row for megatron-core {TREE.core}")
 
