@@ -1,7 +1,8 @@
 """What a checkpoint already on disk holds of its ranks' RNG state, and what a patched resume would do with it.
 
 Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
-``.metadata`` (scanned, see ``rng_layout``), and the parallel sizes of the run that wrote it: the
+``.metadata`` (scanned, see ``rng_layout``; an fsdp_dtensor checkpoint's RNG entries the same way), and the
+parallel sizes of the run that wrote it: the
 ``run_config.yaml`` Megatron-Bridge saves, or the ``args`` Megatron-LM's loop keeps in its common state (read
 without running any pickled code), on a file system or through the Multi-Storage Client (``msc://``). Needs no
 GPU, no torch, and no Megatron import.
@@ -191,7 +192,7 @@ def _plain_rng_layout(directory: Path) -> StoredRngLayout | None:
 
 
 def _check_format(directory: Path) -> None:
-    """Only torch_dist checkpoints are read; say what the others are and why not."""
+    """Only torch_dist and fsdp_dtensor checkpoints are read; say what the others are and why not."""
     metadata_json = directory / "metadata.json"
     if metadata_json.is_file():
         try:
@@ -203,12 +204,8 @@ def _check_format(directory: Path) -> None:
                 f"{directory}: a {backend!r} dist_checkpointing checkpoint; only torch_dist is supported"
             )
         return
-    if (directory / METADATA_FILE).is_file():
-        raise CheckpointInputError(
-            f"{directory}: an fsdp_dtensor checkpoint (PyTorch DCP without dist_checkpointing's metadata.json); "
-            "it keeps RNG state in a dict per (pp, tp), which this inspector does not read: only torch_dist is "
-            "supported"
-        )
+    if (directory / METADATA_FILE).is_file():  # fsdp_dtensor: torch DCP without dist_checkpointing's metadata
+        return
     if any(child.name.startswith("mp_rank_") for child in directory.iterdir()):
         raise CheckpointInputError(
             f"{directory}: a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt per rank), which holds "
@@ -374,11 +371,12 @@ def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | N
 
 
 def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
+    parts = "entries" if stored.fsdp_dtensor else "shards"
     if stored.per_dp_rank:
         expected = stored.global_shape[0] * stored.global_shape[1] * stored.global_shape[2]
         if len(stored.offsets) < expected:
-            return INCOMPLETE, f"{len(stored.offsets)} of {expected} (pp, tp, dp) RNG shards are stored"
-        return COMPLETE, f"every DP rank's RNG state is stored ({expected} shards, one per (pp, tp, dp))"
+            return INCOMPLETE, f"{len(stored.offsets)} of {expected} (pp, tp, dp) RNG {parts} are stored"
+        return COMPLETE, f"every DP rank's RNG state is stored ({expected} {parts}, one per (pp, tp, dp))"
     if run.ep <= 1:
         return COMPLETE, "written with EP 1: the DP ranks of each (pp, tp) share one RNG state, and it is stored"
     if run.data_parallel_random_init:
@@ -392,6 +390,8 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
     else:
         ranks = stored.global_shape[0] * stored.global_shape[1] * run.dp * run.cp
         lost = f"{ranks - stored_states} of {ranks} ranks' RNG states were never written"
+        if stored.fsdp_dtensor:
+            lost += " whole (torch DCP kept one rank's copy of each leaf, so the stored state mixes ranks)"
     return INCOMPLETE, (
         f"written with EP {run.ep} and one RNG state per (pp, tp) (the old bug): {lost}; a resume gives those ranks "
         "DP rank 0's, so each whose EP rank differs from DP rank 0's loses its expert-parallel RNG stream"

@@ -13,10 +13,16 @@ here the dist-load wrapper does, for both loops (they share its name and the arg
   source is set, gives a rank without a stored state its own current (fresh) state, and, where the states
   were gathered over DP with context parallel, picks the rank's own entry (Bridge 0.3.0 and later index by the
   DP rank without context parallel).
+
+fsdp_dtensor checkpoints are loaded by the loop's ``_load_base_checkpoint`` with torch DCP, which reads what is
+asked and skips the rest: the base-load wrapper leaves the loop's ``(pp, tp)`` request as upstream makes it, and
+where the checkpoint stores entries per rank, reads the rank's own in one more DCP load of that entry alone, and
+hands it to the restore under the ``(pp, tp)`` key it looks up.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -41,11 +47,16 @@ from bridge_rng_patch.rng_layout import (
     RankCoordinates,
     RngCheckpointError,
     StoredRngLayout,
+    fsdp_entry,
+    fsdp_entry_coordinates,
     read_stored_layouts,
 )
-from bridge_rng_patch.storage import MSC_SCHEME, scheme_of, unknown_scheme
+from bridge_rng_patch.storage import MSC_SCHEME, dcp_metadata_reader, scheme_of, unknown_scheme
 
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
+# Where both loops load every format; fsdp_dtensor's load is inside it (Megatron-LM) or below it (Bridge).
+BASE_LOAD_FUNCTION = "_load_base_checkpoint"
+_BASE_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict")
 # What the dist-load wrapper binds by name; the config parameter is ``cfg`` in Bridge 0.1.0a0, ``ckpt_cfg`` in
 # later ones, ``args`` in Megatron-LM. Where a release has them, it also binds ``checkpoint_path_override``
 # (Bridge 0.4+), ``pg_collection`` (Bridge 0.3+) and ``dp_cp_group`` (Megatron-LM 0.19).
@@ -308,9 +319,103 @@ class LayoutAwareDistLoad:
         return not probe.missing_parameters(self._checkpointing.get_checkpoint_name, ("return_base_dir",))
 
 
+def _data_parallel_rank(call: Mapping[str, Any]) -> int:
+    """DP rank with context parallel, from the groups the load was given, else mpu's."""
+    pg_collection = call.get("pg_collection")
+    if pg_collection is not None:
+        return pg_collection.dp_cp.rank()
+    dp_cp_group = call.get("dp_cp_group")
+    if dp_cp_group is not None:
+        return dp_cp_group.rank()
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
+class LayoutAwareFsdpLoad:
+    """The ``_load_base_checkpoint`` wrapper: an fsdp_dtensor resume restores the entry the checkpoint stores for
+    each rank, its own ``(pp, tp, dp)`` one where there is one."""
+
+    def __init__(self, checkpointing: ModuleType) -> None:
+        self._signature = inspect.signature(getattr(checkpointing, BASE_LOAD_FUNCTION))
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = self._signature.bind(*args, **kwargs).arguments
+        sharded_state_dict = call.get("sharded_state_dict")
+        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        entries = _fsdp_entries(request)
+        if call.get("rank0") or entries is None:
+            return wrapped(*args, **kwargs)
+        shared = next(entry for entry, coordinates in entries.items() if len(coordinates) == 2)
+        own_requested = any(len(coordinates) == 3 for coordinates in entries.values())
+        for entry, coordinates in entries.items():  # the loop asks for what upstream asks, and nothing it lacks
+            if len(coordinates) == 3:
+                del request[entry]
+        # DCP loads tensors in place, and the request holds the tracker's live states: copies keep them as they are
+        # for a rank the checkpoint holds no state for.
+        unloaded, request[shared] = copy.deepcopy(request[shared]), copy.deepcopy(request[shared])
+        result = wrapped(*args, **kwargs)
+        state_dict, checkpoint_dir, checkpoint_type = result[0], str(result[1]), result[3]
+        loaded = state_dict.get(RNG_STATE_KEY) if isinstance(state_dict, dict) else None
+        if getattr(checkpoint_type, "name", None) != "FSDP_DTENSOR" or not isinstance(loaded, dict):
+            return result
+        unjudged = _storage_not_judged(checkpoint_dir)
+        if unjudged is not None:
+            report(f"checkpoint {checkpoint_dir}: {unjudged}; its RNG entries are read as the release reads them")
+            return result
+        stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
+        if stored is None:  # the loop's restore says what it does without RNG state for this rank
+            return result
+        pp_rank, tp_rank = entries[shared]
+        rank = RankCoordinates(pp_rank, tp_rank, _data_parallel_rank(call))
+        dp_cp_size, _ = _data_parallel_sizes(call)
+        _report_fsdp_layout(stored, own_requested, dp_cp_size)
+        if stored.per_dp_rank:
+            states = _own_fsdp_entry(checkpoint_dir, stored, rank, unloaded)
+            own_index = 0
+        else:
+            states, own_index = loaded.get(shared, []), None
+        loaded.clear()
+        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index)
+        return result
+
+
+def _fsdp_entries(request: Any) -> dict[str, tuple[int, ...]] | None:
+    """The entries of an fsdp_dtensor RNG request by key, with their coordinates; None for any other request."""
+    if not isinstance(request, dict) or not request:
+        return None
+    entries = {entry: fsdp_entry_coordinates(entry) for entry in request}
+    if any(coordinates is None for coordinates in entries.values()):
+        return None
+    return entries if any(len(coordinates) == 2 for coordinates in entries.values()) else None
+
+
+def _own_fsdp_entry(checkpoint_dir: str, stored: StoredRngLayout, rank: RankCoordinates, unloaded: list) -> list:
+    """This rank's own stored states, read with torch DCP as the loop reads the rest (every rank takes part);
+    empty where the checkpoint holds none for it."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    offset = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank)
+    request = {} if offset is None else {RNG_STATE_KEY: {fsdp_entry(*offset): unloaded}}
+    reader = dcp_metadata_reader(checkpoint_dir)
+    load(request, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+    return unloaded if offset is not None else []
+
+
+def _report_fsdp_layout(stored: StoredRngLayout, own_requested: bool, dp_size: int) -> None:
+    where = f"checkpoint {stored.checkpoint_dir}"
+    if own_requested and not stored.per_dp_rank:
+        report(
+            f"{where} stores RNG state {stored.describe()}: it was written without per-rank entries and carries one "
+            "shared state per (pp, tp), whose leaves torch DCP took from one rank or another (the old bug); every "
+            "DP rank resumes from that state, and the next checkpoint stores each rank's own"
+        )
+    if stored.per_dp_rank and stored.global_shape[2] != dp_size:
+        _report_dp_resize(where, "RNG state", stored.global_shape[2], dp_size)
+
+
 class LayoutLoadPatch:
-    def targets(self, loop: TrainingLoop) -> tuple[str, ...]:
-        return (DIST_LOAD_FUNCTION,)
+    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
+        return (DIST_LOAD_FUNCTION, BASE_LOAD_FUNCTION) if _loads_fsdp_dtensor(checkpointing) else (DIST_LOAD_FUNCTION,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
         missing = [name for name in (DIST_LOAD_FUNCTION, "get_checkpoint_name") if not hasattr(checkpointing, name)]
@@ -332,6 +437,17 @@ class LayoutLoadPatch:
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
+        if _loads_fsdp_dtensor(checkpointing):
+            wrapt.wrap_function_wrapper(checkpointing, BASE_LOAD_FUNCTION, LayoutAwareFsdpLoad(checkpointing))
+
+
+def _loads_fsdp_dtensor(checkpointing: ModuleType) -> bool:
+    """Whether the loop writes fsdp_dtensor RNG entries by (pp, tp) and loads through a base load this package can
+    bind."""
+    get_rng_state, base_load = (getattr(checkpointing, name, None) for name in ("get_rng_state", BASE_LOAD_FUNCTION))
+    if get_rng_state is None or base_load is None or not probe.keys_fsdp_rng_by_pp_tp(get_rng_state):
+        return False
+    return not probe.missing_parameters(base_load, _BASE_LOAD_ARGUMENTS)
 
 
 PATCH = LayoutLoadPatch()

@@ -48,7 +48,7 @@ BRIDGE = TrainingLoop(
     distribution="megatron-bridge",
     restore_function="_load_checkpoint_from_path",
     rng_state_first=frozenset({"data_parallel_random_init"}),
-    rng_state_optional=frozenset({"ckpt_format", "pg_collection"}),
+    rng_state_optional=frozenset({"ckpt_format", "pg_collection", "module_name"}),
     fixed_in={
         # EP-aware sharding and the graph-safe restore came with PR #2092 in 0.3.0. No release up to 0.6.2 asks for
         # the RNG layout a checkpoint stores; main does since Sep 2026, and has stated 0.7.0 since Aug 2026.

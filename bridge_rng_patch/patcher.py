@@ -44,7 +44,7 @@ class PatchStatus(NamedTuple):
 class Patch(Protocol):
     """One patch: the module attributes it replaces, a probe that decides, and the replacement."""
 
-    def targets(self, loop: TrainingLoop) -> tuple[str, ...]: ...
+    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]: ...
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision: ...
 
@@ -191,7 +191,7 @@ def _apply_one(loop: TrainingLoop, name: str, checkpointing: ModuleType) -> None
         _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
         return
     if decision.state == APPLIED:
-        originals = {attribute: getattr(checkpointing, attribute) for attribute in patch.targets(loop)}
+        originals = {attribute: getattr(checkpointing, attribute) for attribute in patch.targets(loop, checkpointing)}
         try:
             patch.instrument(loop, checkpointing)
         except Exception as error:

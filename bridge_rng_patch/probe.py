@@ -33,6 +33,7 @@ NOT_INSTALLED = "not installed"
 # Bridge's fix shards by EP; a layout with a third axis after (pp_size, tp_size) keeps every DP rank's state too
 # (Megatron-LM #6858 shards by (pp, tp, dp_cp) always).
 _EVERY_DP_RANK_SHARDED = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel|\(\s*pp_size\s*,\s*tp_size\s*,")
+_FSDP_KEYED_BY_PP_TP = re.compile(r"""\{\s*f["']\(\{pp_rank\}, \{tp_rank\}\)["']\s*:""")
 _CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
 _RNG_STATE_BRANCH = re.compile(r"""["']rng_state["'] in state_dict""")
 _READS_STORED_METADATA = re.compile(r"load_sharded_metadata|load_tensors_metadata|read_metadata\(|state_dict_metadata")
@@ -189,6 +190,13 @@ def shards_every_dp_rank(get_rng_state: Callable) -> bool | None:
     if source is None:
         return None
     return bool(_EVERY_DP_RANK_SHARDED.search(source))
+
+
+def keys_fsdp_rng_by_pp_tp(get_rng_state: Callable) -> bool | None:
+    """Whether ``get_rng_state`` keys fsdp_dtensor's RNG state by (pp, tp) alone, as every release up to Bridge
+    0.6.2 and Megatron-LM 0.19.2 does; None when its source is unavailable."""
+    source = source_of(get_rng_state)
+    return None if source is None else bool(_FSDP_KEYED_BY_PP_TP.search(source))
 
 
 def builds_rng_sharded_object(get_rng_state: Callable) -> bool | None:

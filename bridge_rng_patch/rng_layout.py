@@ -9,6 +9,11 @@ MegatronMIMO checkpoints (Megatron-Bridge 0.5 and later) keep one such object pe
 ``rng_state.{module_name}``, and Megatron-LM 0.19 can prefix the key (``{key_prefix}rng_state``); each key has a
 layout of its own. A checkpoint's stored layout, not the running
 configuration, decides which shard a rank can read back.
+
+fsdp_dtensor checkpoints (torch DCP) keep the RNG state as a dict of lists instead, which DCP stores leaf by leaf
+(``rng_state.{entry}.{index}.{source}``) with one writer per leaf: the entry ``(pp, tp)`` that every release
+writes keeps one rank's leaves, mixed across ranks; this package adds each rank's own entry ``(pp, tp, dp)`` beside
+it under EP > 1. The same layouts describe both: entries by (pp, tp) or by (pp, tp, dp).
 """
 
 from __future__ import annotations
@@ -30,6 +35,34 @@ NOTHING_RESTORED = (
 
 class RngCheckpointError(RuntimeError):
     """A checkpoint's RNG state cannot be restored as stored; the message names the checkpoint and the key."""
+
+
+def fsdp_entry(*coordinates: int) -> str:
+    """The key of an fsdp_dtensor RNG entry: ``"(pp, tp)"`` as the releases write it, ``"(pp, tp, dp)"`` per rank."""
+    return f"({', '.join(str(index) for index in coordinates)})"
+
+
+def fsdp_entry_coordinates(entry: object) -> tuple[int, ...] | None:
+    """(pp, tp) or (pp, tp, dp) from an fsdp_dtensor RNG entry's key; None for any other key."""
+    match = _FSDP_ENTRY.fullmatch(entry) if isinstance(entry, str) else None
+    return None if match is None else tuple(int(index) for index in match.groups() if index is not None)
+
+
+def with_own_fsdp_entry(by_pp_tp: dict, dp_rank: int) -> dict:
+    """fsdp_dtensor's RNG dict with this rank's states also under an entry of its own, ``(pp, tp, dp)``.
+
+    DCP keeps one writer per leaf of the shared ``(pp, tp)`` entry; a key per rank has one writer, the rank
+    itself. The shared entry stays, so a release without this package reads the checkpoint as it reads its
+    own. A list gathered with data_parallel_random_init already holds every DP rank's state and is left alone.
+    """
+    if len(by_pp_tp) != 1:
+        return by_pp_tp
+    ((entry, states),) = by_pp_tp.items()
+    coordinates = fsdp_entry_coordinates(entry)
+    if coordinates is None or len(coordinates) != 2 or not isinstance(states, list) or len(states) != 1:
+        return by_pp_tp
+    by_pp_tp[fsdp_entry(*coordinates, dp_rank)] = states
+    return by_pp_tp
 
 
 def reshard_per_dp_rank(per_pp_tp: ShardedObject, dp_size: int) -> ShardedObject:
@@ -69,6 +102,7 @@ class StoredRngLayout:
     key: str
     global_shape: tuple[int, ...]
     offsets: frozenset[tuple[int, ...]]
+    fsdp_dtensor: bool = False
 
     @property
     def per_dp_rank(self) -> bool:
@@ -79,6 +113,8 @@ class StoredRngLayout:
         return "(pp, tp, dp)" if self.per_dp_rank else "(pp, tp)"
 
     def describe(self) -> str:
+        if self.fsdp_dtensor:
+            return f"in fsdp_dtensor entries by {self.axes}, spanning {self.global_shape}"
         return f"sharded by {self.axes}, global shape {self.global_shape}"
 
     def stored_offset(self, pp_rank: int, tp_rank: int, dp_rank: int) -> tuple[int, ...] | None:
@@ -118,10 +154,18 @@ METADATA_FILE = ".metadata"
 _SHORT_STRING = b"\x8c"
 _RNG_IN_KEY = re.compile(re.escape(RNG_STATE_KEY.encode()) + rb"[./]")
 _SHARD_KEY = re.compile(rf"([^/]*{re.escape(RNG_STATE_KEY)}(?:\.[^/]+)?)/shard_(\d+(?:\.\d+)*)_(\d+(?:\.\d+)*)")
+_FSDP_ENTRY = re.compile(r"\((\d+), (\d+)(?:, (\d+))?\)")
+# A leaf of an fsdp_dtensor RNG entry as DCP names it: rng_state.{entry}.{index}.{source}[.{tracker name}].
+_FSDP_LEAF_KEY = re.compile(rf"{re.escape(RNG_STATE_KEY)}\.({_FSDP_ENTRY.pattern})\.\d+\..+")
+
+
+def _is_rng_key(key: str) -> bool:
+    return bool(_SHARD_KEY.fullmatch(key) or _FSDP_LEAF_KEY.fullmatch(key))
 
 
 def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
-    """The RNG shard keys in a torch_dist checkpoint's metadata, found without unpickling it.
+    """The RNG shard keys in a torch_dist checkpoint's metadata (an fsdp_dtensor one's RNG leaves), found without
+    unpickling it.
 
     torch's ``.metadata`` is one pickle of every tensor's metadata: unpickling it costs about 80 us per tensor
     (232 ms at 3,000 tensors), while the keys of the RNG shards (``rng_state/shard_{offset}_{shape}``, or
@@ -156,7 +200,7 @@ def _pickled_key_around(data: bytes, at: int) -> str | None:
         end = start + 2 + data[start + 1]
         if end > at:
             key = data[start + 2 : end].decode("utf-8", "replace")
-            if _SHARD_KEY.fullmatch(key):
+            if _is_rng_key(key):
                 return key
         start = data.rfind(_SHORT_STRING, floor, start)
     return None
@@ -187,17 +231,34 @@ def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:
     except ImportError:  # the checkpoint inspector runs without torch; the scan has answered
         return set()
     keys = reader.read_metadata().state_dict_metadata
-    return {key for key in keys if _SHARD_KEY.fullmatch(key)}
+    return {key for key in keys if _is_rng_key(key)}
 
 
 def layouts_of_keys(checkpoint_dir: str, keys: set[str]) -> dict[str, StoredRngLayout]:
-    """The layout of each RNG object the shard keys describe, by its key; RngCheckpointError for shards of
-    an object that fit no known layout."""
+    """The layout of each RNG object the shard keys (or fsdp_dtensor leaves) describe, by its key;
+    RngCheckpointError for shards of an object that fit no known layout."""
     shards_by_key: dict[str, list[tuple[str, str]]] = {}
+    fsdp_entries = set()
     for key in keys:
-        object_key, offset, shape = _SHARD_KEY.fullmatch(key).groups()
+        shard = _SHARD_KEY.fullmatch(key)
+        if shard is None:
+            fsdp_entries.add(fsdp_entry_coordinates(_FSDP_LEAF_KEY.fullmatch(key).group(1)))
+            continue
+        object_key, offset, shape = shard.groups()
         shards_by_key.setdefault(object_key, []).append((offset, shape))
-    return {key: _layout(checkpoint_dir, key, shards) for key, shards in sorted(shards_by_key.items())}
+    layouts = {key: _layout(checkpoint_dir, key, shards) for key, shards in sorted(shards_by_key.items())}
+    if fsdp_entries:
+        layouts[RNG_STATE_KEY] = _fsdp_layout(checkpoint_dir, fsdp_entries)
+    return layouts
+
+
+def _fsdp_layout(checkpoint_dir: str, entries: set[tuple[int, ...]]) -> StoredRngLayout:
+    """The entries a rank can read: its own ``(pp, tp, dp)`` ones where the checkpoint has them, else the
+    shared ``(pp, tp)`` ones; the extent of each axis is what the entries span."""
+    own = {entry for entry in entries if len(entry) == 3}
+    readable = own or entries
+    shape = tuple(max(axis) + 1 for axis in zip(*readable, strict=True))
+    return StoredRngLayout(checkpoint_dir, RNG_STATE_KEY, shape, frozenset(readable), fsdp_dtensor=True)
 
 
 def _layout(checkpoint_dir: str, key: str, shards: list[tuple[str, str]]) -> StoredRngLayout:

@@ -1,10 +1,11 @@
-"""Save side: with EP > 1, ``get_rng_state`` shards the RNG state by (pp, tp, dp) so every DP rank's is written.
+"""Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, so every DP rank's is written.
 
 Old Megatron-Bridge releases, and Megatron-LM's loop in every release up to 0.19.2, shard it by (pp, tp) with
 the DP rank as ``replica_id``, so only one DP rank's state is saved while ranks in different expert-parallel
 groups hold different expert RNG streams. The wrapper keeps everything the original does (what it collects,
-the DP all-gather, other formats) and only re-shards the ShardedObject it returns, exactly as Megatron-Bridge
-0.3.0 does.
+the DP all-gather) and only re-shards the ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
+fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams in every release (torch DCP keeps one writer per
+leaf): there the wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from bridge_rng_patch import probe
 from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.loops import SAVE_SHARDING, TrainingLoop
-from bridge_rng_patch.rng_layout import reshard_per_dp_rank
+from bridge_rng_patch.rng_layout import reshard_per_dp_rank, with_own_fsdp_entry
 
 TARGET = "get_rng_state"
 
 
-def ep_aware_rng_state(signature: probe.RngStateSignature) -> Callable[..., Any]:
-    """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it).
+def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = True) -> Callable[..., Any]:
+    """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it re-shards
+    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware).
 
     A plain function and cheap checks, the argument positions found once: it runs at every checkpoint save,
     next to the loop's own code.
@@ -35,12 +37,15 @@ def ep_aware_rng_state(signature: probe.RngStateSignature) -> Callable[..., Any]
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         rng_state = wrapped(*args, **kwargs)
-        if not isinstance(rng_state, ShardedObject):  # fsdp_dtensor's (pp, tp) dict, torch's per-rank list
+        fsdp_dtensor = isinstance(rng_state, dict)
+        if not (fsdp_dtensor or (torch_dist and isinstance(rng_state, ShardedObject))):  # torch's per-rank list
             return rng_state
         pg_collection = _passed(args, kwargs, "pg_collection", pg_collection_at)
         if _expert_parallel_size(pg_collection) <= 1:
             return rng_state
         dp_cp_group = _passed(args, kwargs, "dp_cp_group", dp_cp_group_at)
+        if fsdp_dtensor:
+            return with_own_fsdp_entry(rng_state, _data_parallel_rank(pg_collection, dp_cp_group))
         return reshard_per_dp_rank(rng_state, _data_parallel_size(pg_collection, dp_cp_group))
 
     return wrapper
@@ -69,8 +74,17 @@ def _data_parallel_size(pg_collection: Any, dp_cp_group: Any) -> int:
     return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
 
+def _data_parallel_rank(pg_collection: Any, dp_cp_group: Any) -> int:
+    """DP rank with context parallel, from the group the loop was given, else mpu's."""
+    if pg_collection is not None:
+        return pg_collection.dp_cp.rank()
+    if dp_cp_group is not None:
+        return dp_cp_group.rank()
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
 class SaveShardingPatch:
-    def targets(self, loop: TrainingLoop) -> tuple[str, ...]:
+    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
         return (TARGET,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
@@ -79,7 +93,8 @@ class SaveShardingPatch:
             return Decision.refuse(f"{checkpointing.__name__} has no {TARGET}")
         # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
         every_dp_rank = probe.shards_every_dp_rank(get_rng_state)
-        if every_dp_rank:
+        fsdp_by_pp_tp = probe.keys_fsdp_rng_by_pp_tp(get_rng_state)
+        if every_dp_rank and not fsdp_by_pp_tp:
             shown = probe.describe_signature(get_rng_state)
             return Decision.not_needed(f"upstream {TARGET}{shown} already writes every DP rank's RNG state")
         unavailable = f"the source of {TARGET}"
@@ -91,14 +106,22 @@ class SaveShardingPatch:
             return Decision.refuse(f"unknown signature {TARGET}{probe.describe_signature(get_rng_state)}")
         if every_dp_rank is None:
             return probe.decide_by_release(loop, SAVE_SHARDING, unavailable)
+        if every_dp_rank:
+            return Decision.apply(
+                f"{signature.describe()} writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) "
+                "for fsdp_dtensor"
+            )
         if not probe.builds_rng_sharded_object(get_rng_state):
             return Decision.refuse(f"unexpected {TARGET}: its source builds no ShardedObject with a replica_id")
         note = "; its version number claims the fix, its code does not have it" if release_claims_fix else ""
-        return Decision.apply(f"{signature.describe()} shards by (pp, tp) only{note}")
+        formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
+        return Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        signature = probe.rng_state_signature(getattr(checkpointing, TARGET), loop)
-        wrapt.wrap_function_wrapper(checkpointing, TARGET, ep_aware_rng_state(signature))
+        get_rng_state = getattr(checkpointing, TARGET)
+        signature = probe.rng_state_signature(get_rng_state, loop)
+        torch_dist = not probe.shards_every_dp_rank(get_rng_state)
+        wrapt.wrap_function_wrapper(checkpointing, TARGET, ep_aware_rng_state(signature, torch_dist))
 
 
 PATCH = SaveShardingPatch()

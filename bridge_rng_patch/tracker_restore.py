@@ -94,7 +94,7 @@ class ConvertingTrackerWhileLoading:
 
 
 class TrackerRestorePatch:
-    def targets(self, loop: TrainingLoop) -> tuple[str, ...]:
+    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
         return (loop.restore_function,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:

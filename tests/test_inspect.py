@@ -137,7 +137,8 @@ def _scramble(path: Path) -> None:
 
 
 def _fsdp_dtensor_checkpoint(iteration: Path) -> None:
-    """A real PyTorch DCP checkpoint, as the fsdp_dtensor format writes it: no dist_checkpointing metadata.json."""
+    """A real PyTorch DCP checkpoint, as the fsdp_dtensor format writes it (no dist_checkpointing metadata.json),
+    that no training loop wrote: no run configuration."""
     shutil.rmtree(iteration)
     code = "import sys, torch, torch.distributed.checkpoint as dcp\n"
     code += "dcp.save({'w': torch.zeros(2)}, checkpoint_id=sys.argv[1])"
@@ -165,7 +166,7 @@ BAD_ITERATIONS = {
         lambda iteration: (iteration / "run_config.yaml").write_text("model: [unclosed"),
         "run_config.yaml: not a readable run configuration",
     ),
-    "fsdp_dtensor": (_fsdp_dtensor_checkpoint, "an fsdp_dtensor checkpoint (PyTorch DCP without"),
+    "DCP checkpoint of no loop": (_fsdp_dtensor_checkpoint, "neither run_config.yaml (Megatron-Bridge) nor"),
     "legacy torch format": (_legacy_torch_checkpoint, "a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt"),
 }
 

@@ -179,7 +179,7 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
     ("release", "expected"),
     [
         ("bridge-0.2.0rc6", ["applied", "applied", "applied"]),
-        ("bridge-0.3.1", ["not needed", "not needed", "applied"]),
+        ("bridge-0.3.1", ["applied", "not needed", "applied"]),
     ],
 )
 def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected):

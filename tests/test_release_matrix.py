@@ -46,7 +46,8 @@ print(json.dumps({{
 }}))
 """
 ALL_APPLIED = {"save_sharding": "applied", "tracker_restore": "applied", "layout_load": "applied"}
-ONLY_LAYOUT_LOAD = {"save_sharding": "not needed", "tracker_restore": "not needed", "layout_load": "applied"}
+# The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
+FIXED_DECISIONS = {"save_sharding": "applied", "tracker_restore": "not needed", "layout_load": "applied"}
 
 
 def _decide(release) -> dict:
@@ -83,12 +84,15 @@ def test_old_release_gets_all_three_patches(matrix_decisions, release):
 
 
 @pytest.mark.parametrize("release", FIXED, ids=lambda release: release.name)
-def test_fixed_release_gets_only_the_stored_layout_load(matrix_decisions, release):
+def test_fixed_release_gets_the_stored_layout_load_and_fsdp_dtensor_entries_per_rank(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
-    assert decision["states"] == ONLY_LAYOUT_LOAD
-    assert decision["untouched"] == [True, True, False]
+    assert decision["states"] == FIXED_DECISIONS
+    assert decision["untouched"] == [False, True, False]
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
     assert decision["reasons"]["layout_load"].endswith("asks for RNG state in the running job's layout only")
+    assert decision["reasons"]["save_sharding"].endswith(
+        "writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) for fsdp_dtensor"
+    )
 
 
 def test_old_release_on_a_newer_megatron_core_uses_its_own_graph_safe_helpers():

@@ -36,15 +36,18 @@ def configure(spec: dict) -> Any:
         *("--tensor-model-parallel-size", str(spec["tp"]), "--pipeline-model-parallel-size", str(spec["pp"])),
         *("--expert-model-parallel-size", str(spec["ep"]), "--context-parallel-size", str(spec.get("cp", 1))),
         *(("--num-experts", str(spec["ep"]), "--disable-bias-linear") if spec["ep"] > 1 else ()),
-        *("--save", spec["checkpoint_dir"], "--load", spec["checkpoint_dir"], "--ckpt-format", "torch_dist"),
+        *("--save", spec["checkpoint_dir"], "--load", spec["checkpoint_dir"]),
+        *("--ckpt-format", spec.get("ckpt_format", "torch_dist")),
         *("--train-iters", str(STEP), "--save-interval", str(STEP), "--seed", "1234"),
         *("--no-save-optim", "--no-load-optim", "--no-gradient-accumulation-fusion"),
+        *(("--use-megatron-fsdp",) if spec.get("ckpt_format") == "fsdp_dtensor" else ()),
         *(("--data-parallel-random-init",) if spec.get("data_parallel_random_init") else ()),
         *(("--no-load-rng",) if spec.get("load_rng") is False else ()),
         *(("--finetune",) if spec.get("finetune") else ()),
     ]
     _a_hopper_device()
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # as Megatron-LM's launch scripts export it
+    if spec.get("ckpt_format") != "fsdp_dtensor":  # as Megatron-LM's launch scripts export it, except for FSDP
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     saved_argv, sys.argv = sys.argv, command_line
     try:
         args = parse_args()

@@ -205,7 +205,7 @@ def installed_get_rng_state(spec: dict | None = None) -> Any:
     parameters = inspect.signature(checkpointing.get_rng_state).parameters
     kwargs: dict[str, Any] = {}
     if "ckpt_format" in parameters:  # releases without it always write torch_dist
-        kwargs["ckpt_format"] = "torch_dist"
+        kwargs["ckpt_format"] = spec.get("ckpt_format", "torch_dist") if spec else "torch_dist"
     if "pg_collection" in parameters:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -285,7 +285,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         checkpoint=CheckpointConfig(
             save=spec["checkpoint_dir"],
             load=spec["checkpoint_dir"],
-            ckpt_format="torch_dist",
+            ckpt_format=spec.get("ckpt_format", "torch_dist"),
             save_rng=True,
             load_rng=spec.get("load_rng", True),
             finetune=spec.get("finetune", False),
@@ -497,6 +497,8 @@ def _requests_for_each_signature() -> dict:
 
 
 def _describe(sharded: Any) -> dict:
+    if isinstance(sharded, dict):  # fsdp_dtensor's RNG state: lists of states by key
+        return {"keys": sorted(sharded), "states": sum(len(states) for states in sharded.values())}
     return {
         "key": sharded.key,
         "global_shape": list(sharded.global_shape),
