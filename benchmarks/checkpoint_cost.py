@@ -1,9 +1,10 @@
 """What the package costs a checkpoint save and resume end to end, on real checkpoints. Not a test.
 
 ``python3 benchmarks/checkpoint_cost.py`` (``--quick`` for a short smoke run; ``--release bridge-0.3.1`` for a
-fixed release, where only the stored-layout load applies). Megatron-Bridge 0.2.0rc6 by default, 2 ranks, EP 2,
-a model of 300, 3,000 and 30,000 small parameters: each job seeds, runs the real ``save_checkpoint``, then the
-real ``load_checkpoint`` of what it wrote, as a resume does, timing each across the job (barrier to barrier).
+fixed release, where only the stored-layout load applies; ``--ckpt-format fsdp_dtensor``; ``--async-save``, timed
+until every rank has finalized). Megatron-Bridge 0.2.0rc6 by default, 2 ranks, EP 2, a model of 300, 3,000 and
+30,000 small parameters: each job seeds, runs the real ``save_checkpoint``, then the real ``load_checkpoint`` of
+what it wrote, as a resume does, timing each across the job (barrier to barrier).
 
 Three sides, one job each per round: A, unpatched; A', unpatched again (the A/A control); B, patched. The
 rounds run the sides in balanced orders after one warm-up job, and each job starts on a settled machine (the
@@ -39,6 +40,8 @@ LAYOUT = {"world": 2, "tp": 1, "pp": 1, "ep": 2}
 # Side -> whether its jobs run with the package.
 SIDES = {sides.REFERENCE: False, sides.CONTROL: False, sides.TESTED: True}
 NAMES = {sides.REFERENCE: "unpatched", sides.CONTROL: "unpatched again", sides.TESTED: "patched"}
+# The checkpoint format, and whether saves are asynchronous (timed until every rank has finalized), from the options.
+SAVE_OPTIONS: dict = {}
 
 
 def _one_job(release: Release, work: Path, tensors: int, patched: bool, name: str, settle: bool) -> dict:
@@ -49,6 +52,7 @@ def _one_job(release: Release, work: Path, tensors: int, patched: bool, name: st
         "patched": patched,
         "settle": settle,
         **LAYOUT,
+        **SAVE_OPTIONS,
     }
     results = run_job(release, spec, work, name, TIMING_JOB)
     crashes = crash_summary(results)
@@ -80,8 +84,9 @@ def measure(release: Release, tensors: int, rounds: int, work: Path, settle: boo
         figures[what] = sides.compare({side: [timing[f"{what}_s"] for timing in timings[side]] for side in SIDES})
     patched = timings[sides.TESTED]
     figures["layout_read_ms"] = statistics.median(timing["layout_read_s"] * 1e3 for timing in patched)
-    figures["load_sharded_metadata_ms"] = statistics.median(
-        timing["load_sharded_metadata_s"] * 1e3 for timing in patched
+    torch_dist = all("load_sharded_metadata_s" in timing for timing in patched)
+    figures["load_sharded_metadata_ms"] = (
+        statistics.median(timing["load_sharded_metadata_s"] * 1e3 for timing in patched) if torch_dist else None
     )
     figures["layout_reads_per_load"] = sorted({timing["layout_reads"] for timing in patched})
     figures["package_in_load_ms"] = statistics.median(timing["package_in_load_s"] for timing in patched) * 1e3
@@ -101,7 +106,10 @@ def main() -> int:
     parser.add_argument("--release", default=DEFAULT_RELEASE, choices=sorted(RELEASES), help="which release")
     parser.add_argument("--no-settle", action="store_true", help="start each job as soon as the last one ends")
     parser.add_argument("--fixed-order", action="store_true", help="run the sides as A, A', B in every round")
+    parser.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist", "fsdp_dtensor"])
+    parser.add_argument("--async-save", action="store_true", help="asynchronous saves (the temporary worker)")
     options = parser.parse_args()
+    SAVE_OPTIONS.update(ckpt_format=options.ckpt_format, async_save=options.async_save)
     sizes, rounds = ((300,), 2) if options.quick else (options.tensors, options.rounds)
     settle, balanced = not options.no_settle, not options.fixed_order
     release = ensure(RELEASES[options.release])
@@ -142,12 +150,17 @@ def markdown_table(report: list[dict]) -> str:
                 reads = ", ".join(map(str, figures["layout_reads_per_load"]))
                 row += (
                     f" {figures['package_in_load_ms']:.1f} ms ({figures['package_in_load_share']:.2%}) "
-                    f"| {figures['layout_read_ms']:.1f} ms / {figures['load_sharded_metadata_ms']:.0f} ms | {reads} |"
+                    f"| {figures['layout_read_ms']:.1f} ms / {_milliseconds(figures['load_sharded_metadata_ms'])} "
+                    f"| {reads} |"
                 )
             else:
                 row += " | | |"
             rows.append(row)
     return "\n".join(rows)
+
+
+def _milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
 
 
 if __name__ == "__main__":

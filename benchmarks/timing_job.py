@@ -202,10 +202,15 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
         torch.distributed.barrier()
         return time.perf_counter() - start
 
+    def save() -> None:  # an asynchronous save ends when every rank has finalized it
+        rng_job.save_checkpoint(state, model, spec)
+        if spec.get("async_save"):
+            rng_job.finalize_async_save(state)
+
     timing = {
-        "save_s": across_the_job(lambda: rng_job.save_checkpoint(state, model, spec)),
+        "save_s": across_the_job(save),
         "load_s": across_the_job(lambda: rng_job.load_checkpoint(state, model, spec)),
-        "layout_reads": layout_reads(),
+        "layout_reads": len(layout_reads),
         "package_in_load_s": package_in_load(),
     }
     if spec.get("patched", True) and torch.distributed.get_rank() == 0:
@@ -221,7 +226,9 @@ def _time_layout_reads(iteration_dir: str) -> dict:
     from bridge_rng_patch.rng_layout import read_stored_layouts
 
     timings = {}
-    for name, read in (("layout_read_s", read_stored_layouts), ("load_sharded_metadata_s", load_sharded_metadata)):
+    dist_checkpointing = Path(iteration_dir, "metadata.json").exists()  # fsdp_dtensor has no sharded metadata
+    reads = {"layout_read_s": read_stored_layouts, "load_sharded_metadata_s": load_sharded_metadata}
+    for name, read in reads.items() if dist_checkpointing else list(reads.items())[:1]:
         start = time.perf_counter()
         read(iteration_dir)
         timings[name] = time.perf_counter() - start
@@ -229,17 +236,22 @@ def _time_layout_reads(iteration_dir: str) -> dict:
 
 
 def _time_package_in_load(spec: dict) -> Any:
-    """Times this rank's stay in the package's dist-load wrapper, less the load it wraps, from now on; returns
-    the total so far. That is all the package adds to a load but its restore (overhead.py) and one swap of
-    ``tensor_parallel``: the layout read (rank 0), its broadcast, and the requests and the checked list."""
+    """Times this rank's stay in the package's load wrappers, less the loads they wrap, from now on; returns the
+    total so far. That is all the package adds to a load but its restore (overhead.py) and one swap of
+    ``tensor_parallel``: the layout read (rank 0), its broadcast, and the requests and the checked list; for
+    fsdp_dtensor, also the DCP load of the rank's own entry."""
     if not spec.get("patched", True):
         return lambda: 0.0
 
-    from bridge_rng_patch.layout_load import LayoutAwareDistLoad
+    from bridge_rng_patch.layout_load import LayoutAwareDistLoad, LayoutAwareFsdpLoad
 
     spent: list[float] = []
-    call = LayoutAwareDistLoad.__call__
+    for wrapper in (LayoutAwareDistLoad, LayoutAwareFsdpLoad):
+        wrapper.__call__ = _less_what_it_wraps(wrapper.__call__, spent)
+    return lambda: sum(spent)
 
+
+def _less_what_it_wraps(call: Any, spent: list[float]) -> Any:
     def timed(self: Any, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         inside: list[float] = []
 
@@ -256,8 +268,7 @@ def _time_package_in_load(spec: dict) -> Any:
         finally:
             spent.append(time.perf_counter() - start - sum(inside))
 
-    LayoutAwareDistLoad.__call__ = timed
-    return lambda: sum(spent)
+    return timed
 
 
 def _timed_call(timing: Any) -> Any:

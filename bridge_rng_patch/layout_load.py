@@ -346,12 +346,19 @@ class LayoutAwareFsdpLoad:
             return wrapped(*args, **kwargs)
         shared = next(entry for entry, coordinates in entries.items() if len(coordinates) == 2)
         own_requested = any(len(coordinates) == 3 for coordinates in entries.values())
-        for entry, coordinates in entries.items():  # the loop asks for what upstream asks, and nothing it lacks
+        for entry, coordinates in entries.items():
             if len(coordinates) == 3:
                 del request[entry]
+        rank = RankCoordinates(*entries[shared], _data_parallel_rank(call))
+        own = fsdp_entry(rank.pp_rank, rank.tp_rank, rank.dp_rank)
         # DCP loads tensors in place, and the request holds the tracker's live states: copies keep them as they are
         # for a rank the checkpoint holds no state for.
         unloaded, request[shared] = copy.deepcopy(request[shared]), copy.deepcopy(request[shared])
+        # A load that may skip what the checkpoint lacks (the loops' default) reads the rank's own entry with the
+        # rest; a strict one must not be asked for it, and reads it afterwards where the checkpoint has it.
+        strict = _loads_strictly(call)
+        if not strict:
+            request[own] = copy.deepcopy(unloaded)
         result = wrapped(*args, **kwargs)
         state_dict, checkpoint_dir, checkpoint_type = result[0], str(result[1]), result[3]
         loaded = state_dict.get(RNG_STATE_KEY) if isinstance(state_dict, dict) else None
@@ -364,12 +371,14 @@ class LayoutAwareFsdpLoad:
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
         if stored is None:  # the loop's restore says what it does without RNG state for this rank
             return result
-        pp_rank, tp_rank = entries[shared]
-        rank = RankCoordinates(pp_rank, tp_rank, _data_parallel_rank(call))
         dp_cp_size, _ = _data_parallel_sizes(call)
         _report_fsdp_layout(stored, own_requested, dp_cp_size)
         if stored.per_dp_rank:
-            states = _own_fsdp_entry(checkpoint_dir, stored, rank, unloaded)
+            stored_own = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank) is not None
+            if strict:  # every rank takes part in the DCP load, one outside the stored layout asking for nothing
+                states = _own_fsdp_entry(checkpoint_dir, own if stored_own else None, unloaded)
+            else:
+                states = loaded[own] if stored_own else []
             own_index = 0
         else:
             states, own_index = loaded.get(shared, []), None
@@ -388,17 +397,24 @@ def _fsdp_entries(request: Any) -> dict[str, tuple[int, ...]] | None:
     return entries if any(len(coordinates) == 2 for coordinates in entries.values()) else None
 
 
-def _own_fsdp_entry(checkpoint_dir: str, stored: StoredRngLayout, rank: RankCoordinates, unloaded: list) -> list:
-    """This rank's own stored states, read with torch DCP as the loop reads the rest (every rank takes part);
-    empty where the checkpoint holds none for it."""
+def _loads_strictly(call: Mapping[str, Any]) -> bool:
+    """Whether the loop's fsdp_dtensor load fails on what the checkpoint lacks (``strict_fsdp_dtensor_load`` in
+    Bridge's checkpoint config or Megatron-LM's args); so taken where the config is not found."""
+    config = call.get("ckpt_cfg", call.get("args"))
+    return config is None or bool(getattr(config, "strict_fsdp_dtensor_load", False))
+
+
+def _own_fsdp_entry(checkpoint_dir: str, own: str | None, unloaded: list) -> list:
+    """This rank's own stored states (``own``: its entry; None where the checkpoint holds none for it), read with
+    torch DCP after a strict load: a collective, which every rank joins."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    offset = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank)
-    request = {} if offset is None else {RNG_STATE_KEY: {fsdp_entry(*offset): unloaded}}
-    reader = dcp_metadata_reader(checkpoint_dir)
-    load(request, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
-    return unloaded if offset is not None else []
+    request = {} if own is None else {RNG_STATE_KEY: {own: unloaded}}
+    load(
+        request, storage_reader=dcp_metadata_reader(checkpoint_dir), planner=DefaultLoadPlanner(allow_partial_load=True)
+    )
+    return [] if own is None else unloaded
 
 
 def _report_fsdp_layout(stored: StoredRngLayout, own_requested: bool, dp_size: int) -> None:

@@ -93,6 +93,17 @@ def test_dp_growth_from_4_to_8_keeps_fresh_rng_on_new_ranks_and_names_them(jobs)
         assert any(line.endswith("holds no RNG state for it; it keeps its fresh RNG state") for line in rank["logs"])
 
 
+@pytest.mark.parametrize("world", [4, 8], ids=["same DP size", "DP grown to 8"])
+def test_a_strict_load_is_not_asked_for_the_own_entry_and_reads_it_afterwards(jobs, world):
+    """``strict_fsdp_dtensor_load`` fails on any key the checkpoint lacks, so the loop's load asks for the shared
+    entry only, and each rank reads its own in a DCP load of its own, which every rank joins (a rank outside the
+    stored layout asking for nothing)."""
+    saved = jobs.save(OLD, f"fsdp-{OLD.name}", **FSDP)
+    layout = {**EP2_DP4, "world": world}
+    loaded = jobs.load(OLD, f"fsdp-{OLD.name}", f"fsdp-strict-{world}", layout, strict_fsdp_dtensor_load=True, **FSDP)
+    assert_each_rank_resumes_its_own_state(saved, loaded, stored_dp_size=4)
+
+
 def test_stored_entries_are_read_from_the_dcp_metadata(jobs):
     jobs.save(OLD, f"fsdp-{OLD.name}", **FSDP)
     jobs.save(OLD, f"fsdp-{OLD.name}-unpatched", patched=False, **FSDP)

@@ -43,6 +43,7 @@ BASE_REQUIREMENTS = (
     "packaging",
     "wrapt",
     "pytest",
+    "pytest-xdist",
     "psutil",
     "rich",
     "transformers",

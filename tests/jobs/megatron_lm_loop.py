@@ -54,6 +54,10 @@ def configure(spec: dict) -> Any:
     finally:
         sys.argv = saved_argv
     validate_args(args)
+    if spec.get("async_save"):
+        # validate_args keeps --async-save only with the persistent worker, which is spawned and so dies on the CPU
+        # (it inherits no CUDA stand-ins): the save runs in the temporary forked worker instead (see rng_job.py).
+        args.async_save, args.use_persistent_ckpt_worker, args.async_strategy = True, False, "mcore"
     set_global_variables(args, build_tokenizer=False)
     _iteration_agreed_on_the_cpu()
     _no_transformer_engine_version()
@@ -110,7 +114,14 @@ def _key_prefix(spec: dict) -> dict:
 
 
 def save(model: list, spec: dict) -> None:
-    sys.modules[MODULE].save_checkpoint(STEP, model, None, None, 0, **_key_prefix(spec))
+    sys.modules[MODULE].save_checkpoint(spec.get("iteration", STEP), model, None, None, 0, **_key_prefix(spec))
+
+
+def finalize_async_save() -> None:
+    """What the loop does before a load in the same process, and at the end of training: every rank finalizes."""
+    from megatron.training.async_utils import maybe_finalize_async_save
+
+    maybe_finalize_async_save(blocking=True)
 
 
 def load(model: list, spec: dict) -> None:

@@ -12,8 +12,10 @@ registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-
 (default true), package_first (default true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU:
 nothing faked, one device for all ranks), backend (default gloo), fully_parallel_load, data_parallel_random_init,
 graph_safe_tracker, seeding ("per-rank", the default, or "megatron"; see ``seed_every_source``), load_rng,
-finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later),
-tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
+finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later), ckpt_format (default torch_dist),
+strict_fsdp_dtensor_load (Bridge), iteration (the save's, default 10), async_save (see ``_asynchronously``), then
+("load": after the save, finalized, a resume in the same process; "die": the ranks and every process they started
+exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
 (how many small parameters the model has, default 8).
 """
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import megatron_lm_loop
 
 SAVE_SEED = 1000
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FRESH_SEED = 5000
 STEP = 10
 
@@ -108,6 +111,14 @@ def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
         reports.put(run_rank(rank, port, spec))
     except BaseException:
         reports.put({"rank": rank, "crash": traceback.format_exc()})
+    if spec.get("then") == "die":  # as a job killed after its save was scheduled: it and every process it started
+        reports.close()
+        reports.join_thread()
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):  # the save's worker, the queues' managers
+            child.kill()
+        os._exit(0)
 
 
 def run_rank(rank: int, port: int | None, spec: dict) -> dict:
@@ -153,6 +164,14 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         report["saved"] = rng_fingerprint(device_generator)
         with _tampered(spec.get("tamper")):
             save_checkpoint(state, model, spec)
+        report["finished_before_finalize"] = _finished_files(spec)
+        if spec.get("then") == "die":
+            report["logs"] = logs
+            return report
+        if spec.get("async_save"):
+            finalize_async_save(state)
+        if spec.get("then") == "load":
+            _load_and_report(report, state, model, device_generator, spec)
         torch.distributed.barrier()
         if spec.get("tamper") == "truncated_metadata":
             if rank == 0:
@@ -160,20 +179,35 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         else:
             report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
     else:
-        seed_every_source(FRESH_SEED, rank, device_generator, spec)
-        report["fresh"] = rng_fingerprint(device_generator)
-        layout_reads = count_layout_reads(spec)
-        try:
-            load_checkpoint(state, model, spec)
-            report["error"] = None
-        except BaseException as error:  # the loops' own restore failure path calls sys.exit()
-            report["error"] = f"{type(error).__name__}: {error}"
-        report["loaded"] = rng_fingerprint(device_generator)
-        report["layout_reads"] = layout_reads()
+        _load_and_report(report, state, model, device_generator, spec)
     report["logs"] = logs
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return report
+
+
+def _load_and_report(report: dict, state: Any, model: list, device_generator: Any, spec: dict) -> None:
+    """Seed fresh, load the checkpoint as a resume does, and report the RNG state before and after."""
+    seed_every_source(FRESH_SEED, report["rank"], device_generator, spec)
+    report["fresh"] = rng_fingerprint(device_generator)
+    layout_reads = count_layout_reads(spec)
+    try:
+        load_checkpoint(state, model, spec)
+        report["error"] = None
+    except BaseException as error:  # the loops' own restore failure path calls sys.exit()
+        report["error"] = f"{type(error).__name__}: {error}"
+    report["loaded"] = rng_fingerprint(device_generator)
+    report["layout_reads_from"] = layout_reads
+    report["layout_reads"] = len(layout_reads)
+
+
+def finalize_async_save(state: Any) -> None:
+    """Every rank finalizes the asynchronous save, blocking, as the loop does before a load and at the end of
+    training: the metadata and the tracker file are written here."""
+    if _job_loop == BRIDGE:
+        loop_checkpointing().maybe_finalize_async_save(state, state.cfg.checkpoint, blocking=True)
+    else:
+        megatron_lm_loop.finalize_async_save()
 
 
 def save_checkpoint(state: Any, model: list, spec: dict) -> None:
@@ -213,13 +247,13 @@ def installed_get_rng_state(spec: dict | None = None) -> Any:
     return lambda data_parallel_random_init=False: checkpointing.get_rng_state(data_parallel_random_init, **kwargs)
 
 
-def count_layout_reads(spec: dict) -> Any:
-    """Counts this rank's reads of the stored RNG layout from now on; returns the counter."""
+def count_layout_reads(spec: dict) -> list[str]:
+    """The checkpoints whose stored RNG layout this rank reads from now on, one entry per read."""
+    reads: list[str] = []
     if not spec.get("patched", True):
-        return lambda: 0
+        return reads
     from bridge_rng_patch import layout_load
 
-    reads = []
     read = layout_load.read_stored_layouts
 
     def counted(checkpoint_dir: str) -> Any:
@@ -227,7 +261,7 @@ def count_layout_reads(spec: dict) -> Any:
         return read(checkpoint_dir)
 
     layout_load.read_stored_layouts = counted
-    return lambda: len(reads)
+    return reads
 
 
 def loop_checkpointing() -> Any:
@@ -291,19 +325,37 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
             finetune=spec.get("finetune", False),
             save_optim=False,
             load_optim=False,
-            async_save=False,
+            async_save=spec.get("async_save", False),
             fully_parallel_load=spec.get("fully_parallel_load", False),
+            **({"strict_fsdp_dtensor_load": True} if spec.get("strict_fsdp_dtensor_load") else {}),
         ),
         rng=RNGConfig(seed=1234, data_parallel_random_init=spec.get("data_parallel_random_init", False)),
     )
     state = GlobalState()
     state.cfg = config
-    state.train_state.step = STEP
+    state.train_state.step = spec.get("iteration", STEP)
+    if spec.get("async_save"):
+        state._async_calls_queue = _asynchronously()
     init_num_microbatches_calculator(
         torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
     )
 
     return state, [small_weights(model_config, spec)]
+
+
+def _asynchronously() -> Any:
+    """The queue an asynchronous save is scheduled on: megatron-core's real one, with the temporary worker.
+
+    Bridge requires ``use_persistent_ckpt_worker`` with ``async_save``, and its persistent worker is a process
+    started with spawn: on the CPU it inherits none of the CUDA stand-ins and dies in ``torch.cuda.set_device``, and
+    the trainer waits for it for ever. The temporary worker is forked from the rank for each save, as megatron-core
+    does without the persistent one, and writes the same files; on a GPU, ``tools/gpu_check.py`` saves with the
+    persistent worker. What the package touches (``get_rng_state`` in the trainer, before any worker runs, and the
+    load) is the same either way.
+    """
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue(persistent=False)
 
 
 def model_parallelism(spec: dict) -> dict:
@@ -545,7 +597,17 @@ def _tampered(tamper: str | None):
 
 
 def iteration_dir(spec: dict) -> Path:
-    return Path(spec["checkpoint_dir"]) / f"iter_{STEP:07d}"
+    return Path(spec["checkpoint_dir"]) / f"iter_{spec.get('iteration', STEP):07d}"
+
+
+def _finished_files(spec: dict) -> list[str]:
+    """Which of the files that mark this save finished exist: the metadata torch's reader needs, and the tracker
+    file naming its iteration, which a resume picks the iteration from."""
+    metadata, tracker = iteration_dir(spec) / ".metadata", Path(spec["checkpoint_dir"]) / TRACKER_FILE
+    finished = [metadata.name] if metadata.exists() else []
+    if tracker.exists() and tracker.read_text().strip() == str(spec.get("iteration", STEP)):
+        finished.append(tracker.name)
+    return finished
 
 
 def _truncate(path: Path) -> None:
