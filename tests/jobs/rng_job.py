@@ -15,8 +15,8 @@ graph_safe_tracker, seeding ("per-rank", the default, or "megatron"; see ``seed_
 finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later), ckpt_format (default torch_dist),
 strict_fsdp_dtensor_load (Bridge), iteration (the save's, default 10), async_save (see ``_asynchronously``), then
 ("load": after the save, finalized, a resume in the same process; "die": the ranks and every process they started
-exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or "truncated_metadata", at save), tensors
-(how many small parameters the model has, default 8).
+exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or
+"truncated_metadata", at save), tensors (how many small parameters the model has, default 8).
 """
 
 from __future__ import annotations
