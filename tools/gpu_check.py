@@ -14,6 +14,11 @@ script checks those lines where they are meant to run, on one GPU:
    rank job) with the graph-safe tracker, NCCL, one rank, ``fully_parallel_load`` on and off; then 2 ranks over
    gloo on the one GPU with EP 2: every RNG source restored bit-exact.
 4. ``restore_time``: the package's restore of a tracker's states, per call, on the GPU.
+5. ``async_save``: the same 2-rank save, asynchronous with Bridge's persistent checkpoint worker (spawned; on the
+   CPU it cannot run, see tests/test_async_save.py), then a resume from a fresh process.
+6. ``fsdp_dtensor``: the same 2-rank save and resume in the fsdp_dtensor format (torch DCP): each rank's own RNG
+   entry, with the jobs' small model of plain tensors. A model wrapped in Megatron-FSDP is not in this check yet:
+   it needs CUDA to build at all, so it could not be prepared where the project develops.
 
 ``python tools/gpu_check.py [--cpu] [--json PATH]``, with megatron-core and Megatron-Bridge 0.2.0rc6 importable
 (on the device: the wheels ``tools/gpu_wheels.py`` downloads; README, "A real GPU"). ``--cpu``, or no GPU: the
@@ -214,13 +219,18 @@ def check_cuda_graph_replay(on_gpu: bool) -> tuple[str, str]:
     return FAIL, f"replays equal to eager draws: {equal}"
 
 
-def check_bridge_checkpoint(on_gpu: bool, world: int, backend: str, fully_parallel_load: bool) -> tuple[str, str]:
+def check_bridge_checkpoint(
+    on_gpu: bool, world: int, backend: str, fully_parallel_load: bool, saved_as: dict | None = None
+) -> tuple[str, str]:
+    """``saved_as``: how the save runs besides (asynchronously, in another format)."""
     if fully_parallel_load and not on_gpu:
         return SKIP, "fully_parallel_load needs CUDA"
     if backend == "nccl" and not on_gpu:
         return SKIP, "NCCL needs CUDA"
+    if (saved_as or {}).get("persistent_worker") and not on_gpu:
+        return SKIP, "the persistent checkpoint worker is spawned and needs CUDA"
     spec = {"world": world, "tp": 1, "pp": 1, "ep": world, "graph_safe_tracker": True, "backend": backend}
-    spec.update(real_cuda=on_gpu, fully_parallel_load=fully_parallel_load)
+    spec.update(real_cuda=on_gpu, fully_parallel_load=fully_parallel_load, **(saved_as or {}))
     with tempfile.TemporaryDirectory() as work:
         spec["checkpoint_dir"] = f"{work}/checkpoint"
         saved, problem = _job({**spec, "action": "save", "out": f"{work}/save.json"})
@@ -307,7 +317,14 @@ def job_checks(on_gpu: bool) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
             _bound(check_bridge_checkpoint, on_gpu, 1, backend, fully),
         )
         for fully in (False, True)
-    ] + [("bridge_checkpoint[2 ranks, gloo, EP 2]", _bound(check_bridge_checkpoint, on_gpu, 2, "gloo", False))]
+    ] + [
+        (f"{name}[2 ranks, gloo, EP 2]", _bound(check_bridge_checkpoint, on_gpu, 2, "gloo", False, saved_as))
+        for name, saved_as in (
+            ("bridge_checkpoint", None),
+            ("async_save", {"async_save": True, "persistent_worker": True}),
+            ("fsdp_dtensor", {"ckpt_format": "fsdp_dtensor"}),
+        )
+    ]
 
 
 def _bound(check: Callable[..., tuple[str, str]], *args: Any) -> Callable[[], tuple[str, str]]:

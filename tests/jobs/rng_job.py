@@ -335,7 +335,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     state.cfg = config
     state.train_state.step = spec.get("iteration", STEP)
     if spec.get("async_save"):
-        state._async_calls_queue = _asynchronously()
+        state._async_calls_queue = _asynchronously(spec)
     init_num_microbatches_calculator(
         torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
     )
@@ -343,8 +343,9 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     return state, [small_weights(model_config, spec)]
 
 
-def _asynchronously() -> Any:
-    """The queue an asynchronous save is scheduled on: megatron-core's real one, with the temporary worker.
+def _asynchronously(spec: dict) -> Any:
+    """The queue an asynchronous save is scheduled on: megatron-core's real one, with the temporary worker unless
+    the spec asks for the ``persistent_worker`` (on a GPU).
 
     Bridge requires ``use_persistent_ckpt_worker`` with ``async_save``, and its persistent worker is a process
     started with spawn: on the CPU it inherits none of the CUDA stand-ins and dies in ``torch.cuda.set_device``, and
@@ -355,7 +356,7 @@ def _asynchronously() -> Any:
     """
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-    return AsyncCallsQueue(persistent=False)
+    return AsyncCallsQueue(persistent=spec.get("persistent_worker", False))
 
 
 def model_parallelism(spec: dict) -> dict:
