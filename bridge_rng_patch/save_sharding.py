@@ -43,10 +43,10 @@ def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = Tr
         pg_collection = _passed(args, kwargs, "pg_collection", pg_collection_at)
         if _expert_parallel_size(pg_collection) <= 1:
             return rng_state
-        dp_cp_group = _passed(args, kwargs, "dp_cp_group", dp_cp_group_at)
+        data_parallel = _data_parallel_group(pg_collection, _passed(args, kwargs, "dp_cp_group", dp_cp_group_at))
         if fsdp_dtensor:
-            return with_own_fsdp_entry(rng_state, _data_parallel_rank(pg_collection, dp_cp_group))
-        return reshard_per_dp_rank(rng_state, _data_parallel_size(pg_collection, dp_cp_group))
+            return with_own_fsdp_entry(rng_state, data_parallel.rank())
+        return reshard_per_dp_rank(rng_state, data_parallel.size())
 
     return wrapper
 
@@ -65,22 +65,13 @@ def _expert_parallel_size(pg_collection: Any) -> int:
     return 1 if expert_group is None else expert_group.size()
 
 
-def _data_parallel_size(pg_collection: Any, dp_cp_group: Any) -> int:
-    """DP size with context parallel, as the loop's own replica ids count it: from the group it was given."""
+def _data_parallel_group(pg_collection: Any, dp_cp_group: Any) -> Any:
+    """DP with context parallel, as the loop's own replica ids count it: the group it was given, else mpu's."""
     if pg_collection is not None:
-        return pg_collection.dp_cp.size()
+        return pg_collection.dp_cp
     if dp_cp_group is not None:
-        return dp_cp_group.size()
-    return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-
-
-def _data_parallel_rank(pg_collection: Any, dp_cp_group: Any) -> int:
-    """DP rank with context parallel, from the group the loop was given, else mpu's."""
-    if pg_collection is not None:
-        return pg_collection.dp_cp.rank()
-    if dp_cp_group is not None:
-        return dp_cp_group.rank()
-    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        return dp_cp_group
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 class SaveShardingPatch:

@@ -23,6 +23,9 @@ def pg_collection_keyword_only(data_parallel_random_init, ckpt_format="torch_dis
 def pg_collection_without_format(data_parallel_random_init, *, pg_collection=None): ...
 
 
+def fixed_with_module_name(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection, module_name=None): ...
+
+
 @pytest.mark.parametrize(
     ("function", "described", "position"),
     [
@@ -31,6 +34,11 @@ def pg_collection_without_format(data_parallel_random_init, *, pg_collection=Non
         (pg_collection_positional, "get_rng_state(data_parallel_random_init, ckpt_format, pg_collection)", 2),
         (pg_collection_keyword_only, "get_rng_state(data_parallel_random_init, ckpt_format, *, pg_collection)", None),
         (pg_collection_without_format, "get_rng_state(data_parallel_random_init, *, pg_collection)", None),
+        (
+            fixed_with_module_name,
+            "get_rng_state(data_parallel_random_init, ckpt_format, *, pg_collection, module_name)",
+            None,
+        ),
     ],
 )
 def test_get_rng_state_is_known_by_the_parameters_it_binds(function, described, position):
@@ -40,7 +48,7 @@ def test_get_rng_state_is_known_by_the_parameters_it_binds(function, described, 
     assert signature.position("pg_collection") == position
 
 
-def fixed_with_module_name(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection, module_name=None): ...
+def with_unknown_keyword(data_parallel_random_init, ckpt_format="torch_dist", *, pg_collection, layout=None): ...
 
 
 def other_first_parameter(seed, ckpt_format="torch_dist"): ...
@@ -49,7 +57,7 @@ def other_first_parameter(seed, ckpt_format="torch_dist"): ...
 def extra_arguments(data_parallel_random_init, *args, **kwargs): ...
 
 
-@pytest.mark.parametrize("function", [fixed_with_module_name, other_first_parameter, extra_arguments])
+@pytest.mark.parametrize("function", [with_unknown_keyword, other_first_parameter, extra_arguments])
 def test_get_rng_state_with_a_parameter_the_package_does_not_know_is_not_one_it_can_fix(function):
     assert probe.rng_state_signature(function, BRIDGE) is None
 
