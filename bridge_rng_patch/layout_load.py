@@ -15,9 +15,10 @@ here the dist-load wrapper does, for both loops (they share its name and the arg
   DP rank without context parallel).
 
 fsdp_dtensor checkpoints are loaded by the loop's ``_load_base_checkpoint`` with torch DCP, which reads what is
-asked and skips the rest: the base-load wrapper leaves the loop's ``(pp, tp)`` request as upstream makes it, and
-where the checkpoint stores entries per rank, reads the rank's own in one more DCP load of that entry alone, and
-hands it to the restore under the ``(pp, tp)`` key it looks up.
+asked and skips the rest: the base-load wrapper keeps the loop's ``(pp, tp)`` request as upstream makes it and
+adds the rank's own ``(pp, tp, dp)`` entry to it (a strict load, which fails on what a checkpoint lacks, reads the
+own entry afterwards in one more DCP load), and hands the entry the checkpoint stores for the rank to the restore
+under the ``(pp, tp)`` key it looks up.
 """
 
 from __future__ import annotations
