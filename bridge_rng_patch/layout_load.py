@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 import wrapt
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import probe
+from bridge_rng_patch import groups, probe
 from bridge_rng_patch.decision import Decision, report
 from bridge_rng_patch.loops import LAYOUT_LOAD, TrainingLoop
 from bridge_rng_patch.rng_layout import (
@@ -251,17 +251,6 @@ def _reads_through_multi_storage_client() -> bool:
     return MultiStorageClientFeature.is_enabled()
 
 
-def _data_parallel_sizes(call: Mapping[str, Any]) -> tuple[int, int]:
-    """DP size with context parallel (as the RNG layouts count it) and without, from the groups the load was given:
-    Bridge's ``pg_collection``, Megatron-LM's ``dp_cp_group``, else mpu globals."""
-    pg_collection = call.get("pg_collection")
-    if pg_collection is not None:
-        return pg_collection.dp_cp.size(), pg_collection.dp.size()
-    dp_cp_group = call.get("dp_cp_group")
-    dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-    return dp_cp_size if dp_cp_group is None else dp_cp_group.size(), parallel_state.get_data_parallel_world_size()
-
-
 class LayoutAwareDistLoad:
     """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shards the checkpoint stores."""
 
@@ -283,7 +272,7 @@ class LayoutAwareDistLoad:
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
-        dp_cp_size, dp_size = _data_parallel_sizes(call)
+        dp_cp_size, dp_size = groups.size(call, groups.DP_CP), groups.size(call, groups.DP)
         _report_layout(stored, request, dp_cp_size)
         rank = RankCoordinates.of_request(request)
         requests = stored.requests_for(rank, dp_cp_size, request.data)
@@ -320,17 +309,6 @@ class LayoutAwareDistLoad:
         return not probe.missing_parameters(self._checkpointing.get_checkpoint_name, ("return_base_dir",))
 
 
-def _data_parallel_rank(call: Mapping[str, Any]) -> int:
-    """DP rank with context parallel, from the groups the load was given, else mpu's."""
-    pg_collection = call.get("pg_collection")
-    if pg_collection is not None:
-        return pg_collection.dp_cp.rank()
-    dp_cp_group = call.get("dp_cp_group")
-    if dp_cp_group is not None:
-        return dp_cp_group.rank()
-    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
-
-
 class LayoutAwareFsdpLoad:
     """The ``_load_base_checkpoint`` wrapper: an fsdp_dtensor resume restores the entry the checkpoint stores for
     each rank, its own ``(pp, tp, dp)`` one where there is one."""
@@ -350,7 +328,7 @@ class LayoutAwareFsdpLoad:
         for entry, coordinates in entries.items():
             if len(coordinates) == 3:
                 del request[entry]
-        rank = RankCoordinates(*entries[shared], _data_parallel_rank(call))
+        rank = RankCoordinates(*entries[shared], groups.rank(call, groups.DP_CP))
         own = fsdp_entry(rank.pp_rank, rank.tp_rank, rank.dp_rank)
         # DCP loads tensors in place, and the request holds the tracker's live states: copies keep them as they are
         # for a rank the checkpoint holds no state for.
@@ -372,7 +350,7 @@ class LayoutAwareFsdpLoad:
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
         if stored is None:  # the loop's restore says what it does without RNG state for this rank
             return result
-        dp_cp_size, _ = _data_parallel_sizes(call)
+        dp_cp_size = groups.size(call, groups.DP_CP)
         _report_fsdp_layout(stored, own_requested, dp_cp_size)
         if stored.per_dp_rank:
             stored_own = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank) is not None

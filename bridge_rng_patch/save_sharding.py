@@ -15,10 +15,9 @@ from types import ModuleType
 from typing import Any
 
 import wrapt
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import probe
+from bridge_rng_patch import groups, probe
 from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.loops import SAVE_SHARDING, TrainingLoop
 from bridge_rng_patch.rng_layout import reshard_per_dp_rank, with_own_fsdp_entry
@@ -33,20 +32,20 @@ def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = Tr
     A plain function and cheap checks, the argument positions found once: it runs at every checkpoint save,
     next to the loop's own code.
     """
-    pg_collection_at, dp_cp_group_at = signature.position("pg_collection"), signature.position("dp_cp_group")
+    group_positions = {name: signature.position(name) for name in signature.names if name in groups.ARGUMENTS}
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         rng_state = wrapped(*args, **kwargs)
         fsdp_dtensor = isinstance(rng_state, dict)
         if not (fsdp_dtensor or (torch_dist and isinstance(rng_state, ShardedObject))):  # torch's per-rank list
             return rng_state
-        pg_collection = _passed(args, kwargs, "pg_collection", pg_collection_at)
-        if _expert_parallel_size(pg_collection) <= 1:
+        passed = {name: _passed(args, kwargs, name, position) for name, position in group_positions.items()}
+        if groups.size(passed, groups.EP) <= 1:
             return rng_state
-        data_parallel = _data_parallel_group(pg_collection, _passed(args, kwargs, "dp_cp_group", dp_cp_group_at))
+        # DP with context parallel, as the loop's own replica ids count it.
         if fsdp_dtensor:
-            return with_own_fsdp_entry(rng_state, data_parallel.rank())
-        return reshard_per_dp_rank(rng_state, data_parallel.size())
+            return with_own_fsdp_entry(rng_state, groups.rank(passed, groups.DP_CP))
+        return reshard_per_dp_rank(rng_state, groups.size(passed, groups.DP_CP))
 
     return wrapper
 
@@ -56,22 +55,6 @@ def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     if name in kwargs:
         return kwargs[name]
     return args[position] if position is not None and position < len(args) else None
-
-
-def _expert_parallel_size(pg_collection: Any) -> int:
-    if pg_collection is None:
-        return parallel_state.get_expert_model_parallel_world_size()
-    expert_group = getattr(pg_collection, "ep", None)
-    return 1 if expert_group is None else expert_group.size()
-
-
-def _data_parallel_group(pg_collection: Any, dp_cp_group: Any) -> Any:
-    """DP with context parallel, as the loop's own replica ids count it: the group it was given, else mpu's."""
-    if pg_collection is not None:
-        return pg_collection.dp_cp
-    if dp_cp_group is not None:
-        return dp_cp_group
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 class SaveShardingPatch:
