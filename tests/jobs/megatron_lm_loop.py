@@ -17,9 +17,9 @@ from typing import Any
 
 MODULE = "megatron.training.checkpointing"
 STEP = 10
-# The loop refuses a resume whose model sizes differ from the checkpoint's args: the same for every layout, and
-# two heads, which every TP the tests use divides.
-HIDDEN_SIZE, ATTENTION_HEADS = 8, 2
+# The loop refuses a resume whose model sizes differ from the checkpoint's args: the same for every layout, with two
+# heads and two layers, which every TP and PP the tests use divides.
+HIDDEN_SIZE, ATTENTION_HEADS, LAYERS = 8, 2, 2
 
 
 def configure(spec: dict) -> Any:
@@ -29,7 +29,7 @@ def configure(spec: dict) -> Any:
 
     command_line = [
         "pretrain_gpt.py",
-        *("--num-layers", str(spec["pp"]), "--hidden-size", str(HIDDEN_SIZE)),
+        *("--num-layers", str(LAYERS), "--hidden-size", str(HIDDEN_SIZE)),
         *("--num-attention-heads", str(ATTENTION_HEADS)),
         *("--seq-length", "8", "--max-position-embeddings", "8", "--micro-batch-size", "1"),
         *("--tokenizer-type", "NullTokenizer", "--vocab-size", "16", "--transformer-impl", "local"),

@@ -162,6 +162,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         seed_every_source(SAVE_SEED, rank, device_generator, spec)
         report["sharded_object"] = _describe_rng_request(spec)
         report["saved"] = rng_fingerprint(device_generator)
+        report["weights"] = _trained_weights(model)
         with _tampered(spec.get("tamper")):
             save_checkpoint(state, model, spec)
         report["finished_before_finalize"] = _finished_files(spec)
@@ -197,6 +198,7 @@ def _load_and_report(report: dict, state: Any, model: list, device_generator: An
     except BaseException as error:  # the loops' own restore failure path calls sys.exit()
         report["error"] = f"{type(error).__name__}: {error}"
     report["loaded"] = rng_fingerprint(device_generator)
+    report["weights"] = weights_digest(model)
     report["layout_reads_from"] = layout_reads
     report["layout_reads"] = len(layout_reads)
 
@@ -373,14 +375,13 @@ def model_parallelism(spec: dict) -> dict:
 
 
 def _megatron_lm_model(spec: dict) -> tuple[None, list]:
-    """Megatron-LM's loop keeps its state in global args, set as its command line sets them; one layer per
-    pipeline stage, two heads so that TP 2 divides them."""
+    """Megatron-LM's loop keeps its state in global args, set as its command line sets them."""
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     megatron_lm_loop.configure(spec)
     config = TransformerConfig(
-        num_layers=spec["pp"],
+        num_layers=megatron_lm_loop.LAYERS,
         pipeline_dtype=torch.float32,
         hidden_size=megatron_lm_loop.HIDDEN_SIZE,
         num_attention_heads=megatron_lm_loop.ATTENTION_HEADS,
@@ -506,6 +507,22 @@ def _generator_holding(state: Any, device: Any) -> Any:
     generator = torch.Generator(device=device)
     generator.set_state(state)
     return generator
+
+
+def _trained_weights(model: list) -> str:
+    """Move the weights on from their initial values, as training does, so that a load that misses them shows; the
+    digest of what is saved."""
+    import torch
+
+    with torch.no_grad():
+        for weight in model[0].parameters():
+            weight.add_(STEP)
+    return weights_digest(model)
+
+
+def weights_digest(model: list) -> str:
+    """The digest of this rank's model weights, to tell whether a load restored them."""
+    return _digest(b"".join(weight.detach().numpy().tobytes() for weight in model[0].parameters()))
 
 
 def _describe_rng_request(spec: dict) -> dict:
