@@ -139,14 +139,23 @@ class RestorableRngStates(list):
     The restore (Bridge's and Megatron-LM's alike) indexes this list (``[dp_rank]`` or ``[0]``) and then sets
     python, numpy, torch, CUDA and tracker state one after another; checking the picked entry first makes that
     restore all or nothing. A rank the checkpoint holds no state for gets its own current state, so it keeps its
-    fresh RNG. ``own_index``, where given, is the entry this rank saved, whatever index the restore asks for.
+    fresh RNG, and says so unless that is ``by_design`` (said once for the whole job). ``own_index``, where given,
+    is the entry this rank saved, whatever index the restore asks for.
     """
 
-    def __init__(self, states: list, checkpoint_dir: str, rank: RankCoordinates, own_index: int | None) -> None:
+    def __init__(
+        self,
+        states: list,
+        checkpoint_dir: str,
+        rank: RankCoordinates,
+        own_index: int | None,
+        by_design: bool = False,
+    ) -> None:
         super().__init__(states)
         self.checkpoint_dir = checkpoint_dir
         self.rank = rank
         self.own_index = own_index
+        self.by_design = by_design
 
     def __getitem__(self, index: Any) -> Any:
         if not isinstance(index, int):
@@ -164,6 +173,8 @@ class RestorableRngStates(list):
         return entry
 
     def _fresh_state(self) -> dict[str, Any]:
+        if self.by_design:
+            return current_rng_state()
         report(
             f"rank {_global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
             f"checkpoint {self.checkpoint_dir} holds no RNG state for it; it keeps its fresh RNG state",
@@ -311,10 +322,12 @@ class LayoutAwareDistLoad:
 
 class LayoutAwareFsdpLoad:
     """The ``_load_base_checkpoint`` wrapper: an fsdp_dtensor resume restores the entry the checkpoint stores for
-    each rank, its own ``(pp, tp, dp)`` one where there is one."""
+    each rank, its own ``(pp, tp, dp)`` one where there is one; after a TP or PP change, where ``keeps_fresh_after_
+    model_parallel_change`` (the loop lacks Bridge #5100), none: every rank keeps its fresh RNG state."""
 
-    def __init__(self, checkpointing: ModuleType) -> None:
+    def __init__(self, checkpointing: ModuleType, keeps_fresh_after_model_parallel_change: bool) -> None:
         self._signature = inspect.signature(getattr(checkpointing, BASE_LOAD_FUNCTION))
+        self._keeps_fresh_after_model_parallel_change = keeps_fresh_after_model_parallel_change
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = self._signature.bind(*args, **kwargs).arguments
@@ -323,46 +336,51 @@ class LayoutAwareFsdpLoad:
         entries = _fsdp_entries(request)
         if call.get("rank0") or entries is None:
             return wrapped(*args, **kwargs)
+        load_dir = str(call.get("load_dir") or "")
+        unjudged = _storage_not_judged(load_dir)
+        if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
+            report(f"checkpoint {load_dir}: {unjudged}; its RNG entries are read as the release reads them")
+            return wrapped(*args, **kwargs)
         shared = next(entry for entry, coordinates in entries.items() if len(coordinates) == 2)
         own_requested = any(len(coordinates) == 3 for coordinates in entries.values())
-        for entry, coordinates in entries.items():
-            if len(coordinates) == 3:
-                del request[entry]
         rank = RankCoordinates(*entries[shared], groups.rank(call, groups.DP_CP))
         own = fsdp_entry(rank.pp_rank, rank.tp_rank, rank.dp_rank)
-        # DCP loads tensors in place, and the request holds the tracker's live states: copies keep them as they are
-        # for a rank the checkpoint holds no state for.
-        unloaded, request[shared] = copy.deepcopy(request[shared]), copy.deepcopy(request[shared])
-        # A load that may skip what the checkpoint lacks (the loops' default) reads the rank's own entry with the
-        # rest; a strict one must not be asked for it, and reads it afterwards where the checkpoint has it.
+        # DCP loads tensors in place, and the request holds the tracker's live states: the loads read into copies, so
+        # that a rank the checkpoint holds no state for keeps them as they are.
+        unloaded = copy.deepcopy(request[shared])
+        request.clear()
+        # A load that may skip what the checkpoint lacks (the loops' default) reads the shared entry and the rank's own
+        # with the rest. A strict one fails on any entry the checkpoint lacks (an upstream checkpoint's own entries, the
+        # shared entry of a TP or PP rank it never had): it is asked for none, and the entry the rank restores is read
+        # afterwards.
         strict = _loads_strictly(call)
         if not strict:
-            request[own] = copy.deepcopy(unloaded)
+            request[shared], request[own] = copy.deepcopy(unloaded), copy.deepcopy(unloaded)
         result = wrapped(*args, **kwargs)
         state_dict, checkpoint_dir, checkpoint_type = result[0], str(result[1]), result[3]
         loaded = state_dict.get(RNG_STATE_KEY) if isinstance(state_dict, dict) else None
         if getattr(checkpoint_type, "name", None) != "FSDP_DTENSOR" or not isinstance(loaded, dict):
             return result
-        unjudged = _storage_not_judged(checkpoint_dir)
-        if unjudged is not None:
-            report(f"checkpoint {checkpoint_dir}: {unjudged}; its RNG entries are read as the release reads them")
-            return result
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
-        if stored is None:  # the loop's restore says what it does without RNG state for this rank
+        if stored is None:  # no RNG state stored: the restore sets this rank's own live state, as upstream's load does
+            loaded.setdefault(shared, unloaded)
             return result
-        dp_cp_size = groups.size(call, groups.DP_CP)
-        _report_fsdp_layout(stored, own_requested, dp_cp_size)
-        if stored.per_dp_rank:
-            stored_own = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank) is not None
-            if strict:  # every rank takes part in the DCP load, one outside the stored layout asking for nothing
-                states = _own_fsdp_entry(checkpoint_dir, own if stored_own else None, unloaded)
-            else:
-                states = loaded[own] if stored_own else []
-            own_index = 0
+        stored_model_parallel = stored.global_shape[:2]
+        running_model_parallel = (groups.size(call, groups.PP), groups.size(call, groups.TP))
+        if self._keeps_fresh_after_model_parallel_change and stored_model_parallel != running_model_parallel:
+            _report_model_parallel_change(checkpoint_dir, stored_model_parallel, running_model_parallel)
+            states, own_index, by_design = [], None, True
         else:
-            states, own_index = loaded.get(shared, []), None
+            _report_fsdp_layout(stored, own_requested, groups.size(call, groups.DP_CP))
+            offset = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank)
+            entry = None if offset is None else fsdp_entry(*offset)
+            if strict:  # every rank takes part in the DCP load, one outside the stored layout asking for nothing
+                states = _stored_fsdp_entry(checkpoint_dir, entry, unloaded)
+            else:
+                states = loaded.get(entry, []) if entry is not None else []
+            own_index, by_design = (0 if stored.per_dp_rank else None), False
         loaded.clear()
-        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index)
+        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index, by_design)
         return result
 
 
@@ -383,17 +401,28 @@ def _loads_strictly(call: Mapping[str, Any]) -> bool:
     return config is None or bool(getattr(config, "strict_fsdp_dtensor_load", False))
 
 
-def _own_fsdp_entry(checkpoint_dir: str, own: str | None, unloaded: list) -> list:
-    """This rank's own stored states (``own``: its entry; None where the checkpoint holds none for it), read with
-    torch DCP after a strict load: a collective, which every rank joins."""
+def _stored_fsdp_entry(checkpoint_dir: str, entry: str | None, unloaded: list) -> list:
+    """The states the checkpoint stores under ``entry`` (None where it holds none for this rank), read with torch DCP
+    after a strict load: a collective, which every rank joins."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    request = {} if own is None else {RNG_STATE_KEY: {own: unloaded}}
+    request = {} if entry is None else {RNG_STATE_KEY: {entry: unloaded}}
     load(
         request, storage_reader=dcp_metadata_reader(checkpoint_dir), planner=DefaultLoadPlanner(allow_partial_load=True)
     )
-    return [] if own is None else unloaded
+    return [] if entry is None else unloaded
+
+
+def _report_model_parallel_change(checkpoint_dir: str, stored: tuple[int, ...], running: tuple[int, int]) -> None:
+    """Upstream's own line for a TP or PP change (Megatron-LM's torch_dist load, Bridge #5100), with (TP, PP) in its
+    order and what follows for the job."""
+    (stored_pp, stored_tp), (running_pp, running_tp) = stored, running
+    report(
+        f"checkpoint {checkpoint_dir}: (TP, PP) mismatch after resume (({running_tp}, {running_pp}) vs "
+        f"({stored_tp}, {stored_pp}) from checkpoint): RNG state will be ignored; every rank keeps its fresh RNG "
+        "state, the model and optimizer load as before"
+    )
 
 
 def _report_fsdp_layout(stored: StoredRngLayout, own_requested: bool, dp_size: int) -> None:
@@ -428,12 +457,29 @@ class LayoutLoadPatch:
             return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
         if follows is None:
             return probe.decide_by_release(loop, LAYOUT_LOAD, "the load's source")
-        return Decision.apply(f"{shown} asks for RNG state in the running job's layout only")
+        reason = f"{shown} asks for RNG state in the running job's layout only"
+        if _loads_fsdp_dtensor(checkpointing):
+            if _ignores_rng_after_model_parallel_change(loop, checkpointing):
+                reason += "; its fsdp_dtensor load already ignores RNG state after a TP or PP change"
+            else:
+                reason += "; its fsdp_dtensor load restores RNG state after a TP or PP change"
+        return Decision.apply(reason)
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
         if _loads_fsdp_dtensor(checkpointing):
-            wrapt.wrap_function_wrapper(checkpointing, BASE_LOAD_FUNCTION, LayoutAwareFsdpLoad(checkpointing))
+            keeps_fresh = not _ignores_rng_after_model_parallel_change(loop, checkpointing)
+            wrapt.wrap_function_wrapper(
+                checkpointing, BASE_LOAD_FUNCTION, LayoutAwareFsdpLoad(checkpointing, keeps_fresh)
+            )
+
+
+def _ignores_rng_after_model_parallel_change(loop: TrainingLoop, checkpointing: ModuleType) -> bool:
+    """Whether the loop's fsdp_dtensor load already leaves RNG state alone after a TP or PP change (Bridge #5100, in
+    0.6.0); where its source cannot be read, taken as not, so that the package's own check applies: after such a
+    change no stored state belongs to any running rank."""
+    restore = getattr(checkpointing, loop.restore_function, None)
+    return restore is not None and bool(probe.fsdp_load_ignores_rng_after_model_parallel_change(restore))
 
 
 def _loads_fsdp_dtensor(checkpointing: ModuleType) -> bool:

@@ -51,7 +51,9 @@ BRIDGE = TrainingLoop(
     rng_state_optional=frozenset({"ckpt_format", "pg_collection", "module_name"}),
     fixed_in={
         # EP-aware sharding and the graph-safe restore came with PR #2092 in 0.3.0. No release up to 0.6.2 asks for
-        # the RNG layout a checkpoint stores; main does since Sep 2026, and has stated 0.7.0 since Aug 2026.
+        # the RNG layout a checkpoint stores; main does since Sep 2026, and has stated 0.7.0 since Aug 2026. The
+        # fsdp_dtensor load ignores RNG state after a TP or PP change from 0.6.0 (#5100): layout_load reads that from
+        # the load's code.
         SAVE_SHARDING: FixedIn("0.3.0", "0.3.0"),
         TRACKER_RESTORE: FixedIn("0.3.0", "0.3.0"),
         LAYOUT_LOAD: FixedIn("0.7.0"),

@@ -36,6 +36,11 @@ _EVERY_DP_RANK_SHARDED = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel|\
 _FSDP_KEYED_BY_PP_TP = re.compile(r"""\{\s*f["']\(\{pp_rank\}, \{tp_rank\}\)["']\s*:""")
 _CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
 _RNG_STATE_BRANCH = re.compile(r"""["']rng_state["'] in state_dict""")
+# The fsdp_dtensor branch of a loop's load, up to its RNG restore; Bridge #5100 (0.6.0) compares TP and PP in it.
+_FSDP_LOAD_BRANCH = re.compile(
+    r"""elif\s+(?:\w+\.)*ckpt_format\s*==\s*["']fsdp_dtensor["']\s*:(.*?)["']rng_state["'] in state_dict""", re.DOTALL
+)
+_COMPARES_MODEL_PARALLEL = re.compile(r"mismatch|tp_pp")
 _READS_STORED_METADATA = re.compile(r"load_sharded_metadata|load_tensors_metadata|read_metadata\(|state_dict_metadata")
 
 
@@ -208,6 +213,15 @@ def restore_converts_tracker_states(restore: Callable) -> bool | None:
     """Whether the loop's RNG restore already converts tracker states (the upstream fix)."""
     source = source_of(restore)
     return None if source is None else "convert_cuda_rng_state" in source
+
+
+def fsdp_load_ignores_rng_after_model_parallel_change(restore: Callable) -> bool | None:
+    """Whether the loop's fsdp_dtensor load compares the stored TP and PP with the running ones before it asks for
+    RNG state (Bridge #5100, in 0.6.0), as every loop's torch_dist load does; None when the restore's source is
+    unavailable or has no fsdp_dtensor branch."""
+    source = source_of(restore)
+    branch = _FSDP_LOAD_BRANCH.search(source or "")
+    return None if branch is None else bool(_COMPARES_MODEL_PARALLEL.search(branch.group(1)))
 
 
 def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:

@@ -12,6 +12,7 @@ mesh, buffers on the device), and the fsdp_dtensor preprocessing touches DTensor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from conftest import assert_each_rank_resumes_its_own_state, coordinates, rank_z
 
 from bridge_rng_patch import inspection
 from bridge_rng_patch.rng_layout import read_stored_layouts
-from tools.jobs import rng_streams
+from tools.jobs import lost_streams, rng_streams, run_job
 from tools.release_envs import RELEASES
 
 OLD, FIXED, MEGATRON_LM = RELEASES["bridge-0.2.0rc6"], RELEASES["bridge-0.3.1"], RELEASES["megatron-lm-0.19.2"]
@@ -126,3 +127,104 @@ def test_inspect_gives_fsdp_dtensor_checkpoints_the_same_verdicts(jobs):
     assert patched.summary == "every DP rank's RNG state is stored (4 entries, one per (pp, tp, dp))"
     assert upstream.verdict == inspection.INCOMPLETE
     assert upstream.summary.startswith("written with EP 2 and one RNG state per (pp, tp) (the old bug): 3 of 4")
+
+
+# A TP or PP change on resume. Megatron seeds the model-parallel stream per TP rank and every source per PP stage,
+# so after such a change no stored state belongs to any running rank: upstream's own policy (Megatron-LM's torch_dist
+# load, Bridge #5100 in 0.6.0) is that every rank keeps its fresh state, and the package carries it to the
+# fsdp_dtensor load of every loop that lacks it.
+MODEL_PARALLEL_LAYOUTS = {"tp1": EP2_DP4, "tp2": {**EP2_DP4, "tp": 2}, "pp2": {**EP2_DP4, "pp": 2}}
+MODEL_PARALLEL_CHANGES = {
+    "TP 1 to 2": ("tp1", "tp2"),
+    "TP 2 to 1": ("tp2", "tp1"),
+    "PP 1 to 2": ("tp1", "pp2"),
+    "PP 2 to 1": ("pp2", "tp1"),
+}
+FIXED_BY_UPSTREAM = RELEASES["bridge-0.6.2"]
+
+
+def _saved_in(jobs, env, layout: str, **spec) -> tuple[str, list[dict]]:
+    """The fsdp_dtensor checkpoint ``env`` saved with EP 2 in ``layout``, by name, and the save's reports."""
+    name = f"fsdp-{env.name}" + ("" if layout == "tp1" else f"-{layout}") + ("-unpatched" if spec else "")
+    return name, jobs.save(env, name, MODEL_PARALLEL_LAYOUTS[layout], **FSDP, **spec)
+
+
+def _assert_every_rank_keeps_its_fresh_state(loaded: list[dict]) -> None:
+    for rank in loaded:
+        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
+        changed = lost_streams(rank["fresh"], rank["loaded"])
+        assert not changed, f"rank {rank['rank']} did not keep its fresh state: {', '.join(changed)} restored"
+
+
+def _mismatch_line(stored: str, running: str) -> str:
+    (stored_tp, stored_pp), (running_tp, running_pp) = (
+        (MODEL_PARALLEL_LAYOUTS[layout]["tp"], MODEL_PARALLEL_LAYOUTS[layout]["pp"]) for layout in (stored, running)
+    )
+    return (
+        f"(TP, PP) mismatch after resume (({running_tp}, {running_pp}) vs ({stored_tp}, {stored_pp}) from checkpoint): "
+        "RNG state will be ignored; every rank keeps its fresh RNG state"
+    )
+
+
+@pytest.mark.parametrize("change", MODEL_PARALLEL_CHANGES, ids=str)
+@pytest.mark.parametrize("env", [OLD, MEGATRON_LM], ids=lambda env: env.name)
+def test_after_a_tp_or_pp_change_every_rank_keeps_fresh_rng_and_the_model_loads(jobs, env, change):
+    stored, running = MODEL_PARALLEL_CHANGES[change]
+    checkpoint, saved = _saved_in(jobs, env, stored)
+    loaded = jobs.load(env, checkpoint, f"{checkpoint}-resumed-{running}", MODEL_PARALLEL_LAYOUTS[running], **FSDP)
+    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert _mismatch_line(stored, running) in rank_zero_logs(loaded)
+    assert all(len(rank["logs"]) == 0 for rank in loaded[1:])  # one line for the job, no rank warns alone
+    weights_of_stage = {rank["coords"]["pp"]: rank["weights"] for rank in saved}
+    restored_stages = [rank for rank in loaded if rank["coords"]["pp"] in weights_of_stage]
+    assert restored_stages and all(
+        rank["weights"] == weights_of_stage[rank["coords"]["pp"]] for rank in restored_stages
+    )
+
+
+def test_after_a_tp_change_a_strict_load_is_asked_for_no_rng_entry_and_keeps_fresh_rng(jobs):
+    """A strict load fails on any key the checkpoint lacks, and the new TP rank's shared entry is one: upstream dies
+    (measured: ``Missing key in checkpoint state_dict: rng_state.(0, 1).0.random_rng_state`` on every rank)."""
+    checkpoint, saved = _saved_in(jobs, OLD, "tp1")
+    layout = MODEL_PARALLEL_LAYOUTS["tp2"]
+    name = f"{checkpoint}-resumed-tp2-strict"
+    loaded = jobs.load(OLD, checkpoint, name, layout, strict_fsdp_dtensor_load=True, **FSDP)
+    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert all(rank["weights"] == saved[0]["weights"] for rank in loaded)
+    assert _mismatch_line("tp1", "tp2") in rank_zero_logs(loaded)
+
+
+def test_upstream_after_a_tp_change_the_new_tp_ranks_die_in_the_old_release(jobs):
+    """Measured on Bridge 0.2.0rc6: the new TP rank's ``(0, 1)`` entry is not in the checkpoint, DCP leaves its
+    numpy state empty, and the restore dies in ``np.random.set_state`` (Bridge #5100); the others lose those ranks
+    at the next collective."""
+    checkpoint, _ = _saved_in(jobs, OLD, "tp1", patched=False)
+    spec = {**MODEL_PARALLEL_LAYOUTS["tp2"], **FSDP, "action": "load", "patched": False}
+    loaded = run_job(OLD, {**spec, "checkpoint_dir": jobs.checkpoint_dir(checkpoint)}, jobs.base, f"{checkpoint}-tp2")
+    failed_in_the_restore = [rank for rank in loaded if "crash" not in rank]
+    error = "TypeError: 'NoneType' object is not subscriptable"
+    assert [(rank["coords"]["tp"], rank["error"]) for rank in failed_in_the_restore] == [(1, error)] * 2
+    assert all(re.search("connection closed by peer", rank.get("crash", ""), re.IGNORECASE) for rank in loaded[::2])
+
+
+def test_upstream_megatron_lm_after_a_tp_change_gives_every_rank_one_mixed_dict_across_tp_ranks(jobs):
+    """Measured on Megatron-LM 0.19.2, whose fsdp_dtensor load compares no TP or PP: it loads, and both TP ranks
+    take the model-parallel stream stored for TP rank 0."""
+    checkpoint, saved = _saved_in(jobs, MEGATRON_LM, "tp1", patched=False)
+    loaded = jobs.load(
+        MEGATRON_LM, checkpoint, f"{checkpoint}-resumed-tp2", MODEL_PARALLEL_LAYOUTS["tp2"], patched=False, **FSDP
+    )
+    assert all(rank["error"] is None and rank["loaded"] == loaded[0]["loaded"] for rank in loaded)
+    stored_model_parallel = {rng_streams(rank["saved"])["model-parallel-rng"] for rank in saved}
+    assert rng_streams(loaded[0]["loaded"])["model-parallel-rng"] in stored_model_parallel
+
+
+def test_a_release_with_upstreams_policy_keeps_it_and_the_package_steps_aside(jobs):
+    """Bridge 0.6.0 and later ask for no RNG state after a TP or PP change (#5100): every rank fresh, and the
+    package's wrapper sees no RNG request, so it says nothing."""
+    checkpoint, _ = _saved_in(jobs, FIXED_BY_UPSTREAM, "tp1")
+    loaded = jobs.load(
+        FIXED_BY_UPSTREAM, checkpoint, f"{checkpoint}-resumed-tp2", MODEL_PARALLEL_LAYOUTS["tp2"], **FSDP
+    )
+    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert "mismatch" not in rank_zero_logs(loaded)

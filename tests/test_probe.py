@@ -121,3 +121,37 @@ def test_megatron_lm_get_rng_state_is_known_by_the_parameters_it_binds(function,
 def test_one_loops_get_rng_state_is_not_taken_for_the_others():
     assert probe.rng_state_signature(megatron_lm_0_19, BRIDGE) is None
     assert probe.rng_state_signature(with_format, MEGATRON_LM) is None
+
+
+def fsdp_load_before_5100(ckpt_format, state_dict, load_rng, ckpt_tp_pp, run_tp_pp):
+    if ckpt_format == "torch_dist":
+        ignore_rng_state = ckpt_tp_pp != run_tp_pp  # "(TP, PP) mismatch after resume": every release's torch_dist
+    elif ckpt_format == "fsdp_dtensor":
+        ignore_rng_state = not load_rng
+    if "rng_state" in state_dict and not ignore_rng_state:
+        return state_dict["rng_state"]
+
+
+def fsdp_load_with_5100(ckpt_format, state_dict, load_rng, ckpt_tp_pp, run_tp_pp):
+    if ckpt_format == "torch_dist":
+        ignore_rng_state = ckpt_tp_pp != run_tp_pp
+    elif ckpt_format == "fsdp_dtensor":
+        tp_pp_match = ckpt_tp_pp == run_tp_pp
+        ignore_rng_state = not (load_rng and tp_pp_match)
+    if "rng_state" in state_dict and not ignore_rng_state:
+        return state_dict["rng_state"]
+
+
+def load_without_fsdp_dtensor(state_dict):
+    if "rng_state" in state_dict:
+        return state_dict["rng_state"]
+
+
+@pytest.mark.parametrize(
+    ("restore", "ignores"),
+    [(fsdp_load_before_5100, False), (fsdp_load_with_5100, True), (load_without_fsdp_dtensor, None)],
+)
+def test_the_fsdp_dtensor_branch_of_a_load_tells_whether_it_compares_tp_and_pp(restore, ignores):
+    """Bridge #5100 (0.6.0) compares the stored TP and PP in the fsdp_dtensor branch before it asks for RNG state;
+    the torch_dist branch of every release does, so it must not count."""
+    assert probe.fsdp_load_ignores_rng_after_model_parallel_change(restore) is ignores

@@ -89,7 +89,12 @@ def test_fixed_release_gets_the_stored_layout_load_and_fsdp_dtensor_entries_per_
     assert decision["states"] == FIXED_DECISIONS
     assert decision["untouched"] == [False, True, False]
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
-    assert decision["reasons"]["layout_load"].endswith("asks for RNG state in the running job's layout only")
+    # Bridge #5100 (0.6.0): the fsdp_dtensor load asks for no RNG state after a TP or PP change.
+    fsdp_policy = "already ignores" if release.bridge.startswith("0.6.") else "restores"
+    assert decision["reasons"]["layout_load"].endswith(
+        f"asks for RNG state in the running job's layout only; its fsdp_dtensor load {fsdp_policy} RNG state after "
+        "a TP or PP change"
+    )
     assert decision["reasons"]["save_sharding"].endswith(
         "writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) for fsdp_dtensor"
     )
@@ -160,6 +165,9 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
     assert decision["untouched"] == [False, True, False]
     assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
     assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")
+    assert decision["reasons"]["layout_load"].endswith(
+        "its fsdp_dtensor load restores RNG state after a TP or PP change"
+    )
 
 
 def test_readme_megatron_lm_table_matches_what_the_package_decides(megatron_lm_decisions):
