@@ -74,6 +74,7 @@ class IterationReport:
     run: RunLayout | None = None
     rng_layout: dict[str, Any] | None = None
     resume: list[dict[str, Any]] = field(default_factory=list)
+    resume_note: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -99,7 +100,7 @@ class IterationReport:
             lines.append(f"RNG layout   by {layout['axes']}, global shape {shape}, {shards}")
         lines.append(f"verdict      {self.verdict}: {self.summary}")
         if self.resume:
-            lines.append("on a patched resume:")
+            lines.append("on a patched resume:" + (f" {self.resume_note}" if self.resume_note else ""))
             lines.append("    pp   tp   dp  gets")
             lines.extend(f"  {rank['pp']:>4} {rank['tp']:>4} {rank['dp']:>4}  {rank['gets']}" for rank in self.resume)
         return "\n".join(lines)
@@ -175,7 +176,8 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     }
     report.verdict, report.summary = _verdict(stored, report.run)
     if resume_with is not None:
-        report.resume = _resume_plan(stored, report.run, resume_with)
+        report.resume_note = _model_parallel_change(report.run, resume_with)
+        report.resume = _resume_plan(stored, report.run, resume_with, restored=report.resume_note is None)
     return report
 
 
@@ -398,9 +400,22 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
     )
 
 
-def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]) -> list[dict[str, Any]]:
-    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package; dp counts DP
-    ranks with context parallel, as the RNG layout does."""
+def _model_parallel_change(run: RunLayout, target: dict[str, int]) -> str | None:
+    """Why a resume in ``target`` restores no RNG state (its TP or PP differs from the run's), or None."""
+    stored, running = (run.tp, run.pp), (target.get("tp", run.tp), target.get("pp", run.pp))
+    if running == stored:
+        return None
+    return (
+        f"(TP, PP) {running} differs from the checkpoint's {stored}: RNG state will not be restored, every rank "
+        "keeps its fresh RNG state (as the loops do after a TP or PP change)"
+    )
+
+
+def _resume_plan(
+    stored: StoredRngLayout, run: RunLayout, target: dict[str, int], restored: bool
+) -> list[dict[str, Any]]:
+    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package (nothing where RNG
+    state is not ``restored``); dp counts DP ranks with context parallel, as the RNG layout does."""
     pp_size, tp_size = target.get("pp", run.pp), target.get("tp", run.tp)
     dp_size = target.get("dp", run.dp)
     if dp_size is None:
@@ -409,7 +424,8 @@ def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]
     for pp in range(pp_size):
         for tp in range(tp_size):
             for dp in range(dp_size * target.get("cp", run.cp)):
-                plan.append({"pp": pp, "tp": tp, "dp": dp, "gets": _what_rank_restores(stored, run, pp, tp, dp)})
+                gets = _what_rank_restores(stored, run, pp, tp, dp) if restored else FRESH
+                plan.append({"pp": pp, "tp": tp, "dp": dp, "gets": gets})
     return plan
 
 

@@ -116,6 +116,19 @@ def test_resume_with_a_resized_dp_tells_what_each_rank_gets(jobs, target, expect
     assert [(rank["dp"], rank["gets"]) for rank in report["resume"]] == list(enumerate(expected))
 
 
+@pytest.mark.parametrize(("target", "running"), [("tp=2,dp=2", (2, 1)), ("pp=2,dp=2", (1, 2))], ids=["TP", "PP"])
+def test_resume_with_another_tp_or_pp_restores_no_rng_state_and_says_so(jobs, target, running):
+    """Every loop ignores RNG state after a TP or PP change (torch_dist always; fsdp_dtensor with this package or
+    Bridge #5100): no stored state belongs to a running rank."""
+    checkpoint = _checkpoint(jobs, OLD, "patched-ep2")
+    note = f"(TP, PP) {running} differs from the checkpoint's (1, 1): RNG state will not be restored"
+    code, (report,) = _inspect_json(checkpoint, "--resume-with", target)
+    assert code == 0
+    assert report["resume_note"].startswith(note)
+    assert [rank["gets"] for rank in report["resume"]] == ["fresh state"] * 4
+    assert f"on a patched resume: {note}" in _inspect(checkpoint, "--resume-with", target).stdout
+
+
 def test_resume_of_an_incomplete_checkpoint_gives_dp_rank_0_its_own_and_the_others_the_shared_state(jobs):
     code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "unpatched-ep2", patched=False), "--resume-with", "dp=4")
     assert code == 1
