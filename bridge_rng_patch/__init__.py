@@ -3,14 +3,16 @@
 ``import bridge_rng_patch`` at the start of training (or ``bridge-rng-patch run -- COMMAND``) registers an import
 hook; when (or if already) ``megatron.bridge.training.checkpointing`` is imported, each patch, one per upstream
 fix, probes the installed code and applies only where its fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to
-switch it off; ``undo()`` restores the originals.
+switch it off; ``undo()`` restores the originals. After each resume, rank 0 logs whether every rank holds the RNG
+state it should (``BRIDGE_RNG_PATCH_AUDIT=0`` switches that off); a loop the package does not patch calls
+``audit_restored_rng()`` after its load for the same line.
 """
 
 from typing import Any
 
 from bridge_rng_patch.patcher import PatchStatus, apply, install, status, undo
 
-__all__ = ["PatchStatus", "RngCheckpointError", "apply", "inspect_checkpoint", "status", "undo"]
+__all__ = ["PatchStatus", "RngCheckpointError", "apply", "audit_restored_rng", "inspect_checkpoint", "status", "undo"]
 __version__ = "0.1.0"
 
 
@@ -20,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from bridge_rng_patch.rng_layout import RngCheckpointError
 
         return RngCheckpointError
+    if name == "audit_restored_rng":  # imports torch and megatron-core
+        from bridge_rng_patch.resume_audit import audit_restored_rng
+
+        return audit_restored_rng
     if name == "inspect_checkpoint":
         from bridge_rng_patch.inspection import inspect_checkpoint
 

@@ -28,18 +28,15 @@ import functools
 import inspect
 import logging
 import operator
-import random
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 import wrapt
-from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import groups, probe
+from bridge_rng_patch import groups, probe, rng_sources
 from bridge_rng_patch.decision import Decision, report
 from bridge_rng_patch.loops import LAYOUT_LOAD, TrainingLoop
 from bridge_rng_patch.rng_layout import (
@@ -55,8 +52,8 @@ from bridge_rng_patch.rng_layout import (
 from bridge_rng_patch.storage import MSC_SCHEME, dcp_metadata_reader, scheme_of, unknown_scheme
 
 DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
-# Where both loops load every format; fsdp_dtensor's load is inside it (Megatron-LM) or below it (Bridge).
-BASE_LOAD_FUNCTION = "_load_base_checkpoint"
+# What the loop's load of every format (``TrainingLoop.load_function``; fsdp_dtensor's load is inside it in
+# Megatron-LM and below it in Bridge) binds by name.
 _BASE_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict")
 # What the dist-load wrapper binds by name; the config parameter is ``cfg`` in Bridge 0.1.0a0, ``ckpt_cfg`` in
 # later ones, ``args`` in Megatron-LM. Where a release has them, it also binds ``checkpoint_path_override``
@@ -122,17 +119,6 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def current_rng_state() -> dict[str, Any]:
-    """This rank's live RNG state, in the checkpoint's format: restoring it leaves every source as it is."""
-    return {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state(),
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-
-
 class RestorableRngStates(list):
     """A rank's loaded RNG states, checked when the loop's restore picks one.
 
@@ -140,7 +126,8 @@ class RestorableRngStates(list):
     python, numpy, torch, CUDA and tracker state one after another; checking the picked entry first makes that
     restore all or nothing. A rank the checkpoint holds no state for gets its own current state, so it keeps its
     fresh RNG, and says so unless that is ``by_design`` (said once for the whole job). ``own_index``, where given,
-    is the entry this rank saved, whatever index the restore asks for.
+    is the entry this rank saved, whatever index the restore asks for. What the restore is handed is noted for the
+    resume audit: ``kind`` says whose state the stored entries are (``rng_sources.OWN`` or ``SHARED``).
     """
 
     def __init__(
@@ -149,12 +136,16 @@ class RestorableRngStates(list):
         checkpoint_dir: str,
         rank: RankCoordinates,
         own_index: int | None,
+        kind: str,
+        data_parallel_random_init: bool,
         by_design: bool = False,
     ) -> None:
         super().__init__(states)
         self.checkpoint_dir = checkpoint_dir
         self.rank = rank
         self.own_index = own_index
+        self.kind = kind
+        self.data_parallel_random_init = data_parallel_random_init
         self.by_design = by_design
 
     def __getitem__(self, index: Any) -> Any:
@@ -170,18 +161,20 @@ class RestorableRngStates(list):
         if problem is not None:
             where = f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]"
             raise RngCheckpointError(f"{where}{problem}; {NOTHING_RESTORED}")
+        rng_sources.note_handed(self.kind, entry, self.data_parallel_random_init)
         return entry
 
     def _fresh_state(self) -> dict[str, Any]:
-        if self.by_design:
-            return current_rng_state()
-        report(
-            f"rank {_global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
-            f"checkpoint {self.checkpoint_dir} holds no RNG state for it; it keeps its fresh RNG state",
-            logging.WARNING,
-            every_rank=True,
-        )
-        return current_rng_state()
+        if not self.by_design:
+            report(
+                f"rank {_global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
+                f"checkpoint {self.checkpoint_dir} holds no RNG state for it; it keeps its fresh RNG state",
+                logging.WARNING,
+                every_rank=True,
+            )
+        fresh = rng_sources.current_rng_state()
+        rng_sources.note_handed(rng_sources.FRESH, fresh, self.data_parallel_random_init)
+        return fresh
 
 
 def _global_rank() -> int:
@@ -299,7 +292,11 @@ class LayoutAwareDistLoad:
         gathered = len(request.data)
         gathered_with_context_parallel = gathered == dp_cp_size != dp_size
         own_index = rank.dp_rank if gathered_with_context_parallel else None
-        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank, own_index)
+        # Whose state the stored entries are: each rank's own, unless the job runs EP > 1 (it asks for a per-rank
+        # layout) on a checkpoint that keeps one state per (pp, tp) (the old bug) and gathered none over DP.
+        shared = len(request.global_shape) == 3 and not stored.per_dp_rank and gathered == 1
+        kind = rng_sources.SHARED if shared else rng_sources.OWN
+        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank, own_index, kind, gathered > 1)
         if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
             where = f"checkpoint {checkpoint_dir}"
             _report_dp_resize(where, "RNG states gathered with data_parallel_random_init", len(own_states), gathered)
@@ -325,8 +322,8 @@ class LayoutAwareFsdpLoad:
     each rank, its own ``(pp, tp, dp)`` one where there is one; after a TP or PP change, where ``keeps_fresh_after_
     model_parallel_change`` (the loop lacks Bridge #5100), none: every rank keeps its fresh RNG state."""
 
-    def __init__(self, checkpointing: ModuleType, keeps_fresh_after_model_parallel_change: bool) -> None:
-        self._signature = inspect.signature(getattr(checkpointing, BASE_LOAD_FUNCTION))
+    def __init__(self, base_load: Any, keeps_fresh_after_model_parallel_change: bool) -> None:
+        self._signature = inspect.signature(base_load)
         self._keeps_fresh_after_model_parallel_change = keeps_fresh_after_model_parallel_change
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -379,8 +376,12 @@ class LayoutAwareFsdpLoad:
             else:
                 states = loaded.get(entry, []) if entry is not None else []
             own_index, by_design = (0 if stored.per_dp_rank else None), False
+        gathered = len(unloaded) > 1
+        # Whose state the stored entries are: each rank's own, unless the job runs EP > 1 (it asked for its own entry)
+        # on a checkpoint of one dict per (pp, tp), mixed by DCP from several ranks' leaves.
+        kind = rng_sources.SHARED if own_requested and not stored.per_dp_rank and not gathered else rng_sources.OWN
         loaded.clear()
-        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index, by_design)
+        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index, kind, gathered, by_design)
         return result
 
 
@@ -439,7 +440,8 @@ def _report_fsdp_layout(stored: StoredRngLayout, own_requested: bool, dp_size: i
 
 class LayoutLoadPatch:
     def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (DIST_LOAD_FUNCTION, BASE_LOAD_FUNCTION) if _loads_fsdp_dtensor(checkpointing) else (DIST_LOAD_FUNCTION,)
+        fsdp_dtensor = _loads_fsdp_dtensor(loop, checkpointing)
+        return (DIST_LOAD_FUNCTION, loop.load_function) if fsdp_dtensor else (DIST_LOAD_FUNCTION,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
         missing = [name for name in (DIST_LOAD_FUNCTION, "get_checkpoint_name") if not hasattr(checkpointing, name)]
@@ -458,7 +460,7 @@ class LayoutLoadPatch:
         if follows is None:
             return probe.decide_by_release(loop, LAYOUT_LOAD, "the load's source")
         reason = f"{shown} asks for RNG state in the running job's layout only"
-        if _loads_fsdp_dtensor(checkpointing):
+        if _loads_fsdp_dtensor(loop, checkpointing):
             if _ignores_rng_after_model_parallel_change(loop, checkpointing):
                 reason += "; its fsdp_dtensor load already ignores RNG state after a TP or PP change"
             else:
@@ -467,11 +469,10 @@ class LayoutLoadPatch:
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
         wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
-        if _loads_fsdp_dtensor(checkpointing):
+        if _loads_fsdp_dtensor(loop, checkpointing):
             keeps_fresh = not _ignores_rng_after_model_parallel_change(loop, checkpointing)
-            wrapt.wrap_function_wrapper(
-                checkpointing, BASE_LOAD_FUNCTION, LayoutAwareFsdpLoad(checkpointing, keeps_fresh)
-            )
+            base_load = getattr(checkpointing, loop.load_function)
+            wrapt.wrap_function_wrapper(checkpointing, loop.load_function, LayoutAwareFsdpLoad(base_load, keeps_fresh))
 
 
 def _ignores_rng_after_model_parallel_change(loop: TrainingLoop, checkpointing: ModuleType) -> bool:
@@ -482,10 +483,10 @@ def _ignores_rng_after_model_parallel_change(loop: TrainingLoop, checkpointing: 
     return restore is not None and bool(probe.fsdp_load_ignores_rng_after_model_parallel_change(restore))
 
 
-def _loads_fsdp_dtensor(checkpointing: ModuleType) -> bool:
+def _loads_fsdp_dtensor(loop: TrainingLoop, checkpointing: ModuleType) -> bool:
     """Whether the loop writes fsdp_dtensor RNG entries by (pp, tp) and loads through a base load this package can
     bind."""
-    get_rng_state, base_load = (getattr(checkpointing, name, None) for name in ("get_rng_state", BASE_LOAD_FUNCTION))
+    get_rng_state, base_load = (getattr(checkpointing, name, None) for name in ("get_rng_state", loop.load_function))
     if get_rng_state is None or base_load is None or not probe.keys_fsdp_rng_by_pp_tp(get_rng_state):
         return False
     return not probe.missing_parameters(base_load, _BASE_LOAD_ARGUMENTS)

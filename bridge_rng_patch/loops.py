@@ -25,6 +25,7 @@ class TrainingLoop(NamedTuple):
 
     ``rng_state_first`` is the first parameter of its ``get_rng_state`` (one per family of releases),
     ``rng_state_optional`` those its releases add after it; ``restore_function`` restores the loaded RNG state;
+    ``load_function`` loads a checkpoint in every format, given what to load as ``sharded_state_dict``;
     ``distribution`` states the release number.
     """
 
@@ -32,6 +33,7 @@ class TrainingLoop(NamedTuple):
     module: str
     distribution: str
     restore_function: str
+    load_function: str
     rng_state_first: frozenset[str]
     rng_state_optional: frozenset[str]
     fixed_in: dict[str, FixedIn]
@@ -47,6 +49,7 @@ BRIDGE = TrainingLoop(
     module="megatron.bridge.training.checkpointing",
     distribution="megatron-bridge",
     restore_function="_load_checkpoint_from_path",
+    load_function="_load_base_checkpoint",
     rng_state_first=frozenset({"data_parallel_random_init"}),
     rng_state_optional=frozenset({"ckpt_format", "pg_collection", "module_name"}),
     fixed_in={
@@ -67,6 +70,7 @@ MEGATRON_LM = TrainingLoop(
     module="megatron.training.checkpointing",
     distribution="megatron-core",
     restore_function="load_checkpoint",
+    load_function="_load_base_checkpoint",
     rng_state_first=frozenset({"ckpt_format", "use_dist_ckpt"}),
     rng_state_optional=frozenset({"tp_group", "pp_group", "dp_cp_group", "dp_group", "key_prefix"}),
     fixed_in={

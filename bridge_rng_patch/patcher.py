@@ -23,11 +23,14 @@ from bridge_rng_patch.loops import LOOPS, TrainingLoop
 
 DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
 
-# name -> what it does; each name is also the module that holds the patch, one per upstream fix.
+# name -> what it does; each name is also the module that holds the patch: one per upstream fix, then the resume
+# audit, which checks across ranks what they restored. Applied in this order and undone in the reverse one (the audit
+# wraps the restore function that tracker_restore may have wrapped first).
 PATCHES = {
     "save_sharding": "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
     "tracker_restore": "the RNG restore converts tracker states to the form the tracker in use keeps",
     "layout_load": "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
+    "resume_audit": "after a resume, rank 0 logs whether every rank holds the RNG state it should",
 }
 _LOOPS_BY_MODULE = {loop.module: loop for loop in LOOPS}
 
@@ -134,7 +137,7 @@ def undo() -> tuple[PatchStatus, ...]:
         _switched_off = True
         for loop in LOOPS:
             checkpointing = sys.modules.get(loop.module)
-            for name in PATCHES:
+            for name in reversed(PATCHES):
                 key = (loop.name, name)
                 originals = _originals.pop(key, None)
                 if originals is not None:

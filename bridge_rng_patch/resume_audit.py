@@ -1,0 +1,332 @@
+"""The resume audit: right after a resume restores RNG state, every rank fingerprints each source it holds, one
+small collective brings the fingerprints together, and rank 0 says in one line how many ranks hold the state stored
+for their coordinates, how many kept fresh state by design, and whether the streams Megatron seeds apart are still
+apart.
+
+A resume that gives ranks the wrong state fails silently: Megatron-LM #6858 found its own bug by hand on a 120B run
+(the expert-parallel stream wrong on 252 of 256 ranks). The audit runs where every rank is already in step (after
+the loop's restore function, which every rank enters and leaves together), gathers 8 bytes per source per rank, and
+never fails a job: an error in it is logged once and swallowed. ``BRIDGE_RNG_PATCH_AUDIT=0`` switches it off. A loop
+the package does not patch calls ``audit_restored_rng()`` after its own load, on every rank, for the same line.
+
+"Seeded apart" is Megatron's own seeding (``_set_random_seed``, ``model_parallel_cuda_manual_seed``): every source
+gets ``seed + 100 * pp`` (``+ 10 * dp`` with ``data_parallel_random_init``), the model-parallel stream ``2718 + tp``
+more, the expert-parallel stream ``1024 + 100 * ep + etp`` more. Ranks whose offsets differ must hold distinct
+states; ranks whose offsets coincide (that seeding collides, e.g. PP rank 1 with EP rank 1) are not compared.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import wrapt
+
+from bridge_rng_patch import probe, rng_sources
+from bridge_rng_patch.decision import DISABLED, Decision, report
+from bridge_rng_patch.loops import TrainingLoop
+from bridge_rng_patch.rng_layout import RNG_STATE_KEY
+
+AUDIT_ENV = "BRIDGE_RNG_PATCH_AUDIT"
+# What the loop's load binds by name, to tell a resume's load (not rank 0's look at the common state) and its request.
+_LOAD_ARGUMENTS = ("rank0", "sharded_state_dict")
+MODEL_PARALLEL_STREAM, EXPERT_PARALLEL_STREAM = "model-parallel-rng", "expert-parallel-rng"
+# How many ranks a line names before it counts the rest.
+_NAMED_RANKS = 8
+
+
+def audit_switched_off() -> bool:
+    return os.environ.get(AUDIT_ENV, "").strip().lower() in ("0", "false", "no", "off")
+
+
+class RankAudit(NamedTuple):
+    """One rank's contribution: where Megatron seeds it, what it was handed (None: not known) and whether it holds
+    that, the fingerprint of what it holds, or why it could not be audited."""
+
+    rank: int
+    pp: int
+    tp: int
+    dp: int
+    ep: int
+    etp: int
+    handed: str | None
+    data_parallel_random_init: bool
+    holds_what_it_was_handed: bool | None
+    digests: dict[str, str]
+    error: str | None = None
+
+
+class Collapse(NamedTuple):
+    """Ranks that hold one state of ``stream`` although Megatron seeds them apart, by seed offset."""
+
+    stream: str
+    ranks_by_seed: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class ResumeAudit:
+    """What the audit found across the job; the same on every rank."""
+
+    ranks: int
+    by_kind: dict[str, list[int]] = field(default_factory=dict)
+    not_as_handed: list[int] = field(default_factory=list)
+    unaudited: dict[int, str] = field(default_factory=dict)
+    collapsed: list[Collapse] = field(default_factory=list)
+    line: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not (self.collapsed or self.not_as_handed or self.unaudited)
+
+
+def audit_restored_rng(data_parallel_random_init: bool = False) -> ResumeAudit | None:
+    """Audit the RNG state this rank holds right after its loop restored a checkpoint; call it on every rank.
+
+    For loops the package does not patch: what each rank was handed is not known there, so the audit checks that
+    the streams Megatron seeds apart are still apart (``data_parallel_random_init`` as the run was started with).
+    Rank 0 logs one line, a WARNING where a stream collapsed; every rank gets the same result, or None where the
+    audit is switched off or could not run (said once in the log).
+    """
+    return _audit(None, data_parallel_random_init)
+
+
+def _audit(handed: rng_sources.Handed | None, data_parallel_random_init: bool, where: str = "") -> ResumeAudit | None:
+    if audit_switched_off():
+        return None
+    own = _this_rank(handed, data_parallel_random_init)
+    try:
+        import torch.distributed as distributed
+
+        everyone = [own]
+        if distributed.is_initialized():
+            everyone = [None] * distributed.get_world_size()
+            distributed.all_gather_object(everyone, own)
+        result = judge([RankAudit(*entry) for entry in everyone], where)
+    except Exception as error:
+        _warn_once(f"RNG resume audit could not run on rank {own.rank} ({error!r}); the resume itself is unaffected")
+        return None
+    report(result.line, logging.INFO if result.passed else logging.WARNING)
+    return result
+
+
+def _this_rank(handed: rng_sources.Handed | None, data_parallel_random_init: bool) -> RankAudit:
+    """This rank's contribution; a failure to read it becomes part of the report, never an exception, so that the
+    rank still joins the collective."""
+    rank = _global_rank()
+    try:
+        from megatron.core import parallel_state as mpu
+
+        coordinates = (
+            mpu.get_pipeline_model_parallel_rank(),
+            mpu.get_tensor_model_parallel_rank(),
+            mpu.get_data_parallel_rank(),
+            mpu.get_expert_model_parallel_rank(),
+            _expert_tensor_parallel_rank(mpu),
+        )
+        holds = _live_fingerprint()
+        if handed is None:
+            return RankAudit(rank, *coordinates, None, data_parallel_random_init, None, holds)
+        expected = rng_sources.fingerprint(handed.entry)
+        matches = all(holds.get(name) == digest for name, digest in expected.items())
+        random_init = handed.data_parallel_random_init or data_parallel_random_init
+        return RankAudit(rank, *coordinates, handed.kind, random_init, matches, holds)
+    except Exception as error:
+        return RankAudit(rank, 0, 0, 0, 0, 0, None, False, None, {}, f"{type(error).__name__}: {error}")
+
+
+def _expert_tensor_parallel_rank(mpu: ModuleType) -> int:
+    get_rank = getattr(mpu, "get_expert_tensor_parallel_rank", None)
+    return 0 if get_rank is None else get_rank()
+
+
+def _live_fingerprint() -> dict[str, str]:
+    try:
+        state = rng_sources.current_rng_state()
+    except (RuntimeError, AssertionError):  # no device generator to read in this process
+        state = rng_sources.current_rng_state(with_device=False)
+    return rng_sources.fingerprint(state)
+
+
+def _global_rank() -> int:
+    import torch.distributed as distributed
+
+    return distributed.get_rank() if distributed.is_initialized() else 0
+
+
+_warned = False
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        report(message, logging.WARNING, every_rank=True)
+
+
+def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool) -> int:
+    """Where Megatron's seeding puts ``stream`` of ``rank``, relative to the run's seed."""
+    offset = 100 * rank.pp + (10 * rank.dp if data_parallel_random_init else 0)
+    if stream == MODEL_PARALLEL_STREAM:
+        return offset + 2718 + rank.tp
+    if stream == EXPERT_PARALLEL_STREAM:
+        return offset + 1024 + 100 * rank.ep + rank.etp
+    return offset
+
+
+def collapsed_streams(ranks: Sequence[RankAudit]) -> list[Collapse]:
+    """Every stream some ranks hold in one state although Megatron seeds them apart."""
+    random_init = any(rank.data_parallel_random_init for rank in ranks)  # the run's, known to every rank handed state
+    holders: dict[tuple[str, str], dict[int, list[int]]] = {}
+    for rank in ranks:
+        for stream, digest in rank.digests.items():
+            offset = seed_offset(stream, rank, random_init)
+            holders.setdefault((stream, digest), {}).setdefault(offset, []).append(rank.rank)
+    return [
+        Collapse(stream, tuple(tuple(group) for _, group in sorted(by_seed.items(), key=lambda item: item[1][0])))
+        for (stream, _), by_seed in sorted(holders.items())
+        if len(by_seed) > 1
+    ]
+
+
+def judge(ranks: Sequence[RankAudit], where: str = "") -> ResumeAudit:
+    """The audit's verdict and its line, from every rank's contribution."""
+    audited = [rank for rank in ranks if rank.error is None]
+    result = ResumeAudit(len(ranks))
+    result.unaudited = {rank.rank: rank.error for rank in ranks if rank.error is not None}
+    for rank in audited:
+        if rank.handed is not None:
+            result.by_kind.setdefault(rank.handed, []).append(rank.rank)
+    result.not_as_handed = [rank.rank for rank in audited if rank.holds_what_it_was_handed is False]
+    result.collapsed = collapsed_streams(audited)
+    result.line = _line(result, where)
+    return result
+
+
+_KINDS = {
+    rng_sources.OWN: "restored the state stored for their coordinates",
+    rng_sources.SHARED: "resumed the one state stored for their (pp, tp) (the checkpoint holds no per-rank state)",
+    rng_sources.FRESH: "kept fresh state by design (a new DP rank, or a TP or PP change)",
+}
+
+
+def _line(result: ResumeAudit, where: str) -> str:
+    head = f"RNG resume audit{f' of {where}' if where else ''}, {result.ranks} rank{'s' * (result.ranks != 1)}: "
+    if not result.by_kind:
+        parts = ["what each rank was handed is not known (bridge_rng_patch did not hand it), streams compared only"]
+    else:
+        counts = [f"{len(result.by_kind[kind])} {text}" for kind, text in _KINDS.items() if kind in result.by_kind]
+        parts = [", ".join(counts)]
+    if result.not_as_handed:
+        one = len(result.not_as_handed) == 1
+        parts.append(
+            f"{_ranks(result.not_as_handed)} hold{'s' * one} another state than the one restored to "
+            f"{'it' if one else 'them'}"
+        )
+    if result.unaudited:
+        rank, why = next(iter(result.unaudited.items()))
+        parts.append(f"{_ranks(list(result.unaudited))} could not be audited (rank {rank}: {why})")
+    if not result.collapsed:
+        parts.append("the streams Megatron seeds apart are apart")
+        return head + "; ".join(parts)
+    streams = "; ".join(_describe(collapse) for collapse in result.collapsed[:3])
+    more = f" (and {len(result.collapsed) - 3} more streams)" if len(result.collapsed) > 3 else ""
+    parts.append(
+        f"COLLAPSED, streams Megatron seeds apart hold one state: {streams}{more}. They stay so for the rest of the "
+        "run and in its next checkpoints: resume with load_rng=False (Megatron-LM: --no-load-rng) to seed them apart "
+        "again, and save with bridge_rng_patch, which keeps each rank's own state"
+    )
+    return head + "; ".join(parts)
+
+
+def _describe(collapse: Collapse) -> str:
+    first, *others = collapse.ranks_by_seed
+    apart = [rank for group in others for rank in group]
+    return f"{collapse.stream} of {_ranks(apart)} is that of {_ranks(list(first))}"
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    """ "rank 3", "ranks 1, 3", or the first few and how many more."""
+    shown = ", ".join(map(str, ranks[:_NAMED_RANKS]))
+    more = f" and {len(ranks) - _NAMED_RANKS} more" if len(ranks) > _NAMED_RANKS else ""
+    return f"rank{'s' * (len(ranks) > 1)} {shown}{more}"
+
+
+class AuditAfterRestore:
+    """The restore function's wrapper: after a resume that asked for RNG state, audit it; after one that asked for
+    none, say so; after no load at all (a fresh start), say nothing.
+
+    Whether a load asked for RNG state is decided by the loop's configuration and the checkpoint alone (load_rng,
+    finetune, a TP or PP change), so every rank reaches the same decision and the collective is joined by all.
+    """
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if audit_switched_off():
+            return wrapped(*args, **kwargs)
+        rng_sources.begin_resume()
+        result = wrapped(*args, **kwargs)
+        record = rng_sources.resume_record()
+        where = f"checkpoint {record.checkpoint_dir}" if record.checkpoint_dir else "the resume"
+        if record.rng_requested:
+            handed = record.handed
+            _audit(handed, handed is not None and handed.data_parallel_random_init, where)
+        elif record.loads:
+            report(
+                f"RNG resume audit of {where}: the loop restored no RNG state (load_rng off, finetune, a TP or PP "
+                "change, or a release checkpoint); nothing to audit"
+            )
+        return result
+
+
+class NotingLoads:
+    """The wrapper of the loop's load of every format: notes each load of a checkpoint, and whether it asks for RNG
+    state, for the restore's wrapper to decide on."""
+
+    def __init__(self, load: Any) -> None:
+        self._signature = inspect.signature(load)
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = self._signature.bind(*args, **kwargs).arguments
+        sharded_state_dict = call.get("sharded_state_dict")
+        if call.get("rank0") or not isinstance(sharded_state_dict, dict):
+            return wrapped(*args, **kwargs)
+        # Asked before the load, from the request the loop built (Bridge keeps the key, set to None, when it asks for
+        # no RNG state): the load below rewrites it per rank (a rank the checkpoint holds no state for asks for
+        # none), and the decision must be the same on every rank.
+        rng_requested = sharded_state_dict.get(RNG_STATE_KEY) is not None
+        result = wrapped(*args, **kwargs)
+        checkpoint_dir = result[1] if isinstance(result, tuple) and len(result) > 1 and result[1] else None
+        rng_sources.note_load(rng_requested, None if checkpoint_dir is None else str(checkpoint_dir))
+        return result
+
+
+class ResumeAuditPatch:
+    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
+        return (loop.restore_function, loop.load_function)
+
+    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
+        missing = [name for name in self.targets(loop, checkpointing) if not hasattr(checkpointing, name)]
+        if missing:
+            return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
+        unbound = probe.missing_parameters(getattr(checkpointing, loop.load_function), _LOAD_ARGUMENTS)
+        if unbound:
+            shown = f"{loop.load_function}{probe.describe_signature(getattr(checkpointing, loop.load_function))}"
+            return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
+        if audit_switched_off():
+            return Decision(DISABLED, f"{AUDIT_ENV} is set to switch it off")
+        return Decision.apply(
+            f"after {loop.restore_function} resumes RNG state, one small collective compares each rank's streams with "
+            "what it was handed and with the other ranks'; rank 0 logs one line"
+        )
+
+    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
+        load = getattr(checkpointing, loop.load_function)
+        wrapt.wrap_function_wrapper(checkpointing, loop.load_function, NotingLoads(load))
+        wrapt.wrap_function_wrapper(checkpointing, loop.restore_function, AuditAfterRestore())
+
+
+PATCH = ResumeAuditPatch()
