@@ -174,6 +174,7 @@ def test_after_a_tp_or_pp_change_every_rank_keeps_fresh_rng_and_the_model_loads(
     loaded = jobs.load(env, checkpoint, f"{checkpoint}-resumed-{running}", MODEL_PARALLEL_LAYOUTS[running], **FSDP)
     _assert_every_rank_keeps_its_fresh_state(loaded)
     assert _mismatch_line(stored, running) in rank_zero_logs(loaded)
+    assert "4 ranks: 4 kept fresh state by design (a new DP rank, or a TP or PP change)" in rank_zero_logs(loaded)
     assert all(len(rank["logs"]) == 0 for rank in loaded[1:])  # one line for the job, no rank warns alone
     weights_of_stage = {rank["coords"]["pp"]: rank["weights"] for rank in saved}
     restored_stages = [rank for rank in loaded if rank["coords"]["pp"] in weights_of_stage]

@@ -143,10 +143,11 @@ def test_check_says_what_a_python_started_by_the_command_would_do_without_runnin
         f"a Python started by COMMAND ({OLD.python}) imports bridge_rng_patch first, "
         f"from {REPO / 'bridge_rng_patch' / '__init__.py'}"
     )
-    assert [line.split()[:2] for line in lines if line.startswith(("save_", "tracker_", "layout_"))] == [
+    assert [line.split()[:2] for line in lines if line.startswith(("save_", "tracker_", "layout_", "resume_"))] == [
         ["save_sharding", "applied"],
         ["tracker_restore", "applied"],
         ["layout_load", "applied"],
+        ["resume_audit", "applied"],
     ]
     assert time.monotonic() - started < 120
 
@@ -154,4 +155,4 @@ def test_check_says_what_a_python_started_by_the_command_would_do_without_runnin
 def test_disable_switch_still_switches_the_patches_off_under_run():
     code = "import json, bridge_rng_patch; print(json.dumps([s.state for s in bridge_rng_patch.status()]))"
     process = _run(OLD.python, *LAUNCH, OLD.python, "-c", code, env={"BRIDGE_RNG_PATCH_DISABLE": "1"})
-    assert json.loads(process.stdout) == ["disabled"] * 6  # both loops' patches
+    assert json.loads(process.stdout) == ["disabled"] * 8  # both loops' patches

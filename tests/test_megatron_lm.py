@@ -117,6 +117,7 @@ def test_no_load_rng_and_finetune_leave_rng_state_alone_as_upstream(jobs, option
     name = f"mlm-0.18.2-ep2-{next(iter(option))}"
     loaded = jobs.load(release, "mlm-0.18.2-ep2", name, **option)
     assert all(rank["error"] is None and rank["loaded"] == rank["fresh"] for rank in loaded)
+    assert "the loop restored no RNG state (load_rng off, finetune" in rank_zero_logs(loaded)  # the resume audit
 
 
 RANDOM_INIT_DP2 = {"world": 2, "tp": 1, "pp": 1, "ep": 1, "data_parallel_random_init": True}

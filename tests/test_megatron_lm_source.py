@@ -62,7 +62,12 @@ def test_each_patch_decides_from_the_trees_code(decisions):
     every tag: core_v0.16 keeps fsdp_dtensor's RNG state per (pp, tp)); a fork that backported a fix differs here
     by design."""
     upstream_fix = "not needed" if UPSTREAM_HAS_BOTH_FIXES else "applied"
-    assert decisions == {"save_sharding": "applied", "tracker_restore": upstream_fix, "layout_load": "applied"}
+    assert decisions == {
+        "save_sharding": "applied",
+        "tracker_restore": upstream_fix,
+        "layout_load": "applied",
+        "resume_audit": "applied",
+    }
 
 
 def _readme_source_rows() -> list[list[str]]:
@@ -79,7 +84,8 @@ def test_the_readmes_source_table_row_for_the_tree_is_what_the_package_decides(d
         first, last = (Version(tag.removeprefix("core_v")) for tag in row[0].split(" to "))
         if first <= Version(TREE.core) <= last:
             python = f"{TREE.python_line}, torch {TREE.torch}" if TREE.torch else TREE.python_line
-            assert row[1:5] == [python, *decisions.values()], row
+            fixes = [decisions[fix] for fix in ("save_sharding", "tracker_restore", "layout_load")]
+            assert row[1:5] == [python, *fixes], row
             return
     pytest.skip(f"the README's source table has no row for megatron-core {TREE.core}")
 

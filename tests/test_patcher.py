@@ -11,7 +11,10 @@ from tools.release_envs import RELEASES
 
 RUNNER = RELEASES["bridge-0.2.0rc6"]
 
-TARGETS = "('get_rng_state', '_load_checkpoint_from_path', '_load_global_dist_base_checkpoint')"
+TARGETS = (
+    "('get_rng_state', '_load_checkpoint_from_path', '_load_global_dist_base_checkpoint', '_load_base_checkpoint')"
+)
+PATCH_NAMES = ("save_sharding", "tracker_restore", "layout_load", "resume_audit")
 # Prints the patch states and, per patched attribute of Bridge's checkpointing module, whether it is wrapped.
 PRINT_STATES_AND_WRAPPED = f"""
 import json
@@ -39,7 +42,7 @@ def test_importing_the_package_imports_neither_torch_nor_megatron():
             """,
         )
     )
-    assert result == {"heavy": [], "states": ["pending"] * 6}  # both loops' patches wait for their imports
+    assert result == {"heavy": [], "states": ["pending"] * 8}  # both loops' patches wait for their imports
 
 
 @pytest.mark.parametrize("order", ["package first", "bridge first"])
@@ -53,7 +56,7 @@ def test_patches_apply_whichever_is_imported_first(order):
             "\n".join(imports) + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["applied", "applied", "applied"], "wrapped": [True, True, True]}
+    assert result == {"states": ["applied"] * 4, "wrapped": [True] * 4}
 
 
 def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
@@ -79,7 +82,10 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         print(json.dumps({
             "inner": checkpointing.get_rng_state.__wrapped__.__module__,
             "inner_is_plain_function": type(checkpointing.get_rng_state.__wrapped__).__name__,
-            "load_inner_is_plain_function": type(checkpointing._load_checkpoint_from_path.__wrapped__).__name__,
+            # Two patches wrap the restore: the graph-safe restore, then the audit around it.
+            "load_inner_is_plain_function": type(
+                checkpointing._load_checkpoint_from_path.__wrapped__.__wrapped__
+            ).__name__,
             "tensor_parallel_outside_loads_is_megatron_cores": checkpointing.tensor_parallel is tensor_parallel,
         }))
         """,
@@ -91,7 +97,7 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         "load_inner_is_plain_function": "function",
         "tensor_parallel_outside_loads_is_megatron_cores": True,
     }
-    for patch in ("save_sharding", "tracker_restore", "layout_load"):
+    for patch in PATCH_NAMES:
         assert process.stderr.count(f"{patch}: applied") == 1
 
 
@@ -104,7 +110,7 @@ def test_disable_environment_variable_leaves_bridge_untouched():
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": "1"},
         )
     )
-    assert result == {"states": ["disabled"] * 3, "wrapped": [False, False, False]}
+    assert result == {"states": ["disabled"] * 4, "wrapped": [False] * 4}
 
 
 def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
@@ -127,10 +133,10 @@ def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
         )
     )
     assert result == {
-        "patched": [True, True, True],
-        "restored": [True, True, True],
-        "undone": ["undone"] * 3,
-        "reapplied": ["applied"] * 3,
+        "patched": [True] * 4,
+        "restored": [True] * 4,
+        "undone": ["undone"] * 4,
+        "reapplied": ["applied"] * 4,
     }
 
 
@@ -142,7 +148,7 @@ def test_undo_before_bridge_is_imported_keeps_it_unpatched():
             "import megatron.bridge.training.checkpointing as checkpointing" + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["undone"] * 3, "wrapped": [False, False, False]}
+    assert result == {"states": ["undone"] * 4, "wrapped": [False] * 4}
 
 
 def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
@@ -164,7 +170,7 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         }))
         """,
     )
-    assert _result(process) == {"states": ["refused"] * 3, "untouched": True}
+    assert _result(process) == {"states": ["refused"] * 4, "untouched": True}
     refusals = [line for line in process.stderr.splitlines() if "refused" in line]
     assert refusals == [
         "bridge_rng_patch: Megatron-Bridge save_sharding: refused: unknown signature get_rng_state(seed, layout)",
@@ -172,24 +178,26 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         "_load_checkpoint_from_path, tensor_parallel",
         "bridge_rng_patch: Megatron-Bridge layout_load: refused: megatron.bridge.training.checkpointing lacks "
         "_load_global_dist_base_checkpoint, get_checkpoint_name",
+        "bridge_rng_patch: Megatron-Bridge resume_audit: refused: megatron.bridge.training.checkpointing lacks "
+        "_load_checkpoint_from_path, _load_base_checkpoint",
     ]
 
 
 @pytest.mark.parametrize(
     ("release", "expected"),
     [
-        ("bridge-0.2.0rc6", ["applied", "applied", "applied"]),
-        ("bridge-0.3.1", ["applied", "not needed", "applied"]),
+        ("bridge-0.2.0rc6", ["applied", "applied", "applied", "applied"]),
+        ("bridge-0.3.1", ["applied", "not needed", "applied", "applied"]),
     ],
 )
 def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected):
     process = run_python(RELEASES[release], "import runpy; runpy.run_module('bridge_rng_patch', run_name='__main__')")
     lines = process.stdout.splitlines()
     assert f"megatron-bridge {release.removeprefix('bridge-')}" in lines[0]
-    rows = [line for line in lines if line.startswith(("save_sharding", "tracker_restore", "layout_load"))]
-    assert [row.split()[0] for row in rows] == ["save_sharding", "tracker_restore", "layout_load"]
+    rows = [line for line in lines if line.startswith(PATCH_NAMES)]
+    assert [row.split()[0] for row in rows] == list(PATCH_NAMES)
     assert [row[17:28].strip() for row in rows] == expected
-    assert sum(line.strip().startswith("why: ") for line in lines) == 3
+    assert sum(line.strip().startswith("why: ") for line in lines) == 4
     # megatron-core before 0.17 ships no megatron.training: one line, and nothing else changes.
     assert lines[-1] == "Megatron-LM: megatron.training is not installed here: nothing to patch"
     assert process.returncode == 0
@@ -226,6 +234,10 @@ def _load_global_dist_base_checkpoint(
 
 def get_checkpoint_name(load_dir, iteration, release):
     return load_dir
+
+
+def _load_base_checkpoint(load_dir, ckpt_cfg, rank0=False, sharded_state_dict=None, *, pg_collection):
+    return _load_global_dist_base_checkpoint(load_dir, ckpt_cfg, rank0, sharded_state_dict, 1, False)
 """
 
 
@@ -257,6 +269,11 @@ def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path)
             "upstream RNG restore already converts tracker states for the tracker in use",
         ],
         "layout_load": ["not needed", "upstream's load already asks for the RNG layout the checkpoint stores"],
+        "resume_audit": [
+            "applied",
+            "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
+            "with what it was handed and with the other ranks'; rank 0 logs one line",
+        ],
     }
 
 
@@ -298,6 +315,8 @@ def _load_global_dist_base_checkpoint(load_dir, ckpt_cfg, rank0, sharded_state_d
     pass
 def get_checkpoint_name(load_dir, iteration, release):
     return load_dir
+def _load_base_checkpoint(load_dir, ckpt_cfg, rank0=False, sharded_state_dict=None):
+    pass
 ''', "<no source>", "exec"), module.__dict__)
 module.tensor_parallel = tensor_parallel
 sys.modules[module.__name__] = module
@@ -318,4 +337,9 @@ def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
             "the source of _load_checkpoint_from_path is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
         ],
         "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks the fix"],
+        "resume_audit": [
+            "applied",
+            "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
+            "with what it was handed and with the other ranks'; rank 0 logs one line",
+        ],
     }

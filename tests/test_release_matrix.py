@@ -43,16 +43,34 @@ print(json.dumps({{
     "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
     "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
+    "restore_wrappers": wrappers(getattr(checkpointing, "{restore_function}")),
 }}))
 """
-ALL_APPLIED = {"save_sharding": "applied", "tracker_restore": "applied", "layout_load": "applied"}
+# The wrappers around a function, outermost first (wrapt keeps each wrapper as ``_self_wrapper``).
+WRAPPERS = """
+def wrappers(function):
+    found = []
+    while hasattr(function, "_self_wrapper"):
+        found.append(type(function._self_wrapper).__name__)
+        function = function.__wrapped__
+    return found
+"""
+# The three fixes, the README's columns; the resume audit applies on every loop and release.
+FIXES = ("save_sharding", "tracker_restore", "layout_load")
+ALL_APPLIED = {
+    "save_sharding": "applied",
+    "tracker_restore": "applied",
+    "layout_load": "applied",
+    "resume_audit": "applied",
+}
 # The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
-FIXED_DECISIONS = {"save_sharding": "applied", "tracker_restore": "not needed", "layout_load": "applied"}
+FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}
+AUDITED_AND_CONVERTING = ["AuditAfterRestore", "ConvertingTrackerWhileLoading"]
 
 
 def _decide(release) -> dict:
     loop = BRIDGE if release.bridge is not None else MEGATRON_LM_LOOP
-    process = run_python(release, DECIDE.format(**loop._asdict()))
+    process = run_python(release, WRAPPERS + DECIDE.format(**loop._asdict()))
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.splitlines()[-1])
 
@@ -80,6 +98,7 @@ def test_old_release_gets_all_three_patches(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
     assert decision["states"] == ALL_APPLIED
     assert decision["untouched"] == [False, False, False]
+    assert decision["restore_wrappers"] == AUDITED_AND_CONVERTING
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
 
 
@@ -87,7 +106,8 @@ def test_old_release_gets_all_three_patches(matrix_decisions, release):
 def test_fixed_release_gets_the_stored_layout_load_and_fsdp_dtensor_entries_per_rank(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
     assert decision["states"] == FIXED_DECISIONS
-    assert decision["untouched"] == [False, True, False]
+    assert decision["untouched"] == [False, False, False]
+    assert decision["restore_wrappers"] == ["AuditAfterRestore"]  # the restore converts already
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
     # Bridge #5100 (0.6.0): the fsdp_dtensor load asks for no RNG state after a TP or PP change.
     fsdp_policy = "already ignores" if release.bridge.startswith("0.6.") else "restores"
@@ -141,7 +161,7 @@ def test_readme_release_table_matches_what_the_package_decides(matrix_decisions)
         release.bridge: (
             release.core,
             release.python_line,
-            *(matrix_decisions[release.bridge]["states"][patch] for patch in ALL_APPLIED),
+            *(matrix_decisions[release.bridge]["states"][fix] for fix in FIXES),
         )
         for release in MATRIX
     }
@@ -154,7 +174,7 @@ def megatron_lm_decisions() -> dict[str, dict]:
     return _decisions(MEGATRON_LM, lambda release: release.core)
 
 
-MEGATRON_LM_DECISIONS = {"save_sharding": "applied", "tracker_restore": "not needed", "layout_load": "applied"}
+MEGATRON_LM_DECISIONS = FIXED_DECISIONS
 
 
 @pytest.mark.parametrize("release", MEGATRON_LM, ids=lambda release: release.name)
@@ -162,7 +182,7 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
     """Its restore converts tracker states already (megatron-core 0.16 and later); nothing else is fixed."""
     decision = megatron_lm_decisions[release.core]
     assert decision["states"] == MEGATRON_LM_DECISIONS
-    assert decision["untouched"] == [False, True, False]
+    assert decision["restore_wrappers"] == ["AuditAfterRestore"]
     assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
     assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")
     assert decision["reasons"]["layout_load"].endswith(
@@ -172,7 +192,11 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
 
 def test_readme_megatron_lm_table_matches_what_the_package_decides(megatron_lm_decisions):
     expected = {
-        release.core: ("(its own)", release.python_line, *megatron_lm_decisions[release.core]["states"].values())
+        release.core: (
+            "(its own)",
+            release.python_line,
+            *(megatron_lm_decisions[release.core]["states"][fix] for fix in FIXES),
+        )
         for release in MEGATRON_LM
     }
     assert _readme_release_rows("megatron-lm release table") == expected
@@ -194,7 +218,7 @@ def test_readme_coverage_summary_matches_every_release_it_spans(matrix_decisions
         decisions = megatron_lm_decisions if loop == "Megatron-LM's loop" else matrix_decisions
         spanned = [release for release in decisions if first <= Version(release) <= last]
         assert spanned, f"no tested release in {span}"
-        assert all(list(decisions[release]["states"].values()) == states for release in spanned), span
+        assert all([decisions[release]["states"][fix] for fix in FIXES] == states for release in spanned), span
         covered += [(loop, release) for release in spanned]
     expected = [("Megatron-Bridge", release.bridge) for release in MATRIX]
     expected += [("Megatron-LM's loop", release.core) for release in MEGATRON_LM]

@@ -31,11 +31,19 @@ def test_a_run_seeded_as_megatron_seeds_loses_only_the_expert_stream_of_ranks_of
     """The old (pp, tp) save keeps DP rank 0's state; the other DP ranks of its (pp, tp) hold the same state in every
     source but the expert-parallel tracker, seeded per EP rank."""
     saved = saved_by_coordinates(jobs.save(env, f"as-a-run-{env.name}", patched=False, **AS_A_RUN_DOES))
-    loaded = jobs.load(env, f"as-a-run-{env.name}", f"as-a-run-{env.name}-load", patched=False, **AS_A_RUN_DOES)
+    loaded = _unpatched_run_resumed(jobs, env)
     for rank in loaded:
         assert rank["error"] is None
         expected = [] if rank["coords"]["ep"] == 0 else ["expert-parallel-rng"]
         assert lost_streams(saved[coordinates(rank)], rank["loaded"]) == expected, f"rank {rank['rank']}"
+
+
+def _unpatched_run_resumed(jobs, env) -> list[dict]:
+    """The unpatched resume of a run seeded as Megatron seeds, its loop calling the resume audit after the load as a
+    loop the package does not patch would."""
+    jobs.save(env, f"as-a-run-{env.name}", patched=False, **AS_A_RUN_DOES)
+    name = f"as-a-run-{env.name}-load"
+    return jobs.load(env, f"as-a-run-{env.name}", name, patched=False, audit_call=True, **AS_A_RUN_DOES)
 
 
 def test_a_run_seeded_as_megatron_seeds_resumes_every_stream_with_the_package(jobs):
@@ -230,3 +238,86 @@ def test_every_cut_of_a_real_metadata_file_is_told_from_the_whole_one(jobs, tmp_
             read_stored_layouts(str(tmp_path))
     (tmp_path / ".metadata").write_bytes(data)
     assert read_stored_layouts(str(tmp_path))["rng_state"].global_shape == (1, 1, 4)
+
+
+# The resume audit (resume_audit.py): one line on rank 0 after each resume, read here from the jobs above.
+AUDIT = "RNG resume audit of checkpoint "
+APART = "the streams Megatron seeds apart are apart"
+
+
+def _audit_line(loaded: list[dict]) -> str:
+    (line,) = [line for line in loaded[0]["logs"] if "RNG resume audit" in line]
+    return line
+
+
+@pytest.mark.parametrize("env", [OLD, RELEASES["megatron-lm-0.19.2"]], ids=lambda env: env.name)
+def test_the_audit_an_unpatched_loop_calls_names_the_collapsed_expert_stream_on_the_ranks_that_lost_it(jobs, env):
+    """EP ranks 1 (ranks 1 and 3) resumed DP rank 0's expert stream, which Megatron seeds per EP rank."""
+    loaded = _unpatched_run_resumed(jobs, env)
+    for rank in loaded:
+        assert rank["audit"]["passed"] is False
+        assert rank["audit"]["collapsed"] == {"expert-parallel-rng": [[0, 2], [1, 3]]}
+    line = _audit_line(loaded)
+    assert line.startswith("WARNING: RNG resume audit, 4 ranks: what each rank was handed is not known")
+    assert "expert-parallel-rng of ranks 1, 3 is that of ranks 0, 2" in line
+    assert "resume with load_rng=False (Megatron-LM: --no-load-rng) to seed them apart again" in line
+
+
+def test_the_audit_of_a_patched_resume_passes_every_rank_holding_its_own_state(jobs):
+    jobs.save(OLD, "as-a-run-patched", **AS_A_RUN_DOES)
+    loaded = jobs.load(OLD, "as-a-run-patched", "as-a-run-patched-load", **AS_A_RUN_DOES)
+    line = _audit_line(loaded)
+    assert line.startswith(f"INFO: {AUDIT}")
+    assert line.endswith(f"4 ranks: 4 restored the state stored for their coordinates; {APART}")
+
+
+def test_the_audit_of_an_old_checkpoint_resumed_with_the_package_names_what_it_lost(jobs):
+    """The checkpoint kept one state per (pp, tp): every rank resumes it, and the expert stream stays collapsed."""
+    jobs.save(OLD, "unpatched-ep2", patched=False)
+    line = _audit_line(jobs.load(OLD, "unpatched-ep2", "unpatched-ep2-then-patched"))
+    assert line.startswith(f"WARNING: {AUDIT}")
+    assert "4 ranks: 4 resumed the one state stored for their (pp, tp) (the checkpoint holds no per-rank state)" in line
+    assert "expert-parallel-rng of ranks 1, 3 is that of ranks 0, 2" in line
+
+
+def test_the_audit_counts_new_dp_ranks_as_fresh_by_design(jobs):
+    jobs.save(OLD, "patched-ep2")
+    line = _audit_line(jobs.load(OLD, "patched-ep2", "patched-ep2-load-dp8", layout={**EP2_DP4, "world": 8}))
+    assert line.endswith(
+        "8 ranks: 4 restored the state stored for their coordinates, 4 kept fresh state by design (a new DP rank, or "
+        f"a TP or PP change); {APART}"
+    )
+
+
+def test_the_audit_of_a_data_parallel_random_init_resume_expects_every_stream_apart_per_dp_rank(jobs):
+    jobs.save(OLD, "patched-ep2-dp-random-init", data_parallel_random_init=True)
+    name = "patched-ep2-dp-random-init-load"
+    loaded = jobs.load(OLD, "patched-ep2-dp-random-init", name, data_parallel_random_init=True)
+    assert _audit_line(loaded).endswith(f"4 restored the state stored for their coordinates; {APART}")
+
+
+@pytest.mark.parametrize("option", [{"load_rng": False}, {"finetune": True}], ids=["load_rng=False", "finetune"])
+def test_a_resume_that_restores_no_rng_state_audits_nothing_and_says_so(jobs, option):
+    jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", f"patched-ep2-load-{next(iter(option))}", **option)
+    assert _audit_line(loaded).endswith(
+        "the loop restored no RNG state (load_rng off, finetune, a TP or PP change, "
+        "or a release checkpoint); nothing to audit"
+    )
+
+
+def test_a_rank_that_fails_inside_the_audit_is_named_and_the_job_goes_on(jobs):
+    """Rank 1 cannot read a source: it still joins the collective with its error, and nothing waits for it."""
+    saved = jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-audit-fails", audit_fails_on=1)
+    assert_each_rank_resumes_its_own_state(saved, loaded)
+    line = _audit_line(loaded)
+    assert line.startswith(f"WARNING: {AUDIT}")
+    failure = "rank 1 could not be audited (rank 1: RuntimeError: a source that cannot be read)"
+    assert f"3 restored the state stored for their coordinates; {failure}" in line
+
+
+def test_the_audit_is_switched_off_by_its_variable(jobs):
+    jobs.save(OLD, "patched-ep2")
+    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-no-audit", environment={"BRIDGE_RNG_PATCH_AUDIT": "0"})
+    assert not any("RNG resume audit" in line for rank in loaded for line in rank["logs"])

@@ -20,6 +20,9 @@ script checks those lines where they are meant to run, on one GPU:
    entry, with the jobs' small model of plain tensors. A model wrapped in Megatron-FSDP is not in this check yet:
    it needs CUDA to build at all, so it could not be prepared where the project develops.
 
+Each checkpoint check (3, 5, 6) also reads the resume audit's line after the load: its collective runs over the
+job's backend (NCCL in the 1-rank checks), its fingerprints read the real device generator and tracker.
+
 ``python tools/gpu_check.py [--cpu] [--json PATH]``, with megatron-core and Megatron-Bridge 0.2.0rc6 importable
 (on the device: the wheels ``tools/gpu_wheels.py`` downloads; README, "A real GPU"). ``--cpu``, or no GPU: the
 checks that can run on CPU stand-ins, the rest reported as skipped; the tests run it so, so it cannot rot between
@@ -243,7 +246,11 @@ def check_bridge_checkpoint(
     if mismatched:
         return FAIL, f"ranks {mismatched} did not get their own state back{': ' + '; '.join(errors) if errors else ''}"
     forms = sorted({form for rank in loaded for form, _ in rank["loaded"]["tracker"].values()})
-    return PASS, f"{world} rank(s): every RNG source restored bit-exact; tracker states kept as {', '.join(forms)}"
+    audit = [line for line in loaded[0]["logs"] if "RNG resume audit" in line]
+    if len(audit) != 1 or not audit[0].startswith("INFO: ") or not audit[0].endswith("are apart"):
+        return FAIL, f"every RNG source restored bit-exact, but the resume audit said: {audit or 'nothing'}"
+    restored = f"every RNG source restored bit-exact; tracker states kept as {', '.join(forms)}"
+    return PASS, f"{world} rank(s): {restored}; the resume audit over {backend} passed"
 
 
 def _job(spec: dict) -> tuple[list[dict], str | None]:

@@ -16,7 +16,10 @@ finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later), c
 strict_fsdp_dtensor_load (Bridge), iteration (the save's, default 10), async_save (see ``_asynchronously``), then
 ("load": after the save, finalized, a resume in the same process; "die": the ranks and every process they started
 exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or
-"truncated_metadata", at save), tensors (how many small parameters the model has, default 8).
+"truncated_metadata", at save), tensors (how many small parameters the model has, default 8), audit_call (after the
+load, call ``bridge_rng_patch.audit_restored_rng()`` as a loop the package does not patch would; with ``patched``
+false the package is switched off first), audit_fails_on (a rank whose part of the resume audit raises), environment
+(variables set before anything is imported).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ def main(spec: dict) -> None:
     """Import in the parent (as the spec orders), fork one process per rank, write the ranks' reports."""
     global _job_loop
     _job_loop = spec.get("loop", BRIDGE)
+    os.environ.update(spec.get("environment", {}))
+    if spec.get("audit_call") and not spec.get("patched", True):  # a loop the package leaves alone calls the audit
+        os.environ["BRIDGE_RNG_PATCH_DISABLE"] = "1"
     if spec.get("patched", True) and spec.get("package_first", True):
         import bridge_rng_patch
     importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
@@ -192,15 +198,40 @@ def _load_and_report(report: dict, state: Any, model: list, device_generator: An
     seed_every_source(FRESH_SEED, report["rank"], device_generator, spec)
     report["fresh"] = rng_fingerprint(device_generator)
     layout_reads = count_layout_reads(spec)
+    if spec.get("audit_fails_on") == report["rank"]:
+        _audit_fails_here()
     try:
         load_checkpoint(state, model, spec)
         report["error"] = None
     except BaseException as error:  # the loops' own restore failure path calls sys.exit()
         report["error"] = f"{type(error).__name__}: {error}"
+    if spec.get("audit_call"):
+        report["audit"] = _audit_called_after_the_load(spec)
     report["loaded"] = rng_fingerprint(device_generator)
     report["weights"] = weights_digest(model)
     report["layout_reads_from"] = layout_reads
     report["layout_reads"] = len(layout_reads)
+
+
+def _audit_called_after_the_load(spec: dict) -> dict | None:
+    """What a loop the package does not patch gets from the two lines it adds after its load."""
+    import bridge_rng_patch
+
+    audit = bridge_rng_patch.audit_restored_rng(spec.get("data_parallel_random_init", False))
+    if audit is None:
+        return None
+    collapsed = {collapse.stream: [list(ranks) for ranks in collapse.ranks_by_seed] for collapse in audit.collapsed}
+    return {"passed": audit.passed, "line": audit.line, "collapsed": collapsed}
+
+
+def _audit_fails_here() -> None:
+    """This rank's part of the resume audit raises, as a broken source would make it."""
+    from bridge_rng_patch import resume_audit
+
+    def broken() -> dict:
+        raise RuntimeError("a source that cannot be read")
+
+    resume_audit._live_fingerprint = broken
 
 
 def finalize_async_save(state: Any) -> None:
