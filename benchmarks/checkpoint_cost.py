@@ -62,6 +62,7 @@ def _one_job(release: Release, work: Path, tensors: int, patched: bool, name: st
     timing["layout_reads"] = sum(result["timing"]["layout_reads"] for result in results)
     if patched:  # the rank that reaches the package last waits for no other: its time is what the load gains
         timing["package_in_load_s"] = min(result["timing"]["package_in_load_s"] for result in results)
+        timing["audit_s"] = min(result["timing"]["audit_s"] for result in results)
     return timing
 
 
@@ -93,6 +94,8 @@ def measure(release: Release, tensors: int, rounds: int, work: Path, settle: boo
     figures["package_in_load_share"] = statistics.median(
         timing["package_in_load_s"] / timing["load_s"] for timing in patched
     )
+    figures["audit_ms"] = statistics.median(timing["audit_s"] for timing in patched) * 1e3
+    figures["audit_share"] = statistics.median(timing["audit_s"] / timing["load_s"] for timing in patched)
     return figures
 
 
@@ -108,7 +111,9 @@ def main() -> int:
     parser.add_argument("--fixed-order", action="store_true", help="run the sides as A, A', B in every round")
     parser.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist", "fsdp_dtensor"])
     parser.add_argument("--async-save", action="store_true", help="asynchronous saves (the temporary worker)")
+    parser.add_argument("--ranks", type=int, default=LAYOUT["world"], help="ranks per job (EP 2; default 2)")
     options = parser.parse_args()
+    LAYOUT["world"] = options.ranks
     SAVE_OPTIONS.update(ckpt_format=options.ckpt_format, async_save=options.async_save)
     sizes, rounds = ((300,), 2) if options.quick else (options.tensors, options.rounds)
     settle, balanced = not options.no_settle, not options.fixed_order
@@ -134,8 +139,9 @@ def markdown_table(report: list[dict]) -> str:
 
     rows = [
         "| tensors | | A: unpatched | A': unpatched again | B: patched | A/A: A'/A | A/B: B/A | no-difference band "
-        "| package's own time | layout read: scan / load_sharded_metadata | layout reads per load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| package's own time | resume audit | layout read: scan / load_sharded_metadata "
+        "| layout reads per load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for figures in report:
         for what in ("save", "load"):
@@ -150,11 +156,12 @@ def markdown_table(report: list[dict]) -> str:
                 reads = ", ".join(map(str, figures["layout_reads_per_load"]))
                 row += (
                     f" {figures['package_in_load_ms']:.1f} ms ({figures['package_in_load_share']:.2%}) "
+                    f"| {figures['audit_ms']:.1f} ms ({figures['audit_share']:.2%}) "
                     f"| {figures['layout_read_ms']:.1f} ms / {_milliseconds(figures['load_sharded_metadata_ms'])} "
                     f"| {reads} |"
                 )
             else:
-                row += " | | |"
+                row += " | | | |"
             rows.append(row)
     return "\n".join(rows)
 

@@ -191,6 +191,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
 
     layout_reads = rng_job.count_layout_reads(spec)
     package_in_load = _time_package_in_load(spec)
+    audit_in_load = _time_resume_audit(spec)
 
     def across_the_job(call: Any) -> float:
         if spec.get("settle"):
@@ -212,6 +213,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
         "load_s": across_the_job(lambda: rng_job.load_checkpoint(state, model, spec)),
         "layout_reads": len(layout_reads),
         "package_in_load_s": package_in_load(),
+        "audit_s": audit_in_load(),
     }
     if spec.get("patched", True) and torch.distributed.get_rank() == 0:
         timing.update(_time_layout_reads(str(rng_job.iteration_dir(spec))))
@@ -248,6 +250,28 @@ def _time_package_in_load(spec: dict) -> Any:
     spent: list[float] = []
     for wrapper in (LayoutAwareDistLoad, LayoutAwareFsdpLoad):
         wrapper.__call__ = _less_what_it_wraps(wrapper.__call__, spent)
+    return lambda: sum(spent)
+
+
+def _time_resume_audit(spec: dict) -> Any:
+    """Times this rank's resume audit (its fingerprints, the collective, the verdict) from now on; returns the total
+    so far. It runs after the load's restore, inside the timed load."""
+    if not spec.get("patched", True):
+        return lambda: 0.0
+
+    from bridge_rng_patch import resume_audit
+
+    spent: list[float] = []
+    audit = resume_audit._audit
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return audit(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    resume_audit._audit = timed
     return lambda: sum(spent)
 
 
