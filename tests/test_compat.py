@@ -116,8 +116,14 @@ def bridge_checkpointing():
 
 
 def _while_loading(checkpointing, restore):
-    """Runs ``restore`` where Bridge's restore runs: inside its ``_load_checkpoint_from_path``, as wrapped."""
-    return checkpointing._load_checkpoint_from_path._self_wrapper(restore, None, (), {})
+    """Runs ``restore`` where Bridge's restore runs: inside its ``_load_checkpoint_from_path``, as the graph-safe
+    restore wraps it (under the resume audit's wrapper)."""
+    from bridge_rng_patch.tracker_restore import ConvertingTrackerWhileLoading
+
+    wrapped = checkpointing._load_checkpoint_from_path
+    while not isinstance(wrapped._self_wrapper, ConvertingTrackerWhileLoading):
+        wrapped = wrapped.__wrapped__
+    return wrapped._self_wrapper(restore, None, (), {})
 
 
 def test_bridge_restore_converts_states_for_a_graph_safe_tracker(bridge_checkpointing, cuda_device):
