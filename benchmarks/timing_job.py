@@ -71,7 +71,7 @@ def _time_restore(spec: dict) -> dict:
         convert = tensor_parallel.convert_cuda_rng_state
         timings = _per_call_timings(spec, restore)
     else:
-        from bridge_rng_patch import compat
+        from bridge_rng_patch import compat, rng_sources
         from bridge_rng_patch.layout_load import RestorableRngStates
         from bridge_rng_patch.rng_layout import RankCoordinates
 
@@ -82,7 +82,7 @@ def _time_restore(spec: dict) -> dict:
             checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
 
         def restore_from_checked_list() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", rank, None)[0]
+            rng_state = RestorableRngStates([entry], "benchmark", rank, None, rng_sources.OWN, False)[0]
             set_sources(rng_state)
             checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
