@@ -1,11 +1,11 @@
 """Stored-layout load: the RNG load request follows the layout the checkpoint stores, and the entry a rank
 restores is checked before any RNG source is set.
 
-Every Megatron-Bridge release up to 0.6.2, and Megatron-LM's loop up to 0.19.2, asks for ``rng_state`` in the
-layout the running job would write, and the ShardedObject key embeds the global shape: a checkpoint stored in
-another layout (an old release's (pp, tp) under EP > 1, a (pp, tp, dp) one after a DP resize or under EP == 1)
-fails on every rank in torch's load planner. Bridge main aligns the request with the stored layout (Sep 2026);
-here the dist-load wrapper does, for both loops (they share its name and the arguments it binds):
+Every Megatron-Bridge release up to 0.6.2, Megatron-LM's loop up to 0.19.2, verl and ms-swift ask for
+``rng_state`` in the layout the running job would write, and the ShardedObject key embeds the global shape: a
+checkpoint stored in another layout (an old release's (pp, tp) under EP > 1, a (pp, tp, dp) one after a DP resize or
+under EP == 1) fails on every rank in torch's load planner. Bridge main aligns the request with the stored layout
+(Sep 2026); here the wrapper of each stack's torch_dist load (``TrainingLoop.dist_load``) does:
 
 - rank 0 reads the stored layout once per load and every rank receives it, or the same error;
 - each rank asks for its own stored shard, and for the shards of DP ranks that no longer exist after a shrink;
@@ -33,12 +33,11 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import wrapt
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import groups, probe, rng_sources
+from bridge_rng_patch import groups, probe, rng_sources, targets
 from bridge_rng_patch.decision import Decision, report
-from bridge_rng_patch.loops import LAYOUT_LOAD, TrainingLoop
+from bridge_rng_patch.loops import LAYOUT_LOAD, LoadFunction, TrainingLoop
 from bridge_rng_patch.rng_layout import (
     NOTHING_RESTORED,
     RNG_STATE_KEY,
@@ -51,14 +50,12 @@ from bridge_rng_patch.rng_layout import (
 )
 from bridge_rng_patch.storage import MSC_SCHEME, dcp_metadata_reader, scheme_of, unknown_scheme
 
-DIST_LOAD_FUNCTION = "_load_global_dist_base_checkpoint"
-# What the loop's load of every format (``TrainingLoop.load_function``; fsdp_dtensor's load is inside it in
-# Megatron-LM and below it in Bridge) binds by name.
-_BASE_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict")
-# What the dist-load wrapper binds by name; the config parameter is ``cfg`` in Bridge 0.1.0a0, ``ckpt_cfg`` in
-# later ones, ``args`` in Megatron-LM. Where a release has them, it also binds ``checkpoint_path_override``
-# (Bridge 0.4+), ``pg_collection`` (Bridge 0.3+) and ``dp_cp_group`` (Megatron-LM 0.19).
-_DIST_LOAD_ARGUMENTS = ("load_dir", "rank0", "sharded_state_dict", "iteration", "release")
+# What a load whose declaration names no checkpoint argument binds by name to find the checkpoint: Bridge's and
+# Megatron-LM's ``_load_global_dist_base_checkpoint`` (its config parameter is ``cfg`` in Bridge 0.1.0a0, ``ckpt_cfg``
+# in later ones, ``args`` in Megatron-LM; where a release has them, it also binds ``checkpoint_path_override`` (Bridge
+# 0.4+), ``pg_collection`` (Bridge 0.3+) and ``dp_cp_group`` (Megatron-LM 0.19)), and their ``_load_base_checkpoint``.
+_CHECKPOINT_NAMED_BY = ("load_dir", "rank0", "iteration", "release")
+_BASE_CHECKPOINT_NAMED_BY = ("load_dir", "rank0")
 
 
 def _is_byte_tensor(value: Any, size: int | None = None) -> bool:
@@ -84,10 +81,12 @@ _EXPECTED = {
     "rng_tracker_states": "a non-empty dict of CUDA RNG states (ByteTensor or Generator)",
 }
 _entry_values = operator.itemgetter(*_EXPECTED)  # in that order; a KeyError names the first key missing
+_LEFT_OUT = object()  # an optional source the entry does not hold
 
 
-def rng_entry_problem(entry: Any) -> str | None:
-    """What keeps ``entry`` from being restored whole, said after the entry's name; None when nothing does.
+def rng_entry_problem(entry: Any, optional: frozenset[str] = frozenset()) -> str | None:
+    """What keeps ``entry`` from being restored whole, said after the entry's name; None when nothing does. A key in
+    ``optional`` may be left out (the stack's restore sets that source only where it is there).
 
     Runs at every restore, so it is one function with no loop over keys, and a message is only built for an
     entry that fails.
@@ -95,14 +94,16 @@ def rng_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, Mapping):
         return f" is a {type(entry).__name__}, expected a dict of RNG states"
     try:
-        python_state, numpy_state, cpu_state, cuda_state, tracker_states = _entry_values(entry)
+        python_state, numpy_state, cpu_state, cuda_state, tracker_states = _entry_values(
+            {**dict.fromkeys(optional, _LEFT_OUT), **entry} if optional else entry
+        )
     except KeyError as missing:
         return f" has no {missing}"
     valid = (
         isinstance(python_state, tuple) and len(python_state) == 3 and isinstance(python_state[1], tuple),
         isinstance(numpy_state, tuple) and len(numpy_state) == 5 and numpy_state[0] == "MT19937",
         _is_byte_tensor(cpu_state, _cpu_rng_state_size()),
-        _is_byte_tensor(cuda_state),
+        cuda_state is _LEFT_OUT or _is_byte_tensor(cuda_state),
         isinstance(tracker_states, Mapping)
         and len(tracker_states) > 0
         and all(_is_byte_tensor(state) or isinstance(state, torch.Generator) for state in tracker_states.values()),
@@ -139,6 +140,7 @@ class RestorableRngStates(list):
         kind: str,
         data_parallel_random_init: bool,
         by_design: bool = False,
+        optional: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(states)
         self.checkpoint_dir = checkpoint_dir
@@ -147,6 +149,7 @@ class RestorableRngStates(list):
         self.kind = kind
         self.data_parallel_random_init = data_parallel_random_init
         self.by_design = by_design
+        self.optional = optional
 
     def __getitem__(self, index: Any) -> Any:
         if not isinstance(index, int):
@@ -157,7 +160,7 @@ class RestorableRngStates(list):
             entry = list.__getitem__(self, index)
         except IndexError:
             return self._fresh_state()
-        problem = rng_entry_problem(entry)
+        problem = rng_entry_problem(entry, self.optional)
         if problem is not None:
             where = f"checkpoint {self.checkpoint_dir}: '{RNG_STATE_KEY}'[{index}]"
             raise RngCheckpointError(f"{where}{problem}; {NOTHING_RESTORED}")
@@ -256,15 +259,18 @@ def _reads_through_multi_storage_client() -> bool:
 
 
 class LayoutAwareDistLoad:
-    """The ``_load_global_dist_base_checkpoint`` wrapper: ask for the RNG shards the checkpoint stores."""
+    """The wrapper of a stack's torch_dist load (``TrainingLoop.dist_load``): ask for the RNG shards the checkpoint
+    stores; after a TP or PP change, for none (the stacks that compare TP and PP themselves never ask then)."""
 
-    def __init__(self, checkpointing: ModuleType) -> None:
+    def __init__(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
+        self._loop = loop
+        self._load = loop.dist_load
         self._checkpointing = checkpointing
-        self._signature = inspect.signature(getattr(checkpointing, DIST_LOAD_FUNCTION))
+        self._signature = inspect.signature(targets.lookup(checkpointing, loop.dist_load.path))
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get("sharded_state_dict")
+        sharded_state_dict = call.get(self._load.request)
         request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
         if call.get("rank0") or not isinstance(request, ShardedObject):
             return wrapped(*args, **kwargs)
@@ -276,35 +282,59 @@ class LayoutAwareDistLoad:
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
+        rank = RankCoordinates.of_request(request)
+        gathered = len(request.data)
+        if stored.global_shape[:2] != tuple(request.global_shape[:2]):
+            _report_model_parallel_change(checkpoint_dir, stored.global_shape[:2], tuple(request.global_shape[:2]))
+            del sharded_state_dict[RNG_STATE_KEY]
+            result = wrapped(*args, **kwargs)
+            _state_dict(result, self._load)[RNG_STATE_KEY] = self._restorable([], checkpoint_dir, rank, None, gathered)
+            return result
         dp_cp_size, dp_size = groups.size(call, groups.DP_CP), groups.size(call, groups.DP)
         _report_layout(stored, request, dp_cp_size)
-        rank = RankCoordinates.of_request(request)
         requests = stored.requests_for(rank, dp_cp_size, request.data)
         del sharded_state_dict[RNG_STATE_KEY]
         sharded_state_dict.update(requests)
         result = wrapped(*args, **kwargs)
-        state_dict = result[0]
+        state_dict = _state_dict(result, self._load)
         own_states = state_dict.get(RNG_STATE_KEY, [])
         for key in requests:
             state_dict.pop(key, None)
         # With data_parallel_random_init this rank's request holds its DP group's gathered states; Bridge 0.3.0 and
         # later gather over DP with context parallel, where the rank's own entry is at its DP-with-CP rank.
-        gathered = len(request.data)
         gathered_with_context_parallel = gathered == dp_cp_size != dp_size
         own_index = rank.dp_rank if gathered_with_context_parallel else None
         # Whose state the stored entries are: each rank's own, unless the job runs EP > 1 (it asks for a per-rank
         # layout) on a checkpoint that keeps one state per (pp, tp) (the old bug) and gathered none over DP.
         shared = len(request.global_shape) == 3 and not stored.per_dp_rank and gathered == 1
         kind = rng_sources.SHARED if shared else rng_sources.OWN
-        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, checkpoint_dir, rank, own_index, kind, gathered > 1)
+        state_dict[RNG_STATE_KEY] = self._restorable(own_states, checkpoint_dir, rank, own_index, gathered, kind)
         if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
             where = f"checkpoint {checkpoint_dir}"
             _report_dp_resize(where, "RNG states gathered with data_parallel_random_init", len(own_states), gathered)
         return result
 
+    def _restorable(
+        self,
+        states: list,
+        checkpoint_dir: str,
+        rank: RankCoordinates,
+        own_index: int | None,
+        gathered: int,
+        kind: str | None = None,
+    ) -> RestorableRngStates:
+        """The list the restore picks from; without a ``kind``, none of it stored: fresh state by design."""
+        by_design = kind is None
+        kind = rng_sources.FRESH if kind is None else kind
+        optional = self._loop.optional_sources
+        return RestorableRngStates(states, checkpoint_dir, rank, own_index, kind, gathered > 1, by_design, optional)
+
     def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
-        """Where the release itself loads from: its override (Bridge 0.4 and later), else the iteration's directory
-        (Megatron-LM's ``get_checkpoint_name`` names a rank's file unless asked for ``return_base_dir``)."""
+        """Where the release itself loads from: the argument that names it, where the declaration names one; else its
+        override (Bridge 0.4 and later), else the iteration's directory (Megatron-LM's ``get_checkpoint_name``
+        names a rank's file unless asked for ``return_base_dir``)."""
+        if self._load.checkpoint is not None:
+            return str(call[self._load.checkpoint])
         override = call.get("checkpoint_path_override")
         if override is not None:
             return str(override)
@@ -317,26 +347,35 @@ class LayoutAwareDistLoad:
         return not probe.missing_parameters(self._checkpointing.get_checkpoint_name, ("return_base_dir",))
 
 
-class LayoutAwareFsdpLoad:
-    """The ``_load_base_checkpoint`` wrapper: an fsdp_dtensor resume restores the entry the checkpoint stores for
-    each rank, its own ``(pp, tp, dp)`` one where there is one; after a TP or PP change, where ``keeps_fresh_after_
-    model_parallel_change`` (the loop lacks Bridge #5100), none: every rank keeps its fresh RNG state."""
+def _state_dict(result: Any, load: LoadFunction) -> Any:
+    """The loaded state dict in what a load returned."""
+    return result[0] if load.returns_tuple else result
 
-    def __init__(self, base_load: Any, keeps_fresh_after_model_parallel_change: bool) -> None:
-        self._signature = inspect.signature(base_load)
+
+class LayoutAwareFsdpLoad:
+    """The wrapper of a stack's fsdp_dtensor load (``TrainingLoop.fsdp_load``): each rank restores the entry the
+    checkpoint stores for it, its own ``(pp, tp, dp)`` one where there is one; after a TP or PP change, where
+    ``keeps_fresh_after_model_parallel_change`` (the loop lacks Bridge #5100), none: every rank keeps its fresh RNG
+    state."""
+
+    def __init__(self, loop: TrainingLoop, checkpointing: ModuleType, keeps_fresh_after_model_parallel_change: bool):
+        self._loop = loop
+        self._load = loop.fsdp_load
+        self._signature = inspect.signature(targets.lookup(checkpointing, loop.fsdp_load.path))
         self._keeps_fresh_after_model_parallel_change = keeps_fresh_after_model_parallel_change
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get("sharded_state_dict")
+        load = self._load
+        sharded_state_dict = call.get(load.request)
         request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
         entries = _fsdp_entries(request)
         if call.get("rank0") or entries is None:
             return wrapped(*args, **kwargs)
-        load_dir = str(call.get("load_dir") or "")
-        unjudged = _storage_not_judged(load_dir)
+        named = str(call.get(load.checkpoint or "load_dir") or "")
+        unjudged = _storage_not_judged(named)
         if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
-            report(f"checkpoint {load_dir}: {unjudged}; its RNG entries are read as the release reads them")
+            report(f"checkpoint {named}: {unjudged}; its RNG entries are read as the release reads them")
             return wrapped(*args, **kwargs)
         shared = next(entry for entry, coordinates in entries.items() if len(coordinates) == 2)
         own_requested = any(len(coordinates) == 3 for coordinates in entries.values())
@@ -354,10 +393,13 @@ class LayoutAwareFsdpLoad:
         if not strict:
             request[shared], request[own] = copy.deepcopy(unloaded), copy.deepcopy(unloaded)
         result = wrapped(*args, **kwargs)
-        state_dict, checkpoint_dir, checkpoint_type = result[0], str(result[1]), result[3]
+        state_dict = _state_dict(result, load)
         loaded = state_dict.get(RNG_STATE_KEY) if isinstance(state_dict, dict) else None
-        if getattr(checkpoint_type, "name", None) != "FSDP_DTENSOR" or not isinstance(loaded, dict):
+        # Bridge's and Megatron-LM's load reads every format and says which it read; the others read fsdp_dtensor only.
+        checkpoint_type = getattr(result[3], "name", None) if load.returns_tuple else "FSDP_DTENSOR"
+        if checkpoint_type != "FSDP_DTENSOR" or not isinstance(loaded, dict):
             return result
+        checkpoint_dir = named if load.checkpoint is not None else str(result[1])
         stored = _stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
         if stored is None:  # no RNG state stored: the restore sets this rank's own live state, as upstream's load does
             loaded.setdefault(shared, unloaded)
@@ -380,8 +422,12 @@ class LayoutAwareFsdpLoad:
         # Whose state the stored entries are: each rank's own, unless the job runs EP > 1 (it asked for its own entry)
         # on a checkpoint of one dict per (pp, tp), mixed by DCP from several ranks' leaves.
         kind = rng_sources.SHARED if own_requested and not stored.per_dp_rank and not gathered else rng_sources.OWN
+        kind = rng_sources.FRESH if by_design else kind
+        optional = self._loop.optional_sources
         loaded.clear()
-        loaded[shared] = RestorableRngStates(states, checkpoint_dir, rank, own_index, kind, gathered, by_design)
+        loaded[shared] = RestorableRngStates(
+            states, checkpoint_dir, rank, own_index, kind, gathered, by_design, optional
+        )
         return result
 
 
@@ -441,20 +487,22 @@ def _report_fsdp_layout(stored: StoredRngLayout, own_requested: bool, dp_size: i
 class LayoutLoadPatch:
     def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
         fsdp_dtensor = _loads_fsdp_dtensor(loop, checkpointing)
-        return (DIST_LOAD_FUNCTION, loop.load_function) if fsdp_dtensor else (DIST_LOAD_FUNCTION,)
+        return (loop.dist_load.path, loop.fsdp_load.path) if fsdp_dtensor else (loop.dist_load.path,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        missing = [name for name in (DIST_LOAD_FUNCTION, "get_checkpoint_name") if not hasattr(checkpointing, name)]
+        load = loop.dist_load
+        named_by = () if load.checkpoint is not None else ("get_checkpoint_name",)
+        missing = [name for name in (load.path, *named_by) if not targets.exists(checkpointing, name)]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
         # Is the fix already there? Asked first, from the code: no release number says so.
-        load_functions = (loop.restore_function, DIST_LOAD_FUNCTION)
+        load_functions = [targets.lookup(checkpointing, path) for path in (loop.resume_function, load.path)]
         follows = probe.load_follows_stored_rng_layout(checkpointing, load_functions)
         if follows:
             return Decision.not_needed("upstream's load already asks for the RNG layout the checkpoint stores")
-        dist_load = getattr(checkpointing, DIST_LOAD_FUNCTION)
-        shown = f"{DIST_LOAD_FUNCTION}{probe.describe_signature(dist_load)}"
-        unbound = probe.missing_parameters(dist_load, _DIST_LOAD_ARGUMENTS)
+        dist_load = targets.lookup(checkpointing, load.path)
+        shown = f"{load.path}{probe.describe_signature(dist_load)}"
+        unbound = probe.missing_parameters(dist_load, _bound_by(load, _CHECKPOINT_NAMED_BY))
         if unbound:
             return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
         if follows is None:
@@ -468,28 +516,40 @@ class LayoutLoadPatch:
         return Decision.apply(reason)
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        wrapt.wrap_function_wrapper(checkpointing, DIST_LOAD_FUNCTION, LayoutAwareDistLoad(checkpointing))
+        targets.wrap(checkpointing, loop.dist_load.path, LayoutAwareDistLoad(loop, checkpointing))
         if _loads_fsdp_dtensor(loop, checkpointing):
             keeps_fresh = not _ignores_rng_after_model_parallel_change(loop, checkpointing)
-            base_load = getattr(checkpointing, loop.load_function)
-            wrapt.wrap_function_wrapper(checkpointing, loop.load_function, LayoutAwareFsdpLoad(base_load, keeps_fresh))
+            targets.wrap(checkpointing, loop.fsdp_load.path, LayoutAwareFsdpLoad(loop, checkpointing, keeps_fresh))
+
+
+def _bound_by(load: LoadFunction, checkpoint_named_by: tuple[str, ...]) -> tuple[str, ...]:
+    """What a load must bind by name: its request, and its checkpoint argument, or what names the checkpoint."""
+    return (load.request, load.checkpoint) if load.checkpoint is not None else (load.request, *checkpoint_named_by)
 
 
 def _ignores_rng_after_model_parallel_change(loop: TrainingLoop, checkpointing: ModuleType) -> bool:
     """Whether the loop's fsdp_dtensor load already leaves RNG state alone after a TP or PP change (Bridge #5100, in
     0.6.0); where its source cannot be read, taken as not, so that the package's own check applies: after such a
     change no stored state belongs to any running rank."""
-    restore = getattr(checkpointing, loop.restore_function, None)
-    return restore is not None and bool(probe.fsdp_load_ignores_rng_after_model_parallel_change(restore))
+    restore = targets.lookup(checkpointing, loop.resume_function)
+    return bool(probe.fsdp_load_ignores_rng_after_model_parallel_change(restore))
 
 
 def _loads_fsdp_dtensor(loop: TrainingLoop, checkpointing: ModuleType) -> bool:
-    """Whether the loop writes fsdp_dtensor RNG entries by (pp, tp) and loads through a base load this package can
+    """Whether the loop writes fsdp_dtensor RNG entries by (pp, tp) and loads them through a load this package can
     bind."""
-    get_rng_state, base_load = (getattr(checkpointing, name, None) for name in ("get_rng_state", loop.load_function))
-    if get_rng_state is None or base_load is None or not probe.keys_fsdp_rng_by_pp_tp(get_rng_state):
+    load = loop.fsdp_load
+    if (
+        load is None
+        or not targets.exists(checkpointing, load.path)
+        or not targets.exists(checkpointing, loop.get_rng_state)
+    ):
         return False
-    return not probe.missing_parameters(base_load, _BASE_LOAD_ARGUMENTS)
+    if not probe.keys_fsdp_rng_by_pp_tp(targets.lookup(checkpointing, loop.get_rng_state), checkpointing):
+        return False
+    return not probe.missing_parameters(
+        targets.lookup(checkpointing, load.path), _bound_by(load, _BASE_CHECKPOINT_NAMED_BY)
+    )
 
 
 PATCH = LayoutLoadPatch()

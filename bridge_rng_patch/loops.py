@@ -1,8 +1,10 @@
-"""The training loops whose checkpointing the package patches, and the upstream facts each patch decides by.
+"""The training stacks whose checkpointing the package patches, and the upstream facts each patch decides by.
 
-Like an OpenTelemetry instrumentor's ``instruments``, this only declares: where each loop keeps its
-checkpointing code, how its functions are known, and which release numbers have each fix (the second signal,
-after the code itself). Importing it costs nothing: ``import bridge_rng_patch`` needs it for its import hook.
+Like an OpenTelemetry instrumentor's ``instruments``, this only declares: where each stack keeps its checkpointing
+code (a function of its module, a method of one of its classes, or a function it calls through a module of
+megatron-core's, each named by its attribute path in the stack's module: ``targets.py`` resolves them all alike),
+how its functions are known, how it seeds, and which release numbers have each fix (the second signal, after the
+code itself). Importing it costs nothing: ``import bridge_rng_patch`` needs it for its import hook.
 """
 
 from __future__ import annotations
@@ -20,38 +22,77 @@ class FixedIn(NamedTuple):
     known: str | None = None
 
 
-class TrainingLoop(NamedTuple):
-    """A training loop whose checkpointing module the package patches.
+class LoadFunction(NamedTuple):
+    """A function a stack loads checkpoint state through, the RNG request among it: which argument holds the request,
+    where the checkpoint directory comes from (``checkpoint``: the argument that names it; None: the loop's
+    ``get_checkpoint_name(load_dir, iteration, release)`` for a torch_dist load, the result for an fsdp_dtensor one)
+    and what it returns (``returns_tuple``: ``(state_dict, checkpoint_name, release, checkpoint_type)``, as
+    Megatron-Bridge's and Megatron-LM's loads do; else the state dict itself)."""
 
-    ``rng_state_first`` is the first parameter of its ``get_rng_state`` (one per family of releases),
-    ``rng_state_optional`` those its releases add after it; ``restore_function`` restores the loaded RNG state;
-    ``load_function`` loads a checkpoint in every format, given what to load as ``sharded_state_dict``;
-    ``distribution`` states the release number.
+    path: str
+    request: str = "sharded_state_dict"
+    checkpoint: str | None = None
+    returns_tuple: bool = True
+
+
+class Seeding(NamedTuple):
+    """How far apart a stack's own seeding puts each rank's seed, before megatron-core's tracker adds its own
+    offsets (``2718 + tp`` for the model-parallel stream, ``1024 + 100 * ep + etp`` for the expert one):
+    ``pipeline`` per PP rank, and ``data_parallel`` per DP rank with ``data_parallel_random_init``."""
+
+    pipeline: int
+    data_parallel: int
+
+
+# Megatron-LM's and Megatron-Bridge's ``_set_random_seed``: ``seed + 100 * pp`` (``+ 10 * dp``).
+MEGATRON_SEEDING = Seeding(pipeline=100, data_parallel=10)
+
+
+class TrainingLoop(NamedTuple):
+    """A training stack whose checkpointing module the package patches.
+
+    ``package`` is what must be importable for there to be anything to patch. ``get_rng_state`` builds the RNG
+    state a save writes; ``rng_state_first`` are the parameters it may take first (one per family of releases;
+    some take none), ``rng_state_optional`` those its releases add after it. ``resume_function`` runs a resume from
+    start to end; ``restore_function`` sets the loaded RNG state; ``dist_load`` and ``fsdp_load`` load a torch_dist
+    and an fsdp_dtensor checkpoint with the RNG request. ``optional_sources`` are keys of an RNG entry the stack may
+    leave out (verl saves the device generator only where the process has a device). ``distribution`` states the
+    release number.
     """
 
     name: str
     module: str
+    package: str
     distribution: str
-    restore_function: str
-    load_function: str
+    get_rng_state: str
     rng_state_first: frozenset[str]
     rng_state_optional: frozenset[str]
+    resume_function: str
+    restore_function: str
+    dist_load: LoadFunction
+    fsdp_load: LoadFunction | None
+    seeding: Seeding
     fixed_in: dict[str, FixedIn]
+    optional_sources: frozenset[str] = frozenset()
 
-    @property
-    def package(self) -> str:
-        """Its training package, whose absence means there is nothing of this loop to patch."""
-        return self.module.rsplit(".", 1)[0]
 
+# The load of every format both Megatron loops have: fsdp_dtensor's is inside it (Megatron-LM) or below it (Bridge).
+_MEGATRON_BASE_LOAD = LoadFunction("_load_base_checkpoint")
+_MEGATRON_DIST_LOAD = LoadFunction("_load_global_dist_base_checkpoint")
 
 BRIDGE = TrainingLoop(
     name="Megatron-Bridge",
     module="megatron.bridge.training.checkpointing",
+    package="megatron.bridge",
     distribution="megatron-bridge",
-    restore_function="_load_checkpoint_from_path",
-    load_function="_load_base_checkpoint",
+    get_rng_state="get_rng_state",
     rng_state_first=frozenset({"data_parallel_random_init"}),
     rng_state_optional=frozenset({"ckpt_format", "pg_collection", "module_name"}),
+    resume_function="_load_checkpoint_from_path",
+    restore_function="_load_checkpoint_from_path",
+    dist_load=_MEGATRON_DIST_LOAD,
+    fsdp_load=_MEGATRON_BASE_LOAD,
+    seeding=MEGATRON_SEEDING,
     fixed_in={
         # EP-aware sharding and the graph-safe restore came with PR #2092 in 0.3.0. No release up to 0.6.2 asks for
         # the RNG layout a checkpoint stores; main does since Sep 2026, and has stated 0.7.0 since Aug 2026. The
@@ -68,11 +109,16 @@ BRIDGE = TrainingLoop(
 MEGATRON_LM = TrainingLoop(
     name="Megatron-LM",
     module="megatron.training.checkpointing",
+    package="megatron.training",
     distribution="megatron-core",
-    restore_function="load_checkpoint",
-    load_function="_load_base_checkpoint",
+    get_rng_state="get_rng_state",
     rng_state_first=frozenset({"ckpt_format", "use_dist_ckpt"}),
     rng_state_optional=frozenset({"tp_group", "pp_group", "dp_cp_group", "dp_group", "key_prefix"}),
+    resume_function="load_checkpoint",
+    restore_function="load_checkpoint",
+    dist_load=_MEGATRON_DIST_LOAD,
+    fsdp_load=_MEGATRON_BASE_LOAD,
+    seeding=MEGATRON_SEEDING,
     fixed_in={
         # Per-rank RNG sharding (#6858, Aug 2026) and a stored-layout load are in no release up to 0.19.2, the newest
         # read; the restore converts tracker states from 0.16 (PR #2641), before megatron.training shipped.
@@ -81,4 +127,53 @@ MEGATRON_LM = TrainingLoop(
         LAYOUT_LOAD: FixedIn("0.20.0"),
     },
 )
-LOOPS = (BRIDGE, MEGATRON_LM)
+# verl's Megatron checkpoint manager (0.4.1 to 0.9.1 read): the RNG state is a method of the manager, saved in the
+# checkpoint's ``extra`` dist-checkpoint (with the model up to 0.7) through verl's own ``load_dist_checkpointing``,
+# restored by ``load_rng_states``; verl seeds every rank alike (``set_random_seed``: no PP or DP offset).
+VERL = TrainingLoop(
+    name="verl",
+    module="verl.utils.checkpoint.megatron_checkpoint_manager",
+    package="verl",
+    distribution="verl",
+    get_rng_state="MegatronCheckpointManager.get_rng_state",
+    rng_state_first=frozenset({"use_dist_ckpt"}),
+    rng_state_optional=frozenset({"data_parallel_random_init"}),
+    resume_function="MegatronCheckpointManager.load_checkpoint",
+    restore_function="MegatronCheckpointManager.load_rng_states",
+    dist_load=LoadFunction("load_dist_checkpointing", checkpoint="ckpt_dir", returns_tuple=False),
+    fsdp_load=None,
+    seeding=Seeding(pipeline=0, data_parallel=0),
+    fixed_in={
+        # No release up to 0.9.1 shards by EP, converts tracker states, or reads the stored RNG layout.
+        SAVE_SHARDING: FixedIn("0.9.2"),
+        TRACKER_RESTORE: FixedIn("0.9.2"),
+        LAYOUT_LOAD: FixedIn("0.9.2"),
+    },
+    optional_sources=frozenset({"cuda_rng_state"}),
+)
+# ms-swift 4.x (4.0.0 to 4.6.0 read): its own Megatron loop in ``megatron_lm_utils``, which calls megatron-core's
+# ``dist_checkpointing.load`` and, from 4.5.3, its own fsdp_dtensor module; seeded by mcore_bridge's
+# ``set_random_seed`` (``seed + 1009 * pp``, ``+ 11 * dp``). ms-swift 3.x runs Megatron-LM source trees instead.
+MS_SWIFT = TrainingLoop(
+    name="ms-swift",
+    module="swift.megatron.utils.megatron_lm_utils",
+    package="swift",
+    distribution="ms-swift",
+    get_rng_state="_get_rng_state",
+    rng_state_first=frozenset({"fsdp_dtensor"}),
+    rng_state_optional=frozenset({"data_parallel_random_init"}),
+    resume_function="load_mcore_checkpoint",
+    restore_function="load_mcore_checkpoint",
+    dist_load=LoadFunction("dist_checkpointing.load", checkpoint="checkpoint_dir", returns_tuple=False),
+    fsdp_load=LoadFunction(
+        "fsdp_checkpoint.load_checkpoint", request="state_dict", checkpoint="checkpoint_dir", returns_tuple=False
+    ),
+    seeding=Seeding(pipeline=1009, data_parallel=11),
+    fixed_in={
+        # No 4.x release up to 4.6.0 shards by EP, converts tracker states, or reads the stored RNG layout.
+        SAVE_SHARDING: FixedIn("4.7.0"),
+        TRACKER_RESTORE: FixedIn("4.7.0"),
+        LAYOUT_LOAD: FixedIn("4.7.0"),
+    },
+)
+LOOPS = (BRIDGE, MEGATRON_LM, VERL, MS_SWIFT)

@@ -1,9 +1,9 @@
 """The one place that applies and undoes the patches and keeps their status.
 
-Each training loop the package knows (``probe.LOOPS``: Megatron-Bridge, Megatron-LM) gets every patch, applied
-once when its checkpointing module is imported (or at once if it already is), each only after it has probed
-that loop's installed code. A patch that cannot apply says why and leaves the module untouched. Undo puts back
-the exact original objects. Nothing heavy is imported here: the patch modules, and with them wrapt, torch and
+Each training stack the package knows (``loops.LOOPS``: Megatron-Bridge, Megatron-LM, verl, ms-swift) gets every
+patch, applied once when its checkpointing module is imported (or at once if it already is), each only after it
+has probed that stack's installed code. A patch that cannot apply says why and leaves the module untouched. Undo
+puts back the exact original objects. Nothing heavy is imported here: the patch modules, and with them wrapt, torch and
 megatron, are imported only when a target module is.
 """
 
@@ -45,7 +45,8 @@ class PatchStatus(NamedTuple):
 
 
 class Patch(Protocol):
-    """One patch: the module attributes it replaces, a probe that decides, and the replacement."""
+    """One patch: the attribute paths it wraps in the stack's module (``targets.py``), a probe that decides, and the
+    replacement."""
 
     def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]: ...
 
@@ -60,7 +61,7 @@ def _waiting_for(loop: TrainingLoop) -> Decision:
 
 _lock = threading.RLock()
 _states: dict[tuple[str, str], Decision] = {(loop.name, name): _waiting_for(loop) for loop in LOOPS for name in PATCHES}
-_originals: dict[tuple[str, str], dict[str, object]] = {}
+_originals: dict[tuple[str, str], list[Any]] = {}
 _versions: dict[str, str] = {}
 _switched_off = False
 
@@ -136,13 +137,12 @@ def undo() -> tuple[PatchStatus, ...]:
     with _lock:
         _switched_off = True
         for loop in LOOPS:
-            checkpointing = sys.modules.get(loop.module)
             for name in reversed(PATCHES):
                 key = (loop.name, name)
                 originals = _originals.pop(key, None)
                 if originals is not None:
-                    for attribute, original in originals.items():
-                        setattr(checkpointing, attribute, original)
+                    for saved in reversed(originals):
+                        saved.put_back()
                     _record(key, Decision(UNDONE, "original functions restored"))
                 elif _states[key].state == PENDING:
                     _record(key, Decision(UNDONE, f"switched off before {loop.module} was imported"))
@@ -151,7 +151,7 @@ def undo() -> tuple[PatchStatus, ...]:
 
 def status(loop: str | None = None) -> tuple[PatchStatus, ...]:
     """Per loop and patch: applied / not needed / disabled / refused / pending / undone, why, and the versions
-    found; only ``loop``'s ("Megatron-Bridge", "Megatron-LM") where it is given."""
+    found; only ``loop``'s ("Megatron-Bridge", "Megatron-LM", "verl", "ms-swift") where it is given."""
     with _lock:
         if not _versions:
             from bridge_rng_patch.probe import installed_versions
@@ -194,12 +194,14 @@ def _apply_one(loop: TrainingLoop, name: str, checkpointing: ModuleType) -> None
         _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
         return
     if decision.state == APPLIED:
-        originals = {attribute: getattr(checkpointing, attribute) for attribute in patch.targets(loop, checkpointing)}
+        from bridge_rng_patch import targets
+
+        originals = [targets.save(checkpointing, path) for path in patch.targets(loop, checkpointing)]
         try:
             patch.instrument(loop, checkpointing)
         except Exception as error:
-            for attribute, original in originals.items():
-                setattr(checkpointing, attribute, original)
+            for saved in reversed(originals):
+                saved.put_back()
             decision = Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
         else:
             _originals[key] = originals

@@ -21,7 +21,7 @@ from types import ModuleType
 from packaging.version import InvalidVersion, Version
 
 from bridge_rng_patch.decision import Decision
-from bridge_rng_patch.loops import TrainingLoop
+from bridge_rng_patch.loops import LOOPS, TrainingLoop
 
 BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
@@ -35,7 +35,8 @@ NOT_INSTALLED = "not installed"
 _EVERY_DP_RANK_SHARDED = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel|\(\s*pp_size\s*,\s*tp_size\s*,")
 _FSDP_KEYED_BY_PP_TP = re.compile(r"""\{\s*f["']\(\{pp_rank\}, \{tp_rank\}\)["']\s*:""")
 _CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
-_RNG_STATE_BRANCH = re.compile(r"""["']rng_state["'] in state_dict""")
+# A call of a function of another module through the module's global: ms-swift's ``fsdp_checkpoint.build_rng_state(``.
+_CALLED_THROUGH_MODULE = re.compile(r"\b([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
 # The fsdp_dtensor branch of a loop's load, up to its RNG restore; Bridge #5100 (0.6.0) compares TP and PP in it.
 _FSDP_LOAD_BRANCH = re.compile(
     r"""elif\s+(?:\w+\.)*ckpt_format\s*==\s*["']fsdp_dtensor["']\s*:(.*?)["']rng_state["'] in state_dict""", re.DOTALL
@@ -88,10 +89,14 @@ def _code_version(package: str) -> tuple[bool, str | None]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {
-        name: installed_version(name) or NOT_INSTALLED
-        for name in (BRIDGE_DISTRIBUTION, CORE_DISTRIBUTION, "torch", "wrapt")
-    }
+    """Megatron-Bridge's and megatron-core's versions (or that they are not installed), each other stack's where it is
+    installed, torch's and wrapt's."""
+    versions = {name: installed_version(name) or NOT_INSTALLED for name in (BRIDGE_DISTRIBUTION, CORE_DISTRIBUTION)}
+    for name in (*(loop.distribution for loop in LOOPS if loop.distribution not in versions), "torch", "wrapt"):
+        version = installed_version(name)
+        if version is not None or name in ("torch", "wrapt"):
+            versions[name] = version or NOT_INSTALLED
+    return versions
 
 
 def _release(loop: TrainingLoop) -> Version | None:
@@ -170,22 +175,26 @@ class RngStateSignature:
 
     def describe(self) -> str:
         groups = "" if any(name in self.names for name in _GROUP_ARGUMENTS) else " with mpu globals"
-        return f"get_rng_state{self.shown}{groups}"
+        return f"{self.shown}{groups}"
 
 
-def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop) -> RngStateSignature | None:
-    """The signature of ``get_rng_state`` if every parameter is one the package knows how to fix, else None."""
+def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop, method: bool = False) -> RngStateSignature | None:
+    """The signature of ``get_rng_state`` if every parameter is one the package knows how to fix, else None; a
+    ``method`` is known by the parameters after the instance, which a wrapper of a bound call does not see."""
     try:
-        parameters = list(inspect.signature(get_rng_state).parameters.values())
+        parameters = list(inspect.signature(get_rng_state).parameters.values())[1 if method else 0 :]
     except (TypeError, ValueError):
         return None
     names = tuple(parameter.name for parameter in parameters)
-    if not names or names[0] not in loop.rng_state_first or not set(names[1:]) <= loop.rng_state_optional:
+    if names and (names[0] not in loop.rng_state_first or not set(names[1:]) <= loop.rng_state_optional):
         return None
-    if parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+    if names and parameters[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         return None
     keyword_only = frozenset(parameter.name for parameter in parameters if parameter.kind is parameter.KEYWORD_ONLY)
-    return RngStateSignature(names, keyword_only, describe_signature(get_rng_state))
+    shown = describe_signature(get_rng_state)
+    if method:
+        shown = "(" + shown[1:].partition(", ")[2] if ", " in shown else "()"
+    return RngStateSignature(names, keyword_only, f"{loop.get_rng_state}{shown}")
 
 
 def shards_every_dp_rank(get_rng_state: Callable) -> bool | None:
@@ -197,11 +206,25 @@ def shards_every_dp_rank(get_rng_state: Callable) -> bool | None:
     return bool(_EVERY_DP_RANK_SHARDED.search(source))
 
 
-def keys_fsdp_rng_by_pp_tp(get_rng_state: Callable) -> bool | None:
+def keys_fsdp_rng_by_pp_tp(get_rng_state: Callable, module: ModuleType | None = None) -> bool | None:
     """Whether ``get_rng_state`` keys fsdp_dtensor's RNG state by (pp, tp) alone, as every release up to Bridge
-    0.6.2 and Megatron-LM 0.19.2 does; None when its source is unavailable."""
+    0.6.2 and Megatron-LM 0.19.2 does, in its own code or in a function it calls through a module of ``module``'s
+    (ms-swift's ``fsdp_checkpoint.build_rng_state``); None when its source is unavailable."""
     source = source_of(get_rng_state)
-    return None if source is None else bool(_FSDP_KEYED_BY_PP_TP.search(source))
+    if source is None:
+        return None
+    return any(_FSDP_KEYED_BY_PP_TP.search(text) for text in (source, *_callees_through_modules(source, module)))
+
+
+def _callees_through_modules(source: str, module: ModuleType | None) -> list[str]:
+    """The sources of the functions ``source`` calls as ``name.function(`` where ``name`` is a module global of
+    ``module``."""
+    found = []
+    for name, function in _CALLED_THROUGH_MODULE.findall(source):
+        owner = getattr(module, name, None) if module is not None else None
+        callee = getattr(owner, function, None) if isinstance(owner, ModuleType) else None
+        found.append(source_of(callee) or "" if callable(callee) else "")
+    return found
 
 
 def builds_rng_sharded_object(get_rng_state: Callable) -> bool | None:
@@ -234,21 +257,22 @@ def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
 
 
 def restore_sets_tracker_states(restore: Callable) -> bool | None:
-    """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint."""
+    """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint's
+    ``rng_tracker_states``."""
     source = source_of(restore)
     if source is None:
         return None
-    return ".set_states(" in source and bool(_RNG_STATE_BRANCH.search(source))
+    return ".set_states(" in source and "rng_tracker_states" in source
 
 
-def load_follows_stored_rng_layout(checkpointing: ModuleType, load_functions: tuple[str, ...]) -> bool | None:
+def load_follows_stored_rng_layout(checkpointing: ModuleType, load_functions: list[Callable]) -> bool | None:
     """Whether the loop's own load path already asks for the RNG shards the checkpoint stores (Bridge main).
 
     True when one of ``load_functions`` calls a function of the module that is about RNG state and about the
     checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a source that
     reads the stored metadata. None when none of their sources can be read.
     """
-    sources = [source_of(function) for name in load_functions if (function := getattr(checkpointing, name, None))]
+    sources = [source_of(function) for function in load_functions]
     if not any(sources):
         return None
     called = {name for source in sources if source for name in _CALLED_NAME.findall(source)}

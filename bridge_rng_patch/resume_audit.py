@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import wrapt
-
-from bridge_rng_patch import probe, rng_sources
+from bridge_rng_patch import probe, rng_sources, targets
 from bridge_rng_patch.decision import DISABLED, Decision, report
-from bridge_rng_patch.loops import TrainingLoop
+from bridge_rng_patch.loops import MEGATRON_SEEDING, LoadFunction, Seeding, TrainingLoop
 from bridge_rng_patch.rng_layout import RNG_STATE_KEY
 
 AUDIT_ENV = "BRIDGE_RNG_PATCH_AUDIT"
@@ -84,18 +82,23 @@ class ResumeAudit:
         return not (self.collapsed or self.not_as_handed or self.unaudited)
 
 
-def audit_restored_rng(data_parallel_random_init: bool = False) -> ResumeAudit | None:
+def audit_restored_rng(
+    data_parallel_random_init: bool = False, seeding: Seeding = MEGATRON_SEEDING
+) -> ResumeAudit | None:
     """Audit the RNG state this rank holds right after its loop restored a checkpoint; call it on every rank.
 
     For loops the package does not patch: what each rank was handed is not known there, so the audit checks that
-    the streams Megatron seeds apart are still apart (``data_parallel_random_init`` as the run was started with).
+    the streams Megatron seeds apart are still apart (``data_parallel_random_init`` as the run was started with;
+    ``seeding``, how far apart the loop's own seeding puts PP and DP ranks: Megatron's by default).
     Rank 0 logs one line, a WARNING where a stream collapsed; every rank gets the same result, or None where the
     audit is switched off or could not run (said once in the log).
     """
-    return _audit(None, data_parallel_random_init)
+    return _audit(None, data_parallel_random_init, seeding)
 
 
-def _audit(handed: rng_sources.Handed | None, data_parallel_random_init: bool, where: str = "") -> ResumeAudit | None:
+def _audit(
+    handed: rng_sources.Handed | None, data_parallel_random_init: bool, seeding: Seeding, where: str = ""
+) -> ResumeAudit | None:
     if audit_switched_off():
         return None
     own = _this_rank(handed, data_parallel_random_init)
@@ -106,7 +109,7 @@ def _audit(handed: rng_sources.Handed | None, data_parallel_random_init: bool, w
         if distributed.is_initialized():
             everyone = [None] * distributed.get_world_size()
             distributed.all_gather_object(everyone, own)
-        result = judge([RankAudit(*entry) for entry in everyone], where)
+        result = judge([RankAudit(*entry) for entry in everyone], seeding, where)
     except Exception as error:
         _warn_once(f"RNG resume audit could not run on rank {own.rank} ({error!r}); the resume itself is unaffected")
         return None
@@ -168,9 +171,9 @@ def _warn_once(message: str) -> None:
         report(message, logging.WARNING, every_rank=True)
 
 
-def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool) -> int:
-    """Where Megatron's seeding puts ``stream`` of ``rank``, relative to the run's seed."""
-    offset = 100 * rank.pp + (10 * rank.dp if data_parallel_random_init else 0)
+def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool, seeding: Seeding) -> int:
+    """Where the stack's seeding puts ``stream`` of ``rank``, relative to the run's seed."""
+    offset = seeding.pipeline * rank.pp + (seeding.data_parallel * rank.dp if data_parallel_random_init else 0)
     if stream == MODEL_PARALLEL_STREAM:
         return offset + 2718 + rank.tp
     if stream == EXPERT_PARALLEL_STREAM:
@@ -178,13 +181,13 @@ def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool) -
     return offset
 
 
-def collapsed_streams(ranks: Sequence[RankAudit]) -> list[Collapse]:
+def collapsed_streams(ranks: Sequence[RankAudit], seeding: Seeding) -> list[Collapse]:
     """Every stream some ranks hold in one state although Megatron seeds them apart."""
     random_init = any(rank.data_parallel_random_init for rank in ranks)  # the run's, known to every rank handed state
     holders: dict[tuple[str, str], dict[int, list[int]]] = {}
     for rank in ranks:
         for stream, digest in rank.digests.items():
-            offset = seed_offset(stream, rank, random_init)
+            offset = seed_offset(stream, rank, random_init, seeding)
             holders.setdefault((stream, digest), {}).setdefault(offset, []).append(rank.rank)
     return [
         Collapse(stream, tuple(tuple(group) for _, group in sorted(by_seed.items(), key=lambda item: item[1][0])))
@@ -193,7 +196,7 @@ def collapsed_streams(ranks: Sequence[RankAudit]) -> list[Collapse]:
     ]
 
 
-def judge(ranks: Sequence[RankAudit], where: str = "") -> ResumeAudit:
+def judge(ranks: Sequence[RankAudit], seeding: Seeding = MEGATRON_SEEDING, where: str = "") -> ResumeAudit:
     """The audit's verdict and its line, from every rank's contribution."""
     audited = [rank for rank in ranks if rank.error is None]
     result = ResumeAudit(len(ranks))
@@ -202,7 +205,7 @@ def judge(ranks: Sequence[RankAudit], where: str = "") -> ResumeAudit:
         if rank.handed is not None:
             result.by_kind.setdefault(rank.handed, []).append(rank.rank)
     result.not_as_handed = [rank.rank for rank in audited if rank.holds_what_it_was_handed is False]
-    result.collapsed = collapsed_streams(audited)
+    result.collapsed = collapsed_streams(audited, seeding)
     result.line = _line(result, where)
     return result
 
@@ -264,6 +267,9 @@ class AuditAfterRestore:
     finetune, a TP or PP change), so every rank reaches the same decision and the collective is joined by all.
     """
 
+    def __init__(self, seeding: Seeding) -> None:
+        self._seeding = seeding
+
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if audit_switched_off():
             return wrapped(*args, **kwargs)
@@ -273,7 +279,7 @@ class AuditAfterRestore:
         where = f"checkpoint {record.checkpoint_dir}" if record.checkpoint_dir else "the resume"
         if record.rng_requested:
             handed = record.handed
-            _audit(handed, handed is not None and handed.data_parallel_random_init, where)
+            _audit(handed, handed is not None and handed.data_parallel_random_init, self._seeding, where)
         elif record.loads:
             report(
                 f"RNG resume audit of {where}: the loop restored no RNG state (load_rng off, finetune, a TP or PP "
@@ -283,15 +289,16 @@ class AuditAfterRestore:
 
 
 class NotingLoads:
-    """The wrapper of the loop's load of every format: notes each load of a checkpoint, and whether it asks for RNG
-    state, for the restore's wrapper to decide on."""
+    """The wrapper of a stack's checkpoint load (``TrainingLoop.dist_load``, ``fsdp_load``): notes each load, and
+    whether it asks for RNG state, for the resume's wrapper to decide on."""
 
-    def __init__(self, load: Any) -> None:
-        self._signature = inspect.signature(load)
+    def __init__(self, load: LoadFunction, function: Any) -> None:
+        self._load = load
+        self._signature = inspect.signature(function)
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get("sharded_state_dict")
+        sharded_state_dict = call.get(self._load.request)
         if call.get("rank0") or not isinstance(sharded_state_dict, dict):
             return wrapped(*args, **kwargs)
         # Asked before the load, from the request the loop built (Bridge keeps the key, set to None, when it asks for
@@ -299,34 +306,47 @@ class NotingLoads:
         # none), and the decision must be the same on every rank.
         rng_requested = sharded_state_dict.get(RNG_STATE_KEY) is not None
         result = wrapped(*args, **kwargs)
-        checkpoint_dir = result[1] if isinstance(result, tuple) and len(result) > 1 and result[1] else None
+        if self._load.checkpoint is not None:
+            checkpoint_dir = call.get(self._load.checkpoint)
+        else:
+            checkpoint_dir = result[1] if isinstance(result, tuple) and len(result) > 1 and result[1] else None
         rng_sources.note_load(rng_requested, None if checkpoint_dir is None else str(checkpoint_dir))
         return result
 
 
 class ResumeAuditPatch:
     def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (loop.restore_function, loop.load_function)
+        return (loop.resume_function, *(load.path for load in _loads(loop, checkpointing)))
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        missing = [name for name in self.targets(loop, checkpointing) if not hasattr(checkpointing, name)]
+        missing = [
+            path for path in (loop.resume_function, loop.dist_load.path) if not targets.exists(checkpointing, path)
+        ]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        unbound = probe.missing_parameters(getattr(checkpointing, loop.load_function), _LOAD_ARGUMENTS)
-        if unbound:
-            shown = f"{loop.load_function}{probe.describe_signature(getattr(checkpointing, loop.load_function))}"
-            return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
+        for load in _loads(loop, checkpointing):
+            function = targets.lookup(checkpointing, load.path)
+            unbound = probe.missing_parameters(function, (load.request,))
+            if unbound:
+                shown = f"{load.path}{probe.describe_signature(function)}"
+                return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
         if audit_switched_off():
             return Decision(DISABLED, f"{AUDIT_ENV} is set to switch it off")
         return Decision.apply(
-            f"after {loop.restore_function} resumes RNG state, one small collective compares each rank's streams with "
+            f"after {loop.resume_function} resumes RNG state, one small collective compares each rank's streams with "
             "what it was handed and with the other ranks'; rank 0 logs one line"
         )
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        load = getattr(checkpointing, loop.load_function)
-        wrapt.wrap_function_wrapper(checkpointing, loop.load_function, NotingLoads(load))
-        wrapt.wrap_function_wrapper(checkpointing, loop.restore_function, AuditAfterRestore())
+        for load in _loads(loop, checkpointing):
+            targets.wrap(checkpointing, load.path, NotingLoads(load, targets.lookup(checkpointing, load.path)))
+        targets.wrap(checkpointing, loop.resume_function, AuditAfterRestore(loop.seeding))
+
+
+def _loads(loop: TrainingLoop, checkpointing: ModuleType) -> list[LoadFunction]:
+    """The stack's loads that are there: its torch_dist one, and its fsdp_dtensor one where it has one."""
+    declared = (loop.dist_load, loop.fsdp_load)
+    return [load for load in declared if load is not None and targets.exists(checkpointing, load.path)]
 
 
 PATCH = ResumeAuditPatch()

@@ -1,9 +1,9 @@
 """Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, so every DP rank's is written.
 
-Old Megatron-Bridge releases, and Megatron-LM's loop in every release up to 0.19.2, shard it by (pp, tp) with
-the DP rank as ``replica_id``, so only one DP rank's state is saved while ranks in different expert-parallel
-groups hold different expert RNG streams. The wrapper keeps everything the original does (what it collects,
-the DP all-gather) and only re-shards the ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
+Old Megatron-Bridge releases, Megatron-LM's loop in every release up to 0.19.2, verl and ms-swift shard it by
+(pp, tp) with the DP rank as ``replica_id``, so only one DP rank's state is saved while ranks in different
+expert-parallel groups hold different expert RNG streams. The wrapper keeps everything the original does (what it
+collects, the DP all-gather) and only re-shards the ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
 fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams in every release (torch DCP keeps one writer per
 leaf): there the wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
 """
@@ -14,15 +14,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-import wrapt
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import groups, probe
+from bridge_rng_patch import groups, probe, targets
 from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.loops import SAVE_SHARDING, TrainingLoop
 from bridge_rng_patch.rng_layout import reshard_per_dp_rank, with_own_fsdp_entry
-
-TARGET = "get_rng_state"
 
 
 def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = True) -> Callable[..., Any]:
@@ -59,25 +56,26 @@ def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
 
 class SaveShardingPatch:
     def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (TARGET,)
+        return (loop.get_rng_state,)
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        get_rng_state = getattr(checkpointing, TARGET, None)
-        if get_rng_state is None:
-            return Decision.refuse(f"{checkpointing.__name__} has no {TARGET}")
+        target = loop.get_rng_state
+        if not targets.exists(checkpointing, target):
+            return Decision.refuse(f"{checkpointing.__name__} has no {target}")
+        get_rng_state = targets.lookup(checkpointing, target)
         # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
         every_dp_rank = probe.shards_every_dp_rank(get_rng_state)
-        fsdp_by_pp_tp = probe.keys_fsdp_rng_by_pp_tp(get_rng_state)
+        fsdp_by_pp_tp = probe.keys_fsdp_rng_by_pp_tp(get_rng_state, checkpointing)
         if every_dp_rank and not fsdp_by_pp_tp:
             shown = probe.describe_signature(get_rng_state)
-            return Decision.not_needed(f"upstream {TARGET}{shown} already writes every DP rank's RNG state")
-        unavailable = f"the source of {TARGET}"
+            return Decision.not_needed(f"upstream {target}{shown} already writes every DP rank's RNG state")
+        unavailable = f"the source of {target}"
         release_claims_fix = probe.release_claims_fix(loop, SAVE_SHARDING)
         if every_dp_rank is None and release_claims_fix:
             return probe.decide_by_release(loop, SAVE_SHARDING, unavailable)
-        signature = probe.rng_state_signature(get_rng_state, loop)
+        signature = _signature(loop, checkpointing)
         if signature is None:
-            return Decision.refuse(f"unknown signature {TARGET}{probe.describe_signature(get_rng_state)}")
+            return Decision.refuse(f"unknown signature {target}{probe.describe_signature(get_rng_state)}")
         if every_dp_rank is None:
             return probe.decide_by_release(loop, SAVE_SHARDING, unavailable)
         if every_dp_rank:
@@ -86,16 +84,20 @@ class SaveShardingPatch:
                 "for fsdp_dtensor"
             )
         if not probe.builds_rng_sharded_object(get_rng_state):
-            return Decision.refuse(f"unexpected {TARGET}: its source builds no ShardedObject with a replica_id")
+            return Decision.refuse(f"unexpected {target}: its source builds no ShardedObject with a replica_id")
         note = "; its version number claims the fix, its code does not have it" if release_claims_fix else ""
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
         return Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        get_rng_state = getattr(checkpointing, TARGET)
-        signature = probe.rng_state_signature(get_rng_state, loop)
-        torch_dist = not probe.shards_every_dp_rank(get_rng_state)
-        wrapt.wrap_function_wrapper(checkpointing, TARGET, ep_aware_rng_state(signature, torch_dist))
+        torch_dist = not probe.shards_every_dp_rank(targets.lookup(checkpointing, loop.get_rng_state))
+        wrapper = ep_aware_rng_state(_signature(loop, checkpointing), torch_dist)
+        targets.wrap(checkpointing, loop.get_rng_state, wrapper)
+
+
+def _signature(loop: TrainingLoop, checkpointing: ModuleType) -> probe.RngStateSignature | None:
+    get_rng_state = targets.lookup(checkpointing, loop.get_rng_state)
+    return probe.rng_state_signature(get_rng_state, loop, targets.is_method(checkpointing, loop.get_rng_state))
 
 
 PATCH = SaveShardingPatch()

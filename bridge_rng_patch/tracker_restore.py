@@ -1,7 +1,8 @@
 """Graph-safe tracker restore: the RNG restore hands the CUDA RNG tracker its states in the form it keeps.
 
-Old Megatron-Bridge releases pass the saved states to ``set_states`` as they are, so a graph-safe tracker (CUDA
-graphs: ``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of graph-safe states.
+Old Megatron-Bridge releases, verl and ms-swift pass the saved states to ``set_states`` as they are, so a graph-safe
+tracker (CUDA graphs: ``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of
+graph-safe states.
 Megatron-Bridge 0.3.0 converts each one with ``convert_cuda_rng_state(state, to_graphable=...)`` first
 (PR #2092), as Megatron-LM's loop does in every release that ships it. Here, while the loop's restore function
 runs, its checkpointing module sees a ``tensor_parallel`` whose tracker converts the same way in every restore
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import wrapt
 
-from bridge_rng_patch import compat, probe
+from bridge_rng_patch import compat, probe, targets
 from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.loops import TRACKER_RESTORE, TrainingLoop
 from bridge_rng_patch.rng_layout import NOTHING_RESTORED, RngCheckpointError
@@ -99,10 +100,10 @@ class TrackerRestorePatch:
 
     def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
         restore_function = loop.restore_function
-        missing = [name for name in (restore_function, "tensor_parallel") if not hasattr(checkpointing, name)]
+        missing = [name for name in (restore_function, "tensor_parallel") if not targets.exists(checkpointing, name)]
         if missing:
             return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        restore = getattr(checkpointing, restore_function)
+        restore = targets.lookup(checkpointing, restore_function)
         converts = probe.restore_converts_tracker_states(restore)
         if converts:
             return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
@@ -110,7 +111,7 @@ class TrackerRestorePatch:
             return probe.decide_by_release(loop, TRACKER_RESTORE, f"the source of {restore_function}")
         if not probe.restore_sets_tracker_states(restore):
             unexpected = f"unexpected RNG restore in {restore_function}"
-            return Decision.refuse(f"{unexpected}: no 'rng_state' branch with set_states")
+            return Decision.refuse(f"{unexpected}: it sets no tracker states from rng_tracker_states")
         helpers = (
             "megatron-core's"
             if not compat.USES_OWN_HELPERS
@@ -119,8 +120,7 @@ class TrackerRestorePatch:
         return Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
 
     def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        wrapper = ConvertingTrackerWhileLoading(checkpointing)
-        wrapt.wrap_function_wrapper(checkpointing, loop.restore_function, wrapper)
+        targets.wrap(checkpointing, loop.restore_function, ConvertingTrackerWhileLoading(checkpointing))
 
 
 PATCH = TrackerRestorePatch()

@@ -1,0 +1,89 @@
+"""Where a patch puts its wrapper: an attribute path in a stack's checkpointing module, the same way for every stack.
+
+A path names a function of the module (``get_rng_state``), a method of one of its classes
+(``MegatronCheckpointManager.get_rng_state``), or a function of a module it imported and calls through its own
+global (ms-swift calls megatron-core's ``dist_checkpointing.load``). A module of the stack's own package is patched
+where it is; a module of another package is shared by everyone who imports it, so the stack's module is given a
+proxy of it instead, and the wrapper goes on the proxy: nothing changes for anyone else. What a patch replaces is
+saved so that undo puts back exactly what was there.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import wrapt
+
+_ABSENT = object()
+
+
+class ModuleSeenByOneStack:
+    """A module as one stack's module sees it: its attributes, but for the wrappers set on this view alone (a
+    setattr here stays here, where wrapt's ObjectProxy would pass it on to the module everyone shares)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.__dict__["_shared_module"] = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shared_module, name)
+
+
+class Saved(NamedTuple):
+    """What stood at one attribute before a patch: on ``owner``, under ``name`` (``_ABSENT``: nothing of its own)."""
+
+    owner: Any
+    name: str
+    value: Any
+
+    def put_back(self) -> None:
+        if self.value is _ABSENT:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.value)
+
+
+def lookup(module: ModuleType, path: str) -> Any:
+    """The object at ``path`` in ``module``; AttributeError naming the path where it is not there."""
+    found: Any = module
+    for part in path.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def exists(module: ModuleType, path: str) -> bool:
+    try:
+        lookup(module, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def is_method(module: ModuleType, path: str) -> bool:
+    """Whether ``path`` names a function defined on a class: called bound, its first parameter is the instance."""
+    head = path.rpartition(".")[0]
+    return bool(head) and isinstance(lookup(module, head), type)
+
+
+def save(module: ModuleType, path: str) -> Saved:
+    """What ``wrap(module, path, ...)`` will replace."""
+    first, _, rest = path.partition(".")
+    through = vars(module).get(first)
+    if rest and isinstance(through, ModuleType):
+        return Saved(module, first, through)
+    head, _, name = path.rpartition(".")
+    owner = lookup(module, head) if head else module
+    return Saved(owner, name, vars(owner).get(name, _ABSENT))
+
+
+def wrap(module: ModuleType, path: str, wrapper: Any) -> None:
+    """Put ``wrapper`` (wrapt's ``(wrapped, instance, args, kwargs)``) around the function at ``path``."""
+    first, _, rest = path.partition(".")
+    through = vars(module).get(first)
+    if rest and isinstance(through, ModuleType):
+        through = ModuleSeenByOneStack(through)
+        setattr(module, first, through)
+    if rest and isinstance(through, ModuleSeenByOneStack):
+        wrapt.wrap_function_wrapper(through, rest, wrapper)
+        return
+    wrapt.wrap_function_wrapper(module, path, wrapper)
