@@ -1,16 +1,16 @@
-"""What bridge_rng_patch does with the training loops installed here, and what a
+"""What bridge_rng_patch does with the training stacks installed here, and what a
 checkpoint on disk holds of its ranks' RNG state.
 
   python -m bridge_rng_patch
-      Says which patches apply to each loop installed here (Megatron-Bridge,
-      Megatron-LM). Exit 0: each applied or not needed; 1: one refused;
-      2: neither loop's checkpointing module can be imported.
+      Says which patches apply to each stack installed here (Megatron-Bridge,
+      Megatron-LM, verl, ms-swift). Exit 0: each applied or not needed; 1: one
+      refused; 2: no stack's checkpointing module can be imported.
 
   python -m bridge_rng_patch inspect CHECKPOINT
-      Per iteration: the RNG layout stored, the parallel layout of the run
-      that wrote it, and a verdict. Exit 0: every iteration complete; 1: one
-      incomplete or without RNG state; 2: one unreadable, or CHECKPOINT is
-      not a checkpoint.
+      Per saved iteration (Megatron's iter_*, verl's global_step_*): the RNG
+      layout stored, the parallel layout of the run that wrote it, and a
+      verdict. Exit 0: every iteration complete; 1: one incomplete or without
+      RNG state; 2: one unreadable, or CHECKPOINT is not a checkpoint.
 
   python -m bridge_rng_patch run [--check] -- COMMAND
       Runs COMMAND with every Python process it starts patched; the exit code

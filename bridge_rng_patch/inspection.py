@@ -2,10 +2,11 @@
 
 Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
 ``.metadata`` (scanned, see ``rng_layout``; an fsdp_dtensor checkpoint's RNG entries the same way), and the
-parallel sizes of the run that wrote it: the
-``run_config.yaml`` Megatron-Bridge saves, or the ``args`` Megatron-LM's loop keeps in its common state (read
-without running any pickled code), on a file system or through the Multi-Storage Client (``msc://``). Needs no
-GPU, no torch, and no Megatron import.
+parallel sizes of the run that wrote it: the ``run_config.yaml`` Megatron-Bridge saves, the ``args`` Megatron-LM's
+loop and ms-swift keep in their common state (read without running any pickled code), or the
+``transformer_config.json`` verl writes beside its dist-checkpoints (``global_step_*``: the RNG state in
+``extra/dist_ckpt`` from 0.8, in ``dist_ckpt`` before), on a file system or through the Multi-Storage Client
+(``msc://``). Needs no GPU, no torch, and no Megatron import.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ PARALLEL_SIZES = {
     "ep": "expert_model_parallel_size",
     "cp": "context_parallel_size",
 }
-_ITERATION_DIR = re.compile(r"iter_(\d+)")
+# One save: Megatron's and ms-swift's ``iter_{n}``, verl's ``global_step_{n}``.
+_ITERATION_DIR = re.compile(r"(?:iter_|global_step_)(\d+)")
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 
 
@@ -47,7 +49,9 @@ class CheckpointInputError(ValueError):
     """The path given is not something this inspector can read; the message says what it is and why."""
 
 
-BRIDGE_CONFIG, MEGATRON_LM_COMMON = "run_config.yaml", "common.pt"
+BRIDGE_CONFIG, MEGATRON_LM_COMMON, VERL_CONFIG = "run_config.yaml", "common.pt", "transformer_config.json"
+# Where a verl save keeps its RNG state's dist-checkpoint, newest layout first.
+_VERL_RNG_DIRS = ("extra/dist_ckpt", "dist_ckpt")
 
 
 @dataclass
@@ -119,7 +123,9 @@ def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
     if not path.exists():
         raise CheckpointInputError(f"{checkpoint}: no such file or directory")
     if not path.is_dir():
-        raise CheckpointInputError(f"{checkpoint}: not a directory; give a checkpoint save directory or an iter_* one")
+        raise CheckpointInputError(
+            f"{checkpoint}: not a directory; give a checkpoint save directory or one save's (iter_* or global_step_*)"
+        )
     if _is_iteration_dir(path):
         if iteration is not None and _iteration_number(path) != iteration:
             raise CheckpointInputError(f"{checkpoint} is iteration {_iteration_number(path)}, not {iteration}")
@@ -132,19 +138,29 @@ def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
     if iteration is not None:
         found = [child for child in found if _iteration_number(child) == iteration]
         if not found:
-            raise CheckpointInputError(f"{checkpoint}: no iteration {iteration} (no iter_{iteration:07d})")
+            raise CheckpointInputError(
+                f"{checkpoint}: no iteration {iteration} (no iter_{iteration:07d} or global_step_{iteration})"
+            )
     if not found:
         raise CheckpointInputError(
-            f"{checkpoint}: not a Megatron-Bridge or Megatron-LM checkpoint (no iter_* directories, no "
-            f"{METADATA_FILE} or metadata.json)"
+            f"{checkpoint}: not a Megatron-Bridge, Megatron-LM, verl or ms-swift checkpoint (no iter_* or "
+            f"global_step_* directories, no {METADATA_FILE} or metadata.json)"
         )
     return found
 
 
 def _is_iteration_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("metadata.json", METADATA_FILE, BRIDGE_CONFIG)) or any(
+    names = ("metadata.json", METADATA_FILE, BRIDGE_CONFIG, VERL_CONFIG)
+    return any((path / name).exists() for name in names) or any(
         child.name.startswith("mp_rank_") for child in path.iterdir()
     )
+
+
+def _rng_dir(directory: Path) -> Path:
+    """The dist-checkpoint that holds one save's RNG state: the save itself, or verl's in it."""
+    if (directory / VERL_CONFIG).is_file():
+        return next((directory / name for name in _VERL_RNG_DIRS if (directory / name).is_dir()), directory)
+    return directory
 
 
 def _iteration_number(path: Path) -> int | None:
@@ -156,9 +172,10 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     """One iteration's verdict; every problem becomes an "unreadable" report that says why."""
     report = IterationReport(str(directory), _iteration_number(directory), UNREADABLE, "")
     try:
-        _check_format(directory)
-        report.run = _run_layout(directory)
-        stored = _plain_rng_layout(directory)
+        rng_dir = _rng_dir(directory)
+        _check_format(rng_dir)
+        report.run = _run_layout(directory, rng_dir)
+        stored = _plain_rng_layout(rng_dir)
     except (CheckpointInputError, RngCheckpointError) as error:
         report.summary = str(error)
         return report
@@ -218,15 +235,18 @@ def _check_format(directory: Path) -> None:
     )
 
 
-def _run_layout(directory: Path) -> RunLayout:
-    """From Megatron-Bridge's ``run_config.yaml``, else from the ``args`` in Megatron-LM's common state."""
+def _run_layout(directory: Path, rng_dir: Path) -> RunLayout:
+    """From Megatron-Bridge's ``run_config.yaml`` or verl's ``transformer_config.json``, else from the ``args`` in
+    Megatron-LM's or ms-swift's common state."""
     if (directory / BRIDGE_CONFIG).is_file():
         return _bridge_run_layout(directory)
+    if (directory / VERL_CONFIG).is_file():
+        return _verl_run_layout(directory, rng_dir)
     args = _megatron_lm_args(directory)
     if args is None:
         raise CheckpointInputError(
-            f"{directory}: neither {BRIDGE_CONFIG} (Megatron-Bridge) nor Megatron-LM's args in its common state, "
-            "so the parallel layout of the run that wrote it is unknown"
+            f"{directory}: neither {BRIDGE_CONFIG} (Megatron-Bridge), {VERL_CONFIG} (verl) nor Megatron-LM's or "
+            "ms-swift's args in its common state, so the parallel layout of the run that wrote it is unknown"
         )
     try:
         sizes = {axis: int(getattr(args, key, None) or 1) for axis, key in PARALLEL_SIZES.items()}
@@ -236,7 +256,42 @@ def _run_layout(directory: Path) -> RunLayout:
         raise CheckpointInputError(f"{directory / MEGATRON_LM_COMMON}: args with unreadable sizes ({error})") from None
     dp, dp_source = (dp, "its saved args") if dp is not None else _data_parallel_size(directory, sizes)
     random_init = bool(getattr(args, "data_parallel_random_init", False))
-    return RunLayout("Megatron-LM", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
+    loop = "ms-swift" if hasattr(args, "mcore_model") else "Megatron-LM"  # ms-swift's args name its own checkpoint
+    return RunLayout(loop, **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
+
+
+def _verl_run_layout(directory: Path, rng_dir: Path) -> RunLayout:
+    """verl writes its model's transformer config, parallel sizes included, beside the save's dist-checkpoints."""
+    config_file = directory / VERL_CONFIG
+    try:
+        with config_file.open("rb") as stream:
+            config = json.loads(_bounded_read(config_file, stream, config_file.stat().st_size, "transformer config"))
+        sizes = {axis: int(config.get(key) or 1) for axis, key in PARALLEL_SIZES.items()}
+    except CheckpointInputError:
+        raise
+    except Exception as error:
+        raise CheckpointInputError(f"{config_file}: not a readable transformer config ({error!r})") from None
+    dp, dp_source = _verl_data_parallel_size(directory, rng_dir, sizes)
+    return RunLayout("verl", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=False)
+
+
+VERL_MANIFEST = "ckpt_contents.json"
+
+
+def _verl_data_parallel_size(directory: Path, rng_dir: Path, sizes: dict[str, int]) -> tuple[int | None, str]:
+    """From the world size in the manifest verl writes from 0.9, else from the writers of the save's model
+    dist-checkpoint (its RNG one has a single writer under the old layout)."""
+    manifest = directory / VERL_MANIFEST
+    try:
+        with manifest.open("rb") as stream:
+            world = int(json.loads(_bounded_read(manifest, stream, manifest.stat().st_size, "manifest"))["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        world = None
+    model_parallel = sizes["tp"] * sizes["pp"] * sizes["cp"]
+    if world is not None and world % model_parallel == 0:
+        return world // model_parallel, f"the world size in {VERL_MANIFEST}"
+    model_dir = directory / "model" / "dist_ckpt"
+    return _data_parallel_size(model_dir if model_dir.is_dir() else rng_dir, sizes)
 
 
 class _Unpickled:

@@ -172,14 +172,14 @@ BAD_ITERATIONS = {
     "corrupt metadata": (lambda iteration: _scramble(iteration / ".metadata"), ".metadata is truncated or corrupt"),
     "missing run configuration": (
         lambda iteration: (iteration / "run_config.yaml").unlink(),
-        "neither run_config.yaml (Megatron-Bridge) nor Megatron-LM's args in its common state, so the parallel "
-        "layout of the run that wrote it is unknown",
+        "neither run_config.yaml (Megatron-Bridge), transformer_config.json (verl) nor Megatron-LM's or ms-swift's "
+        "args in its common state, so the parallel layout of the run that wrote it is unknown",
     ),
     "corrupt run configuration": (
         lambda iteration: (iteration / "run_config.yaml").write_text("model: [unclosed"),
         "run_config.yaml: not a readable run configuration",
     ),
-    "DCP checkpoint of no loop": (_fsdp_dtensor_checkpoint, "neither run_config.yaml (Megatron-Bridge) nor"),
+    "DCP checkpoint of no loop": (_fsdp_dtensor_checkpoint, "neither run_config.yaml (Megatron-Bridge),"),
     "legacy torch format": (_legacy_torch_checkpoint, "a legacy torch format checkpoint (mp_rank_*/model_optim_rng.pt"),
 }
 
@@ -235,8 +235,8 @@ def test_a_common_state_that_inflates_to_hundreds_of_megabytes_is_refused_withou
     ("arguments", "message"),
     [
         (["/no/such/checkpoint"], "error: /no/such/checkpoint: no such file or directory"),
-        (["{empty}"], "not a Megatron-Bridge or Megatron-LM checkpoint (no iter_* directories"),
-        (["{patched}", "--iteration", "7"], "no iteration 7 (no iter_0000007)"),
+        (["{empty}"], "not a Megatron-Bridge, Megatron-LM, verl or ms-swift checkpoint (no iter_* or global_step_*"),
+        (["{patched}", "--iteration", "7"], "no iteration 7 (no iter_0000007 or global_step_7)"),
         (["{patched}", "--resume-with", "dp=eight"], "'dp=eight' is not AXIS=SIZE"),
     ],
     ids=["missing path", "not a checkpoint", "no such iteration", "bad target layout"],
