@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.jobs import coordinates, crash_summary, run_job, saved_by_coordinates  # noqa: E402
+from tools.jobs import coordinates, crash_summary, lost_streams, run_job, saved_by_coordinates  # noqa: E402
 from tools.release_envs import Release, ensure  # noqa: E402
 
 
@@ -78,6 +78,14 @@ def assert_each_rank_resumes_its_own_state(saved: list[dict], loaded: list[dict]
             continue
         assert rank["fresh"] != own[coordinates(rank)]
         assert rank["loaded"] == own[coordinates(rank)], f"rank {rank['rank']} did not get its own state back"
+
+
+def assert_every_rank_keeps_its_fresh_state(loaded: list[dict]) -> None:
+    """No RNG source of any rank was restored: each holds the fresh state it was seeded with before the load."""
+    for rank in loaded:
+        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
+        changed = lost_streams(rank["fresh"], rank["loaded"])
+        assert not changed, f"rank {rank['rank']} did not keep its fresh state: {', '.join(changed)} restored"
 
 
 def rank_zero_logs(results: list[dict]) -> str:

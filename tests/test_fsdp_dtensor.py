@@ -16,11 +16,17 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import assert_each_rank_resumes_its_own_state, coordinates, rank_zero_logs, saved_by_coordinates
+from conftest import (
+    assert_each_rank_resumes_its_own_state,
+    assert_every_rank_keeps_its_fresh_state,
+    coordinates,
+    rank_zero_logs,
+    saved_by_coordinates,
+)
 
 from bridge_rng_patch import inspection
 from bridge_rng_patch.rng_layout import read_stored_layouts
-from tools.jobs import lost_streams, rng_streams, run_job
+from tools.jobs import rng_streams, run_job
 from tools.release_envs import RELEASES
 
 OLD, FIXED, MEGATRON_LM = RELEASES["bridge-0.2.0rc6"], RELEASES["bridge-0.3.1"], RELEASES["megatron-lm-0.19.2"]
@@ -149,13 +155,6 @@ def _saved_in(jobs, env, layout: str, **spec) -> tuple[str, list[dict]]:
     return name, jobs.save(env, name, MODEL_PARALLEL_LAYOUTS[layout], **FSDP, **spec)
 
 
-def _assert_every_rank_keeps_its_fresh_state(loaded: list[dict]) -> None:
-    for rank in loaded:
-        assert rank["error"] is None, f"rank {rank['rank']}: {rank['error']}"
-        changed = lost_streams(rank["fresh"], rank["loaded"])
-        assert not changed, f"rank {rank['rank']} did not keep its fresh state: {', '.join(changed)} restored"
-
-
 def _mismatch_line(stored: str, running: str) -> str:
     (stored_tp, stored_pp), (running_tp, running_pp) = (
         (MODEL_PARALLEL_LAYOUTS[layout]["tp"], MODEL_PARALLEL_LAYOUTS[layout]["pp"]) for layout in (stored, running)
@@ -172,7 +171,7 @@ def test_after_a_tp_or_pp_change_every_rank_keeps_fresh_rng_and_the_model_loads(
     stored, running = MODEL_PARALLEL_CHANGES[change]
     checkpoint, saved = _saved_in(jobs, env, stored)
     loaded = jobs.load(env, checkpoint, f"{checkpoint}-resumed-{running}", MODEL_PARALLEL_LAYOUTS[running], **FSDP)
-    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert_every_rank_keeps_its_fresh_state(loaded)
     assert _mismatch_line(stored, running) in rank_zero_logs(loaded)
     assert "4 ranks: 4 kept fresh state by design (a new DP rank, or a TP or PP change)" in rank_zero_logs(loaded)
     assert all(len(rank["logs"]) == 0 for rank in loaded[1:])  # one line for the job, no rank warns alone
@@ -190,7 +189,7 @@ def test_after_a_tp_change_a_strict_load_is_asked_for_no_rng_entry_and_keeps_fre
     layout = MODEL_PARALLEL_LAYOUTS["tp2"]
     name = f"{checkpoint}-resumed-tp2-strict"
     loaded = jobs.load(OLD, checkpoint, name, layout, strict_fsdp_dtensor_load=True, **FSDP)
-    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert_every_rank_keeps_its_fresh_state(loaded)
     assert all(rank["weights"] == saved[0]["weights"] for rank in loaded)
     assert _mismatch_line("tp1", "tp2") in rank_zero_logs(loaded)
 
@@ -227,5 +226,5 @@ def test_a_release_with_upstreams_policy_keeps_it_and_the_package_steps_aside(jo
     loaded = jobs.load(
         FIXED_BY_UPSTREAM, checkpoint, f"{checkpoint}-resumed-tp2", MODEL_PARALLEL_LAYOUTS["tp2"], **FSDP
     )
-    _assert_every_rank_keeps_its_fresh_state(loaded)
+    assert_every_rank_keeps_its_fresh_state(loaded)
     assert "mismatch" not in rank_zero_logs(loaded)

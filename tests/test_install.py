@@ -198,7 +198,7 @@ print(json.dumps({"seconds": seconds, "heavy": heavy, "states": [s.state for s i
 
 def test_import_without_torch_is_fast_and_loads_nothing_heavy(python_without_torch):
     runs = [json.loads(_run(python_without_torch, "-c", IMPORT_COST).stdout) for _ in range(5)]
-    assert all(run["heavy"] == [] and run["states"] == ["pending"] * 8 for run in runs)
+    assert all(run["heavy"] == [] and run["states"] == ["pending"] * 16 for run in runs)
     assert min(run["seconds"] for run in runs) < 0.020
 
 
@@ -209,8 +209,10 @@ def test_cli_without_torch_says_bridge_cannot_be_imported_in_one_line(python_wit
     assert process.stdout.splitlines() == [
         "bridge_rng_patch 0.1.0; found megatron-bridge not installed, megatron-core not installed, "
         f"torch not installed, wrapt {_wrapt_version(python_without_torch)}",
-        "Megatron-Bridge: megatron.bridge.training is not installed here: nothing to patch",
+        "Megatron-Bridge: megatron.bridge is not installed here: nothing to patch",
         "Megatron-LM: megatron.training is not installed here: nothing to patch",
+        "verl: verl is not installed here: nothing to patch",
+        "ms-swift: swift is not installed here: nothing to patch",
     ]
 
 

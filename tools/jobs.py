@@ -42,7 +42,11 @@ def crash_summary(results: list[dict]) -> str | None:
     crashed = [result for result in results if "crash" in result]
     if not crashed:
         return None
-    lines = [f"rank {result['rank']}: {result['crash'].strip().splitlines()[-1]}" for result in crashed]
+    lines = [
+        f"rank {result['rank']}: {result['crash'].strip().splitlines()[-1]}"
+        + (f" (after its load failed: {result['error']})" if result.get("error") else "")
+        for result in crashed
+    ]
     cause = next((result for result in crashed if not _WAITED_FOR_ANOTHER_RANK.search(result["crash"])), crashed[0])
     return "\n".join([*lines, "", f"rank {cause['rank']}:", cause["crash"]])
 

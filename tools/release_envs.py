@@ -95,12 +95,89 @@ MSC_REQUIREMENT = "multi-storage-client==1.3.1"
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A stack built on megatron-core with checkpoint code of its own (verl, ms-swift), installed as the tests need it:
+    its wheel alone (``--no-deps``), beside what importing its checkpointing module takes (``imports``, into one
+    folder per Python line that its releases share), never its GPU-only or serving requirements.
+
+    verl's manager imports ray (through ``verl.protocol``) and its data and model helpers; ms-swift's loop imports
+    ModelScope's hub, peft and, from 4.1, mcore_bridge, which needs Transformer Engine at import
+    (``tests/jobs/stack_imports.py`` stands in for it in the tests). Pinned, so that a later release on the registry
+    cannot change what the tests import.
+    """
+
+    distribution: str
+    loop: str
+    python_line: str
+    imports: tuple[str, ...]
+    # What releases before ``earlier_from`` import in place of the environment's own (transformers 4 for verl before
+    # 0.9, whose newer releases require transformers 5, and which the Python 3.12 environment has).
+    earlier_imports: tuple[str, ...] = ()
+    earlier_from: str = "0"
+
+    @property
+    def imports_dir(self) -> Path:
+        return ENVS_DIR / f"py{self.python_line}" / f"{self.distribution}-imports"
+
+    @property
+    def earlier_imports_dir(self) -> Path:
+        return ENVS_DIR / f"py{self.python_line}" / f"{self.distribution}-imports-before-{self.earlier_from}"
+
+    def imports_dirs(self, version: str) -> list[Path]:
+        earlier = _release_tuple(version) < _release_tuple(self.earlier_from) and self.earlier_imports
+        return [self.earlier_imports_dir, self.imports_dir] if earlier else [self.imports_dir]
+
+
+def _release_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+VERL = Stack(
+    "verl",
+    "verl",
+    "3.12",
+    (
+        "ray==2.60.0",
+        "msgpack==1.2.4",
+        "tensordict==0.10.0",
+        "pyvers==0.2.3",
+        "cloudpickle==3.1.3",
+        "peft==0.21.2",
+        "accelerate==1.16.0",
+        "codetiming==1.4.0",
+        "orjson==3.13.0",
+        "setuptools==80.10.2",  # pkg_resources, which verl before 0.5 imports
+    ),
+    earlier_imports=("transformers==4.57.6", "huggingface-hub==0.36.2"),
+    earlier_from="0.9",
+)
+MS_SWIFT = Stack(
+    "ms-swift",
+    "ms-swift",
+    "3.11",
+    (
+        "modelscope==1.40.2",
+        "modelscope-hub==0.5.1",
+        "cryptography==50.0.2",
+        "cffi==2.1.1",
+        "pycparser==3.12",
+        "peft==0.21.2",
+        "accelerate==1.16.0",
+        "json-repair==0.64.6",
+        "mcore-bridge==1.6.5",
+    ),
+)
+STACKS = {stack.distribution: stack for stack in (VERL, MS_SWIFT)}
+
+
+@dataclass(frozen=True)
 class Release:
     """A real Megatron-Bridge release paired with a megatron-core it imports with, under one Python line, or
     (``bridge`` None) a megatron-core release alone, whose ``megatron.training`` is Megatron-LM's own loop;
     ``with_msc``: with the Multi-Storage Client importable, as images that keep checkpoints on object storage;
     ``source``: a Megatron-LM source tree, whose own ``megatron.core`` (release ``core``) and ``megatron.training``
-    are imported from it instead of a wheel; ``torch``: a torch release other than the Python line's own."""
+    are imported from it instead of a wheel; ``torch``: a torch release other than the Python line's own;
+    ``stack``: a verl or ms-swift release (distribution, version) running on the megatron-core release ``core``."""
 
     bridge: str | None
     core: str
@@ -108,6 +185,7 @@ class Release:
     with_msc: bool = False
     source: Path | None = None
     torch: str | None = None
+    stack: tuple[str, str] | None = None
 
     @property
     def has_upstream_fix(self) -> bool:
@@ -118,10 +196,15 @@ class Release:
     @property
     def loop(self) -> str:
         """The rank job's name for the training loop it runs."""
+        if self.stack is not None:
+            return STACKS[self.stack[0]].loop
         return "megatron-bridge" if self.bridge is not None else "megatron-lm"
 
     @property
     def name(self) -> str:
+        if self.stack is not None:
+            distribution, version = self.stack
+            return f"{distribution}-{version}"
         if self.source is not None:
             return f"megatron-lm-source-{self.core}"
         if self.bridge is None:
@@ -142,6 +225,9 @@ class Release:
         paths = [self.source if self.source is not None else core_dir(self.core, self.python_line)]
         if self.bridge is not None:
             paths.insert(0, target_dir("bridge", self.bridge))
+        if self.stack is not None:
+            distribution, version = self.stack
+            paths[:0] = [stack_dir(distribution, version), *STACKS[distribution].imports_dirs(version)]
         if self.with_msc:
             paths.append(msc_dir(self.python_line))
         return [*paths, TE_STANDIN] if self.has_upstream_fix else paths
@@ -170,6 +256,11 @@ def target_dir(kind: str, version: str) -> Path:
 def core_dir(version: str, python_line: str) -> Path:
     """megatron-core has a compiled helper per Python: one target per Python line."""
     return target_dir("core", version) if python_line == "3.11" else ENVS_DIR / f"py{python_line}" / f"core-{version}"
+
+
+def stack_dir(distribution: str, version: str) -> Path:
+    """A verl or ms-swift wheel, pure Python: one target serves every Python line."""
+    return target_dir(distribution, version)
 
 
 def msc_dir(python_line: str) -> Path:
@@ -205,9 +296,38 @@ OLD_WITH_MSC = Release("0.2.0rc6", "0.15.3", "3.11", with_msc=True)
 FIXED_WITH_MSC = Release("0.3.1", "0.16.1", "3.11", with_msc=True)
 # Megatron-LM's own loop: every megatron-core line that ships megatron.training (0.17 and later, Python 3.12).
 MEGATRON_LM = tuple(Release(None, core, "3.12") for core in ("0.17.1", "0.18.2", "0.19.2"))
+# Every verl release from 0.4.1 and every ms-swift 4.x on the registry, each on a megatron-core it runs with: verl
+# (Python 3.12, as its newer releases require) on 0.15.3 with transformers 4 before 0.9, on 0.19.2 with the
+# environment's transformers 5 from 0.9 (which asks for 5.5.3 or later); ms-swift on 0.16.1 (4.0 handles
+# megatron-core 0.13 to 0.16, 4.6 requires 0.16 or later).
+VERL_RELEASES = tuple(
+    Release(None, "0.15.3" if _release_tuple(version) < (0, 9) else "0.19.2", "3.12", stack=("verl", version))
+    for version in ("0.4.1", "0.5.0", "0.6.0", "0.6.1", "0.7.0", "0.7.1", "0.8.0", "0.9.0", "0.9.1")
+)
+MS_SWIFT_RELEASES = tuple(
+    Release(None, "0.16.1", "3.11", stack=("ms-swift", version))
+    for version in (
+        *(f"4.0.{n}" for n in range(5)),
+        *(f"4.1.{n}" for n in range(4)),
+        *(f"4.2.{n}" for n in range(4)),
+        *(f"4.3.{n}" for n in range(3)),
+        *(f"4.4.{n}" for n in range(3)),
+        *(f"4.5.{n}" for n in range(4)),
+        "4.6.0",
+    )
+)
 RELEASES = {
     release.name: release
-    for release in (*MATRIX, OLD_ON_NEWER_CORE, OLD_ON_PYTHON_312, OLD_WITH_MSC, FIXED_WITH_MSC, *MEGATRON_LM)
+    for release in (
+        *MATRIX,
+        OLD_ON_NEWER_CORE,
+        OLD_ON_PYTHON_312,
+        OLD_WITH_MSC,
+        FIXED_WITH_MSC,
+        *MEGATRON_LM,
+        *VERL_RELEASES,
+        *MS_SWIFT_RELEASES,
+    )
 }
 # A Megatron-LM source tree to test the package against (a checkout of an upstream tag, or a fork): its root, the
 # folder that holds megatron/. Trees are never installed or committed here; the tests only point at one.
@@ -327,7 +447,26 @@ def ensure(release: Release) -> Release:
         ensure_target("bridge", release.bridge, release.python_line)
     if release.with_msc:
         ensure_msc(release.python_line)
+    if release.stack is not None:
+        ensure_stack(*release.stack)
     return release
+
+
+def ensure_stack(distribution: str, version: str) -> None:
+    """A verl or ms-swift release alone in a folder of its own, and what importing its checkpointing module takes."""
+    stack = STACKS[distribution]
+    python = base_python(stack.python_line)
+    for directory, imports in ((stack.imports_dir, stack.imports), (stack.earlier_imports_dir, stack.earlier_imports)):
+        if directory in stack.imports_dirs(version) and not _is_current(directory, list(imports)):
+            print(f"installing what {distribution}'s checkpointing imports into {directory}", flush=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            _pip("--no-deps", "--target", str(directory), *imports, python=python)
+            _mark(directory, list(imports))
+    directory = stack_dir(distribution, version)
+    if not _is_current(directory, [distribution, version]):
+        print(f"installing {distribution} {version} into {directory}", flush=True)
+        _pip("--no-deps", "--upgrade", "--target", str(directory), f"{distribution}=={version}", python=python)
+        _mark(directory, [distribution, version])
 
 
 def ensure_all() -> None:

@@ -19,7 +19,8 @@ exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", 
 "truncated_metadata", at save), tensors (how many small parameters the model has, default 8), audit_call (after the
 load, call ``bridge_rng_patch.audit_restored_rng()`` as a loop the package does not patch would; with ``patched``
 false the package is switched off first), audit_fails_on (a rank whose part of the resume audit raises), environment
-(variables set before anything is imported).
+(variables set before anything is imported), collective_timeout (seconds a collective waits for a rank that never
+joins it, default 90: shorter for a job measured to hang).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import megatron_lm_loop
+import stack_loops
 
 SAVE_SEED = 1000
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -60,9 +62,19 @@ EXTRA_ACTIONS: dict[str, Callable[[int, Any, list, Any, dict], dict]] = {}
 
 
 BRIDGE, MEGATRON_LM = "megatron-bridge", "megatron-lm"
-CHECKPOINTING_MODULES = {BRIDGE: "megatron.bridge.training.checkpointing", MEGATRON_LM: megatron_lm_loop.MODULE}
-RESTORE_FUNCTIONS = {BRIDGE: "_load_checkpoint_from_path", MEGATRON_LM: "load_checkpoint"}
+CHECKPOINTING_MODULES = {
+    BRIDGE: "megatron.bridge.training.checkpointing",
+    MEGATRON_LM: megatron_lm_loop.MODULE,
+    **stack_loops.MODULES,
+}
+RESTORE_FUNCTIONS = {
+    BRIDGE: "_load_checkpoint_from_path",
+    MEGATRON_LM: "load_checkpoint",
+    stack_loops.VERL: "MegatronCheckpointManager.load_rng_states",
+    stack_loops.MS_SWIFT: "load_mcore_checkpoint",
+}
 _job_loop = BRIDGE
+_load_error: str | None = None
 
 
 def main(spec: dict) -> None:
@@ -74,7 +86,10 @@ def main(spec: dict) -> None:
         os.environ["BRIDGE_RNG_PATCH_DISABLE"] = "1"
     if spec.get("patched", True) and spec.get("package_first", True):
         import bridge_rng_patch
-    importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
+    if _job_loop in stack_loops.MODULES:
+        stack_loops.import_checkpointing(_job_loop)
+    else:
+        importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
     if spec.get("patched", True):
         import bridge_rng_patch  # noqa: F401
     with socket.socket() as probe_socket:
@@ -115,8 +130,8 @@ def _collect_reports(ranks: list, reports: Any, seconds: float = 300) -> list[di
 def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
     try:
         reports.put(run_rank(rank, port, spec))
-    except BaseException:
-        reports.put({"rank": rank, "crash": traceback.format_exc()})
+    except BaseException:  # with the load's own failure, where the rank crashed after it (waiting for the others)
+        reports.put({"rank": rank, "crash": traceback.format_exc(), "error": _load_error})
     if spec.get("then") == "die":  # as a job killed after its save was scheduled: it and every process it started
         reports.close()
         reports.join_thread()
@@ -136,7 +151,10 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(spec["world"]))
     # A rank that fails must not leave the others waiting in a collective for long.
     torch.distributed.init_process_group(
-        spec.get("backend", "gloo"), rank=rank, world_size=spec["world"], timeout=datetime.timedelta(seconds=90)
+        spec.get("backend", "gloo"),
+        rank=rank,
+        world_size=spec["world"],
+        timeout=datetime.timedelta(seconds=spec.get("collective_timeout", 90)),
     )
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=spec["tp"],
@@ -150,7 +168,13 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     else:
         device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
-    state, model = _build_state_and_model(spec) if _job_loop == BRIDGE else _megatron_lm_model(spec)
+    if _job_loop == BRIDGE:
+        state, model = _build_state_and_model(spec)
+    elif _job_loop == MEGATRON_LM:
+        state, model = _megatron_lm_model(spec)
+    else:
+        model = [small_weights(_model_config(spec), spec)]
+        state = stack_loops.build(_job_loop, spec, model)
     report = {
         "rank": rank,
         "coords": {
@@ -166,7 +190,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         report.update(EXTRA_ACTIONS[spec["action"]](rank, state, model, device_generator, spec))
     elif spec["action"] == "save":
         seed_every_source(SAVE_SEED, rank, device_generator, spec)
-        report["sharded_object"] = _describe_rng_request(spec)
+        report["sharded_object"] = _describe_rng_request(spec, state)
         report["saved"] = rng_fingerprint(device_generator)
         report["weights"] = _trained_weights(model)
         with _tampered(spec.get("tamper")):
@@ -184,7 +208,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
             if rank == 0:
                 _truncate(iteration_dir(spec) / ".metadata")
         else:
-            report["stored_keys"] = _stored_rng_keys(spec["checkpoint_dir"])
+            report["stored_keys"] = _stored_rng_keys(spec)
     else:
         _load_and_report(report, state, model, device_generator, spec)
     report["logs"] = logs
@@ -200,11 +224,12 @@ def _load_and_report(report: dict, state: Any, model: list, device_generator: An
     layout_reads = count_layout_reads(spec)
     if spec.get("audit_fails_on") == report["rank"]:
         _audit_fails_here()
+    global _load_error
     try:
         load_checkpoint(state, model, spec)
         report["error"] = None
     except BaseException as error:  # the loops' own restore failure path calls sys.exit()
-        report["error"] = f"{type(error).__name__}: {error}"
+        report["error"] = _load_error = f"{type(error).__name__}: {error}"
     if spec.get("audit_call"):
         report["audit"] = _audit_called_after_the_load(spec)
     report["loaded"] = rng_fingerprint(device_generator)
@@ -247,16 +272,20 @@ def save_checkpoint(state: Any, model: list, spec: dict) -> None:
     """The loop's real save_checkpoint, called as its training loop calls it at STEP."""
     if _job_loop == BRIDGE:
         loop_checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
-    else:
+    elif _job_loop == MEGATRON_LM:
         megatron_lm_loop.save(model, spec)
+    else:
+        stack_loops.save(_job_loop, state, model, spec)
 
 
 def load_checkpoint(state: Any, model: list, spec: dict) -> None:
     """The loop's real load_checkpoint, called as its training loop calls it on a resume."""
     if _job_loop == BRIDGE:
         loop_checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
-    else:
+    elif _job_loop == MEGATRON_LM:
         megatron_lm_loop.load(model, spec)
+    else:
+        stack_loops.load(_job_loop, state, model, spec)
 
 
 def _module_name(spec: dict) -> dict:
@@ -264,10 +293,14 @@ def _module_name(spec: dict) -> dict:
     return {"module_name": spec["module_name"]} if "module_name" in spec else {}
 
 
-def installed_get_rng_state(spec: dict | None = None) -> Any:
+def installed_get_rng_state(spec: dict | None = None, state: Any = None) -> Any:
     """The installed get_rng_state, bound by name to the arguments save_checkpoint gives it."""
     if _job_loop == MEGATRON_LM:
         return lambda data_parallel_random_init=False: megatron_lm_loop.get_rng_state(data_parallel_random_init, spec)
+    if _job_loop in stack_loops.MODULES:
+        return lambda data_parallel_random_init=False: stack_loops.get_rng_state(
+            _job_loop, state, data_parallel_random_init, spec or {}
+        )
     checkpointing = sys.modules[CHECKPOINTING_MODULES[BRIDGE]]
     parameters = inspect.signature(checkpointing.get_rng_state).parameters
     kwargs: dict[str, Any] = {}
@@ -304,7 +337,10 @@ def loop_checkpointing() -> Any:
 
 def loop_restore_function() -> Any:
     """The function of the job's loop that restores the loaded RNG state."""
-    return getattr(loop_checkpointing(), RESTORE_FUNCTIONS[_job_loop])
+    found = loop_checkpointing()
+    for part in RESTORE_FUNCTIONS[_job_loop].split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _capture_package_logs() -> list[str]:
@@ -407,18 +443,22 @@ def model_parallelism(spec: dict) -> dict:
 
 def _megatron_lm_model(spec: dict) -> tuple[None, list]:
     """Megatron-LM's loop keeps its state in global args, set as its command line sets them."""
+    megatron_lm_loop.configure(spec)
+    return None, [small_weights(_model_config(spec), spec)]
+
+
+def _model_config(spec: dict) -> Any:
+    """The small model's configuration, with the sizes Megatron-LM's loop checks on a resume."""
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    megatron_lm_loop.configure(spec)
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=megatron_lm_loop.LAYERS,
         pipeline_dtype=torch.float32,
         hidden_size=megatron_lm_loop.HIDDEN_SIZE,
         num_attention_heads=megatron_lm_loop.ATTENTION_HEADS,
         **model_parallelism(spec),
     )
-    return None, [small_weights(config, spec)]
 
 
 def small_weights(model_config: Any, spec: dict) -> Any:
@@ -461,8 +501,10 @@ def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -
 
     if _job_loop == BRIDGE:
         _set_bridge_random_seed(seed, spec)
-    else:
+    elif _job_loop == MEGATRON_LM:
         megatron_lm_loop.set_random_seed(seed, spec)
+    else:
+        stack_loops.set_random_seed(_job_loop, seed, spec)
     if spec.get("graph_safe_tracker"):
         _switch_to_graph_safe_tracker(device_generator.device)
     if spec.get("seeding", "per-rank") == "megatron":
@@ -556,9 +598,9 @@ def weights_digest(model: list) -> str:
     return _digest(b"".join(weight.detach().numpy().tobytes() for weight in model[0].parameters()))
 
 
-def _describe_rng_request(spec: dict) -> dict:
+def _describe_rng_request(spec: dict, state: Any) -> dict:
     """The ShardedObject the installed (and maybe patched) get_rng_state builds for this rank."""
-    return _describe(installed_get_rng_state(spec)(spec.get("data_parallel_random_init", False)))
+    return _describe(installed_get_rng_state(spec, state)(spec.get("data_parallel_random_init", False)))
 
 
 def _requests_for_each_signature() -> dict:
@@ -646,6 +688,9 @@ def _tampered(tamper: str | None):
 
 
 def iteration_dir(spec: dict) -> Path:
+    """The dist-checkpoint of the save's RNG state: the loops' ``iter_{n}``, verl's own in its ``global_step_{n}``."""
+    if _job_loop == stack_loops.VERL:
+        return stack_loops.verl_rng_dir(spec)
     return Path(spec["checkpoint_dir"]) / f"iter_{spec.get('iteration', STEP):07d}"
 
 
@@ -665,9 +710,13 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _stored_rng_keys(checkpoint_dir: str) -> list[str]:
+def _stored_rng_keys(spec: dict) -> list[str]:
     """The RNG keys torch's own reader finds in the checkpoint, on the file system or through ``msc://``."""
-    iteration_dir = f"{checkpoint_dir}/iter_{STEP:07d}"
+    checkpoint_dir = spec["checkpoint_dir"]
+    if _job_loop == stack_loops.VERL:
+        iteration_dir = str(stack_loops.verl_rng_dir(spec))
+    else:  # a URL is joined as text: pathlib would fold msc:// into msc:/
+        iteration_dir = f"{checkpoint_dir}/iter_{spec.get('iteration', STEP):07d}"
     if checkpoint_dir.startswith("msc://"):
         import multistorageclient
 

@@ -10,7 +10,7 @@ def _importing_module() -> str:
     return "" if frame is None else frame.f_globals.get("__name__", "")
 
 
-if not _importing_module().startswith("megatron.bridge"):
+if not _importing_module().startswith(("megatron.bridge", "mcore_bridge", "peft")):
     raise ModuleNotFoundError("No module named 'transformer_engine'", name="transformer_engine")
 
 __version__ = "0.0.0"
