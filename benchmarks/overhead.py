@@ -14,7 +14,8 @@ needed, then reports medians over repeated runs, as ratios where there is someth
 4. the RNG restore, tracker with 3 states, the same way (the package's share, target <= 5 us), and
    upstream's fixed restore (0.3.1), with the number of conversions per restore.
 5. one call of ``get_rng_state`` in Megatron-LM's own loop (megatron-core 0.19.2), 4 ranks, EP 2: the package's
-   share the same way, in its own jobs.
+   share the same way, in its own jobs; and likewise verl's (0.9.1: its checkpoint manager's method) and ms-swift's
+   (4.6.0: ``_get_rng_state``).
 
 End-to-end save and load of real checkpoints: ``benchmarks/checkpoint_cost.py``.
 """
@@ -39,6 +40,12 @@ from tools.release_envs import RELEASES, Release, ensure
 OLD = RELEASES["bridge-0.2.0rc6"]
 FIXED = RELEASES["bridge-0.3.1"]
 MEGATRON_LM = RELEASES["megatron-lm-0.19.2"]
+# Each loop whose get_rng_state the package's share is timed in jobs of its own, with the report's key.
+OTHER_LOOPS = {
+    "megatron_lm_get_rng_state": MEGATRON_LM,
+    "verl_get_rng_state": RELEASES["verl-0.9.1"],
+    "ms_swift_get_rng_state": RELEASES["ms-swift-4.6.0"],
+}
 EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 
 TIME_PACKAGE_IMPORT = """
@@ -161,7 +168,8 @@ def main() -> int:
     runs, calls = (2, 200) if options.quick else (8, 5000)
     ensure(OLD)
     ensure(FIXED)
-    ensure(MEGATRON_LM)
+    for release in OTHER_LOOPS.values():
+        ensure(release)
     report = {"runs": runs}
     print("1. import bridge_rng_patch ...", flush=True)
     report["package_import"] = package_import(runs * 3)
@@ -172,12 +180,13 @@ def main() -> int:
         report["get_rng_state"] = per_call_cost("time_get_rng_state", Path(work_dir), runs, calls)
         print("4. RNG restore per call, tracker with 3 states ...", flush=True)
         report["restore"] = per_call_cost("time_restore", Path(work_dir), runs, calls)
-        print("5. get_rng_state per call in Megatron-LM's loop (megatron-core 0.19.2), 4 ranks, EP 2 ...", flush=True)
-        jobs = [
-            _rank_zero_timing(MEGATRON_LM, "time_get_rng_state", Path(work_dir), f"{run}", calls, patched=True)
-            for run in range(max(2, runs // 2))
-        ]
-        report["megatron_lm_get_rng_state"] = _package_share(jobs)
+        for key, release in OTHER_LOOPS.items():
+            print(f"5. get_rng_state per call on {release.name}, 4 ranks, EP 2 ...", flush=True)
+            jobs = [
+                _rank_zero_timing(release, "time_get_rng_state", Path(work_dir), f"{run}", calls, patched=True)
+                for run in range(max(2, runs // 2))
+            ]
+            report[key] = _package_share(jobs)
     print(json.dumps(report, indent=2))
     print(markdown_table(report))
     return 0
@@ -192,7 +201,6 @@ def markdown_table(report: dict) -> str:
 
     heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
     bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
-    mlm = report["megatron_lm_get_rng_state"]
     low, high = bridge["no-difference band"]
     conversions = restore["conversions_per_restore"]
     return "\n".join(
@@ -212,9 +220,16 @@ def markdown_table(report: dict) -> str:
             f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
             f"| {micro(restore['package share'])}; A/A control: {micro(restore['A/A control'])} | <= 5 µs "
             f"| {micro(restore['fixed upstream'])}, {conversions['fixed upstream']} conversions |",
-            f"| Megatron-LM's loop (megatron-core 0.19.2): `get_rng_state`, 4 ranks, EP 2, per call "
-            f"| {micro(mlm['patched'])} | {micro(mlm['unpatched'])} | {micro(mlm['package share'])}; A/A control: "
-            f"{micro(mlm['A/A control'])} | <= 3 µs | |",
+            *(
+                f"| {what}: `get_rng_state`, 4 ranks, EP 2, per call | {micro(report[key]['patched'])} "
+                f"| {micro(report[key]['unpatched'])} | {micro(report[key]['package share'])}; A/A control: "
+                f"{micro(report[key]['A/A control'])} | <= 3 µs | |"
+                for key, what in (
+                    ("megatron_lm_get_rng_state", "Megatron-LM's loop (megatron-core 0.19.2)"),
+                    ("verl_get_rng_state", "verl 0.9.1's checkpoint manager"),
+                    ("ms_swift_get_rng_state", "ms-swift 4.6.0"),
+                )
+            ),
         ]
     )
 

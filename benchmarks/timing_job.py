@@ -28,12 +28,12 @@ import rng_job
 from benchmarks import sides
 
 
-def _time_get_rng_state(spec: dict) -> dict:
+def _time_get_rng_state(spec: dict, state: Any) -> dict:
     """Seconds per call of the installed get_rng_state, called as save_checkpoint calls it."""
-    return _per_call_timings(spec, rng_job.installed_get_rng_state(spec))
+    return _per_call_timings(spec, rng_job.installed_get_rng_state(spec, state))
 
 
-def _time_restore(spec: dict) -> dict:
+def _time_restore(spec: dict, state: Any) -> dict:
     """Seconds per RNG restore of a saved entry, in the sequence the installed release's restore runs.
 
     The restore sits inside ``_load_checkpoint_from_path`` and cannot be called alone, so its steps are
@@ -46,7 +46,7 @@ def _time_restore(spec: dict) -> dict:
     import torch
 
     checkpointing = rng_job.loop_checkpointing()
-    entry = rng_job.installed_get_rng_state(spec)().data[0]
+    entry = rng_job.installed_get_rng_state(spec, state)().data[0]
     conversions: list[int] = []
 
     def set_sources(rng_state: dict) -> None:
@@ -296,14 +296,15 @@ def _less_what_it_wraps(call: Any, spent: list[float]) -> Any:
 
 
 def _timed_call(timing: Any) -> Any:
-    """An action that seeds as a save does, then has rank 0 alone time ``timing(spec)``."""
+    """An action that seeds as a save does, then has rank 0 alone time ``timing(spec, state)`` (state: what the loop's
+    save is called with, verl's checkpoint manager among them)."""
 
     def action(rank: int, state: Any, model: list, device_generator: Any, spec: dict) -> dict:
         import torch
 
         rng_job.seed_every_source(rng_job.SAVE_SEED, rank, device_generator, spec)
         torch.distributed.barrier()
-        return {"timing": timing(spec)} if rank == 0 else {}
+        return {"timing": timing(spec, state)} if rank == 0 else {}
 
     return action
 
