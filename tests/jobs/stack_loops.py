@@ -13,7 +13,8 @@ Faked, beside fake_cuda.py's CUDA RNG calls: verl's device helpers answer as on 
 restores the device generator as it does there; both load with megatron-core's fully parallel strategy, which moves
 tensors to the device to exchange them, and ms-swift agrees on the iteration in a CUDA tensor: here they stay on the
 CPU; and ms-swift 4.1 and later import mcore_bridge, which patches Transformer Engine's classes at import
-(``import_checkpointing``).
+(``import_checkpointing``). Not for a GPU: ms-swift before 4.5.3 answers torch's save-plan check in the form of the
+torch it was built for, which the tests' torch rejects (``_planner_check_for_this_torch``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def _ms_swift_args(spec: dict) -> argparse.Namespace:
 
     # ``_load_iteration`` agrees on the iteration in a CUDA tensor (NCCL on a GPU); here a CPU one, which gloo reduces.
     checkpointing(MS_SWIFT).torch = _CpuForCuda(torch)
+    if not spec.get("planner_check_as_released"):
+        _planner_check_for_this_torch()
     _fully_parallel_load_on_the_cpu()
     return argparse.Namespace(
         output_dir=spec["checkpoint_dir"],
@@ -166,6 +169,19 @@ def _ms_swift_args(spec: dict) -> argparse.Namespace:
         bf16=False,
         seed=1234,
     )
+
+
+def _planner_check_for_this_torch() -> None:
+    """ms-swift before 4.5.3 replaces torch's ``_validate_global_plan`` (a slow check) with one that answers True,
+    the valid answer of the torch it was built for; torch 2.13 expects a list of errors, and its save dies on True
+    ("can only join an iterable") before any RNG code runs. Here the replacement answers as ms-swift's own does
+    on such a torch from 4.5.3: an empty list."""
+    from torch.distributed.checkpoint import default_planner
+
+    if default_planner._validate_global_plan.__module__.startswith("swift.") and (
+        default_planner._validate_global_plan() is True
+    ):
+        default_planner._validate_global_plan = lambda *args, **kwargs: []
 
 
 def _fully_parallel_load_on_the_cpu() -> None:
