@@ -1,8 +1,8 @@
 """The training stacks whose checkpointing the package patches, and the upstream facts each patch decides by.
 
 Like an OpenTelemetry instrumentor's ``instruments``, this only declares: where each stack keeps its checkpointing
-code (a function of its module, a method of one of its classes, or a function it calls through a module of
-megatron-core's, each named by its attribute path in the stack's module: ``targets.py`` resolves them all alike),
+code (a function of its module, a method of one of its classes, or a function it calls through another module it
+imported, each named by its attribute path in the stack's module: ``targets.py`` resolves them all alike),
 how its functions are known, how it seeds, and which release numbers have each fix (the second signal, after the
 code itself). Importing it costs nothing: ``import bridge_rng_patch`` needs it for its import hook.
 """

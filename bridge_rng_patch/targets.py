@@ -2,10 +2,10 @@
 
 A path names a function of the module (``get_rng_state``), a method of one of its classes
 (``MegatronCheckpointManager.get_rng_state``), or a function of a module it imported and calls through its own
-global (ms-swift calls megatron-core's ``dist_checkpointing.load``). A module of the stack's own package is patched
-where it is; a module of another package is shared by everyone who imports it, so the stack's module is given a
-proxy of it instead, and the wrapper goes on the proxy: nothing changes for anyone else. What a patch replaces is
-saved so that undo puts back exactly what was there.
+global (ms-swift calls megatron-core's ``dist_checkpointing.load`` and its own ``fsdp_checkpoint.load_checkpoint``).
+Such a module is shared by everyone who imports it, so the stack's global is given a view of it instead, and the
+wrapper goes on the view: the calls the stack makes through that global are wrapped, and nothing changes for anyone
+else. What a patch replaces is saved so that undo puts back exactly what was there.
 """
 
 from __future__ import annotations
