@@ -36,6 +36,12 @@ def run_job(env: Release, spec: dict, out_dir: Path, name: str, job: Path = JOB)
 _WAITED_FOR_ANOTHER_RANK = re.compile(r"timed out|timeout|connection closed by peer|connection reset", re.IGNORECASE)
 
 
+def waited_for_another_rank(crash: str) -> bool:
+    """Whether a rank's crash is only another rank's death or failure, met in a collective (gloo says so in more
+    than one way, depending on where the rank was waiting when its peer went)."""
+    return _WAITED_FOR_ANOTHER_RANK.search(crash) is not None
+
+
 def crash_summary(results: list[dict]) -> str | None:
     """Which ranks crashed, a line each, then the whole traceback of the first that did not merely wait for
     another rank in a collective; None when no rank crashed."""
@@ -47,7 +53,7 @@ def crash_summary(results: list[dict]) -> str | None:
         + (f" (after its load failed: {result['error']})" if result.get("error") else "")
         for result in crashed
     ]
-    cause = next((result for result in crashed if not _WAITED_FOR_ANOTHER_RANK.search(result["crash"])), crashed[0])
+    cause = next((result for result in crashed if not waited_for_another_rank(result["crash"])), crashed[0])
     return "\n".join([*lines, "", f"rank {cause['rank']}:", cause["crash"]])
 
 

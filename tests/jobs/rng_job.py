@@ -37,6 +37,7 @@ import os
 import pickle
 import queue
 import random
+import signal
 import socket
 import sys
 import time
@@ -128,6 +129,8 @@ def _collect_reports(ranks: list, reports: Any, seconds: float = 300) -> list[di
 
 
 def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
+    if spec.get("then") == "die":  # a process group of its own, which it and every process it starts die with
+        os.setpgrp()
     try:
         reports.put(run_rank(rank, port, spec))
     except BaseException:  # with the load's own failure, where the rank crashed after it (waiting for the others)
@@ -135,11 +138,9 @@ def _rank_main(rank: int, port: int, spec: dict, reports: Any) -> None:
     if spec.get("then") == "die":  # as a job killed after its save was scheduled: it and every process it started
         reports.close()
         reports.join_thread()
-        import psutil
-
-        for child in psutil.Process().children(recursive=True):  # the save's worker, the queues' managers
-            child.kill()
-        os._exit(0)
+        # One signal to the whole group: the save's worker may be forking its writers right then, and a writer
+        # forked after a listing of the children was taken would outlive the job, holding its output open.
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def run_rank(rank: int, port: int | None, spec: dict) -> dict:
