@@ -1,11 +1,11 @@
-"""Give each Megatron-Bridge release the RNG checkpointing fixes it lacks.
+"""Give each Megatron training stack's installed release the RNG checkpointing fixes it lacks.
 
 ``import bridge_rng_patch`` at the start of training (or ``bridge-rng-patch run -- COMMAND``) registers an import
-hook; when (or if already) ``megatron.bridge.training.checkpointing`` is imported, each patch, one per upstream
-fix, probes the installed code and applies only where its fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to
-switch it off; ``undo()`` restores the originals. After each resume, rank 0 logs whether every rank holds the RNG
-state it should (``BRIDGE_RNG_PATCH_AUDIT=0`` switches that off); a loop the package does not patch calls
-``audit_restored_rng()`` after its load for the same line.
+hook; when (or if already) a stack's checkpointing module is imported, each patch, one per upstream fix, probes the
+installed code and applies only where its fix is missing. Set ``BRIDGE_RNG_PATCH_DISABLE=1`` to switch it off, or
+``=NAME[,NAME]`` to switch off those patches; ``undo()`` restores the originals. After each resume, rank 0 logs
+whether every rank holds the RNG state it should (``BRIDGE_RNG_PATCH_AUDIT=0`` switches that off); a loop the
+package does not patch calls ``audit_restored_rng()`` after its load for the same line.
 """
 
 from typing import Any

@@ -1,13 +1,14 @@
-"""What every patch module needs and nothing else: the decision a probe reaches, and the one-line log of it.
+"""What every patch module needs and nothing else: the plan a patch returns (its decision and its wrappers), the
+one-line log, the job's rank and the environment switches.
 
-It sits below the patches and the registry that imports them (``patcher``), so that dependencies point down.
+It sits below the patches and the registry that applies them (``patcher``), so that dependencies point down.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 LOGGER_NAME = "bridge_rng_patch"
 
@@ -38,16 +39,67 @@ class Decision(NamedTuple):
         return cls(REFUSED, reason)
 
 
+class Wrapping(NamedTuple):
+    """One wrapper a patch puts on an attribute path of the stack's module (``targets.py``). ``outside`` names the
+    patches whose wrappers on the same path it must wrap (it sees the call before they do); the patcher checks that
+    they are applied before it."""
+
+    path: str
+    wrapper: Any
+    outside: frozenset[str] = frozenset()
+
+
+class Plan(NamedTuple):
+    """What a patch decided for one stack, and the wrappers that carry it out where it applies."""
+
+    decision: Decision
+    wrappings: tuple[Wrapping, ...] = ()
+
+    @classmethod
+    def refuse(cls, reason: str) -> Plan:
+        return cls(Decision.refuse(reason))
+
+    @classmethod
+    def not_needed(cls, reason: str) -> Plan:
+        return cls(Decision.not_needed(reason))
+
+
 def report(message: str, level: int | None = None, every_rank: bool = False) -> None:
     """Log ``message`` once per job: on rank 0 (by torch.distributed, or $RANK before it is initialised)."""
     import logging
 
-    if every_rank or _is_rank_zero():
+    if every_rank or global_rank() == 0:
         logging.getLogger(LOGGER_NAME).log(logging.INFO if level is None else level, message)
 
 
-def _is_rank_zero() -> bool:
+def global_rank() -> int:
+    """This process's rank in the job: torch.distributed's once initialised, else $RANK (0 without one)."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+        return distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
+AUDIT_ENV = "BRIDGE_RNG_PATCH_AUDIT"
+_OFF, _ON = ("", "0", "false", "no", "off"), ("1", "true", "yes", "on", "all")
+
+
+def switched_off(variable: str) -> bool:
+    """Whether ``variable`` says off (0, false, no, off), as every switch of the package reads it."""
+    value = os.environ.get(variable)
+    return value is not None and value.strip().lower() in _OFF[1:]
+
+
+def disabled_patches(names: tuple[str, ...]) -> frozenset[str]:
+    """The patches ``BRIDGE_RNG_PATCH_DISABLE`` switches off: all of them for 1 (true, yes, on, all), those it names
+    for NAME[,NAME], none when it is unset or says off; a name that is no patch's is reported once by the caller."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in _OFF:
+        return frozenset()
+    if value in _ON:
+        return frozenset(names)
+    return frozenset(name.strip() for name in value.split(",") if name.strip())

@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge_rng_patch.loops import LOOPS, TrainingLoop
 from bridge_rng_patch.rng_layout import (
     METADATA_FILE,
     RNG_STATE_KEY,
+    RankCoordinates,
     RngCheckpointError,
     StoredRngLayout,
     read_stored_layouts,
@@ -33,15 +35,15 @@ from bridge_rng_patch.storage import StorageUnavailable, checkpoint_path
 
 COMPLETE, INCOMPLETE, NO_RNG_STATE, UNREADABLE = "complete", "incomplete", "no RNG state", "unreadable"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, NO_RNG_STATE: 1, UNREADABLE: 2}
-OWN, SHARED, FRESH = "own state", "shared state", "fresh state"
 PARALLEL_SIZES = {
     "tp": "tensor_model_parallel_size",
     "pp": "pipeline_model_parallel_size",
     "ep": "expert_model_parallel_size",
     "cp": "context_parallel_size",
 }
-# One save: Megatron's and ms-swift's ``iter_{n}``, verl's ``global_step_{n}``.
-_ITERATION_DIR = re.compile(r"(?:iter_|global_step_)(\d+)")
+# One save of any stack: ``iter_{n}``, ``global_step_{n}``.
+_PREFIXES = sorted({loop.on_disk.iteration_prefix for loop in LOOPS})
+_ITERATION_DIR = re.compile(f"(?:{'|'.join(map(re.escape, _PREFIXES))})(\\d+)")
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")
 
 
@@ -49,9 +51,10 @@ class CheckpointInputError(ValueError):
     """The path given is not something this inspector can read; the message says what it is and why."""
 
 
-BRIDGE_CONFIG, MEGATRON_LM_COMMON, VERL_CONFIG = "run_config.yaml", "common.pt", "transformer_config.json"
-# Where a verl save keeps its RNG state's dist-checkpoint, newest layout first.
-_VERL_RNG_DIRS = ("extra/dist_ckpt", "dist_ckpt")
+MEGATRON_LM_COMMON = "common.pt"
+# The stacks that record their run beside each save, and the one whose common state's args carry no mark of another.
+_CONFIGURED = tuple(loop for loop in LOOPS if loop.on_disk.run_config)
+_ARGS_BY_DEFAULT = next(loop for loop in LOOPS if not (loop.on_disk.run_config or loop.on_disk.args_mark))
 
 
 @dataclass
@@ -150,17 +153,22 @@ def iteration_dirs(checkpoint: str, iteration: int | None = None) -> list[Path]:
 
 
 def _is_iteration_dir(path: Path) -> bool:
-    names = ("metadata.json", METADATA_FILE, BRIDGE_CONFIG, VERL_CONFIG)
+    names = ("metadata.json", METADATA_FILE, *(loop.on_disk.run_config for loop in _CONFIGURED))
     return any((path / name).exists() for name in names) or any(
         child.name.startswith("mp_rank_") for child in path.iterdir()
     )
 
 
+def _configured_by(directory: Path) -> TrainingLoop | None:
+    """The stack whose run configuration lies in the save, if any."""
+    return next((loop for loop in _CONFIGURED if (directory / loop.on_disk.run_config).is_file()), None)
+
+
 def _rng_dir(directory: Path) -> Path:
-    """The dist-checkpoint that holds one save's RNG state: the save itself, or verl's in it."""
-    if (directory / VERL_CONFIG).is_file():
-        return next((directory / name for name in _VERL_RNG_DIRS if (directory / name).is_dir()), directory)
-    return directory
+    """The dist-checkpoint that holds one save's RNG state: the save itself, or where its stack keeps it in it."""
+    writer = _configured_by(directory)
+    rng_dirs = () if writer is None else writer.on_disk.rng_dirs
+    return next((directory / name for name in rng_dirs if (directory / name).is_dir()), directory)
 
 
 def _iteration_number(path: Path) -> int | None:
@@ -194,7 +202,7 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     report.verdict, report.summary = _verdict(stored, report.run)
     if resume_with is not None:
         report.resume_note = _model_parallel_change(report.run, resume_with)
-        report.resume = _resume_plan(stored, report.run, resume_with, restored=report.resume_note is None)
+        report.resume = _resume_plan(stored, report.run, resume_with)
     return report
 
 
@@ -236,17 +244,17 @@ def _check_format(directory: Path) -> None:
 
 
 def _run_layout(directory: Path, rng_dir: Path) -> RunLayout:
-    """From Megatron-Bridge's ``run_config.yaml`` or verl's ``transformer_config.json``, else from the ``args`` in
-    Megatron-LM's or ms-swift's common state."""
-    if (directory / BRIDGE_CONFIG).is_file():
-        return _bridge_run_layout(directory)
-    if (directory / VERL_CONFIG).is_file():
-        return _verl_run_layout(directory, rng_dir)
+    """From the run configuration a stack writes beside the save, else from the ``args`` in its common state."""
+    writer = _configured_by(directory)
+    if writer is not None:
+        return _configured_run_layout(writer, directory, rng_dir)
     args = _megatron_lm_args(directory)
     if args is None:
+        configured = ", ".join(f"{loop.on_disk.run_config} ({loop.name})" for loop in _CONFIGURED)
+        from_args = " or ".join(f"{loop.name}'s" for loop in LOOPS if loop not in _CONFIGURED)
         raise CheckpointInputError(
-            f"{directory}: neither {BRIDGE_CONFIG} (Megatron-Bridge), {VERL_CONFIG} (verl) nor Megatron-LM's or "
-            "ms-swift's args in its common state, so the parallel layout of the run that wrote it is unknown"
+            f"{directory}: neither {configured} nor {from_args} args in its common state, so the parallel layout of "
+            "the run that wrote it is unknown"
         )
     try:
         sizes = {axis: int(getattr(args, key, None) or 1) for axis, key in PARALLEL_SIZES.items()}
@@ -256,42 +264,57 @@ def _run_layout(directory: Path, rng_dir: Path) -> RunLayout:
         raise CheckpointInputError(f"{directory / MEGATRON_LM_COMMON}: args with unreadable sizes ({error})") from None
     dp, dp_source = (dp, "its saved args") if dp is not None else _data_parallel_size(directory, sizes)
     random_init = bool(getattr(args, "data_parallel_random_init", False))
-    loop = "ms-swift" if hasattr(args, "mcore_model") else "Megatron-LM"  # ms-swift's args name its own checkpoint
-    return RunLayout(loop, **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
+    marked = (loop for loop in LOOPS if loop.on_disk.args_mark and hasattr(args, loop.on_disk.args_mark))
+    writer = next(marked, _ARGS_BY_DEFAULT)
+    return RunLayout(writer.name, **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
 
 
-def _verl_run_layout(directory: Path, rng_dir: Path) -> RunLayout:
-    """verl writes its model's transformer config, parallel sizes included, beside the save's dist-checkpoints."""
-    config_file = directory / VERL_CONFIG
+def _configured_run_layout(writer: TrainingLoop, directory: Path, rng_dir: Path) -> RunLayout:
+    """From the stack's run configuration: YAML with the sizes under ``model``, or JSON with them at its top."""
+    config_file = directory / writer.on_disk.run_config
+    yaml_config = config_file.suffix == ".yaml"
     try:
         with config_file.open("rb") as stream:
-            config = json.loads(_bounded_read(config_file, stream, config_file.stat().st_size, "transformer config"))
-        sizes = {axis: int(config.get(key) or 1) for axis, key in PARALLEL_SIZES.items()}
+            text = _bounded_read(config_file, stream, config_file.stat().st_size, "run configuration")
+        config = _yaml().safe_load(text) if yaml_config else json.loads(text)
+        model, rng = (config["model"], config.get("rng") or {}) if yaml_config else (config, config)
+        sizes = {axis: int(model.get(key) or 1) for axis, key in PARALLEL_SIZES.items()}
+        random_init = bool(rng.get("data_parallel_random_init"))
     except CheckpointInputError:
         raise
     except Exception as error:
-        raise CheckpointInputError(f"{config_file}: not a readable transformer config ({error!r})") from None
-    dp, dp_source = _verl_data_parallel_size(directory, rng_dir, sizes)
-    return RunLayout("verl", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=False)
+        raise CheckpointInputError(f"{config_file}: not a readable run configuration ({error!r})") from None
+    dp, dp_source = _configured_data_parallel_size(writer, directory, rng_dir, sizes)
+    return RunLayout(writer.name, **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
 
 
-VERL_MANIFEST = "ckpt_contents.json"
-
-
-def _verl_data_parallel_size(directory: Path, rng_dir: Path, sizes: dict[str, int]) -> tuple[int | None, str]:
-    """From the world size in the manifest verl writes from 0.9, else from the writers of the save's model
-    dist-checkpoint (its RNG one has a single writer under the old layout)."""
-    manifest = directory / VERL_MANIFEST
+def _yaml() -> Any:
     try:
-        with manifest.open("rb") as stream:
-            world = int(json.loads(_bounded_read(manifest, stream, manifest.stat().st_size, "manifest"))["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        world = None
+        import yaml
+    except ImportError:
+        raise CheckpointInputError("reading run_config.yaml needs PyYAML (a dependency of Megatron-Bridge)") from None
+    return yaml
+
+
+def _configured_data_parallel_size(
+    writer: TrainingLoop, directory: Path, rng_dir: Path, sizes: dict[str, int]
+) -> tuple[int | None, str]:
+    """From the world size in the stack's manifest, where it writes one, else from the writers of the save's model
+    dist-checkpoint (an RNG one has a single writer under the old layout), else of the RNG one."""
+    on_disk = writer.on_disk
     model_parallel = sizes["tp"] * sizes["pp"] * sizes["cp"]
-    if world is not None and world % model_parallel == 0:
-        return world // model_parallel, f"the world size in {VERL_MANIFEST}"
-    model_dir = directory / "model" / "dist_ckpt"
-    return _data_parallel_size(model_dir if model_dir.is_dir() else rng_dir, sizes)
+    if on_disk.manifest is not None:
+        manifest = directory / on_disk.manifest
+        try:
+            with manifest.open("rb") as stream:
+                text = _bounded_read(manifest, stream, manifest.stat().st_size, "manifest")
+            world = int(json.loads(text)["world_size"])
+        except (OSError, ValueError, KeyError, TypeError, CheckpointInputError):
+            world = None
+        if world is not None and world % model_parallel == 0:
+            return world // model_parallel, f"the world size in {on_disk.manifest}"
+    model_dir = directory / on_disk.model_dir if on_disk.model_dir else None
+    return _data_parallel_size(model_dir if model_dir is not None and model_dir.is_dir() else rng_dir, sizes)
 
 
 class _Unpickled:
@@ -394,23 +417,6 @@ def _args_in_archive(where: Path, archive_file: Any) -> argparse.Namespace | Non
     return args if isinstance(args, argparse.Namespace) else None
 
 
-def _bridge_run_layout(directory: Path) -> RunLayout:
-    config_file = directory / BRIDGE_CONFIG
-    try:
-        import yaml
-    except ImportError:
-        raise CheckpointInputError("reading run_config.yaml needs PyYAML (a dependency of Megatron-Bridge)") from None
-    try:
-        config = yaml.safe_load(config_file.read_text())
-        model, rng = config["model"], config.get("rng") or {}
-        sizes = {axis: int(model.get(key) or 1) for axis, key in PARALLEL_SIZES.items()}
-    except Exception as error:
-        raise CheckpointInputError(f"{config_file}: not a readable run configuration ({error!r})") from None
-    dp, dp_source = _data_parallel_size(directory, sizes)
-    random_init = bool(rng.get("data_parallel_random_init"))
-    return RunLayout("Megatron-Bridge", **sizes, dp=dp, dp_source=dp_source, data_parallel_random_init=random_init)
-
-
 def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | None, str]:
     """DP size, which no saved configuration records: from the stored RNG layout, else from the writers.
 
@@ -466,33 +472,27 @@ def _model_parallel_change(run: RunLayout, target: dict[str, int]) -> str | None
     )
 
 
-def _resume_plan(
-    stored: StoredRngLayout, run: RunLayout, target: dict[str, int], restored: bool
-) -> list[dict[str, Any]]:
-    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package (nothing where RNG
-    state is not ``restored``); dp counts DP ranks with context parallel, as the RNG layout does."""
+def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]) -> list[dict[str, Any]]:
+    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package: the rule the
+    stored-layout load follows (``StoredRngLayout.restores``); dp counts DP ranks with context parallel, as the RNG
+    layout does."""
     pp_size, tp_size = target.get("pp", run.pp), target.get("tp", run.tp)
     dp_size = target.get("dp", run.dp)
     if dp_size is None:
         raise CheckpointInputError("--resume-with needs dp=N: the DP size of the run that wrote it is unknown")
-    plan = []
-    for pp in range(pp_size):
-        for tp in range(tp_size):
-            for dp in range(dp_size * target.get("cp", run.cp)):
-                gets = _what_rank_restores(stored, run, pp, tp, dp) if restored else FRESH
-                plan.append({"pp": pp, "tp": tp, "dp": dp, "gets": gets})
-    return plan
-
-
-def _what_rank_restores(stored: StoredRngLayout, run: RunLayout, pp: int, tp: int, dp: int) -> str:
-    """The same shard the patched load requests for this rank (``StoredRngLayout.stored_offset``)."""
-    if stored.stored_offset(pp, tp, dp) is None:
-        return FRESH
-    if stored.per_dp_rank:
-        return OWN
-    if run.data_parallel_random_init:  # the shard holds one state per saved DP rank, picked by DP rank
-        return OWN if run.dp is not None and dp < run.dp else FRESH
-    return OWN if run.ep <= 1 or dp == 0 else SHARED
+    # A run with data_parallel_random_init stores every DP rank's state in each (pp, tp) entry.
+    gathered = (run.dp or 0) if run.data_parallel_random_init else None
+    return [
+        {
+            "pp": pp,
+            "tp": tp,
+            "dp": dp,
+            "gets": stored.restores(RankCoordinates(pp, tp, dp), (pp_size, tp_size), gathered, run.ep <= 1),
+        }
+        for pp in range(pp_size)
+        for tp in range(tp_size)
+        for dp in range(dp_size * target.get("cp", run.cp))
+    ]
 
 
 def parse_layout(text: str) -> dict[str, int]:

@@ -33,9 +33,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: this process's environment) with the bootstrap folder first on ``PYTHONPATH``."""
-    environment = dict(os.environ if base is None else base)
+def environment() -> dict[str, str]:
+    """This process's environment with the bootstrap folder first on ``PYTHONPATH``."""
+    environment = dict(os.environ)
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, (str(BOOTSTRAP), existing)))
     return environment

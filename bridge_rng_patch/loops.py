@@ -23,16 +23,33 @@ class FixedIn(NamedTuple):
 
 
 class LoadFunction(NamedTuple):
-    """A function a stack loads checkpoint state through, the RNG request among it: which argument holds the request,
-    where the checkpoint directory comes from (``checkpoint``: the argument that names it; None: the loop's
-    ``get_checkpoint_name(load_dir, iteration, release)`` for a torch_dist load, the result for an fsdp_dtensor one)
-    and what it returns (``returns_tuple``: ``(state_dict, checkpoint_name, release, checkpoint_type)``, as
-    Megatron-Bridge's and Megatron-LM's loads do; else the state dict itself)."""
+    """A function a stack loads checkpoint state through, the RNG request among it, known by what it binds by name:
+    the request (``request``) and what names the checkpoint (``named_by``). ``checkpoint`` is the argument that names
+    the checkpoint directory; None: the loop's ``get_checkpoint_name(load_dir, iteration, release)`` for a torch_dist
+    load, the result for an fsdp_dtensor one. ``returns_tuple``: it returns ``(state_dict, checkpoint_name, release,
+    checkpoint_type)``, as Megatron-Bridge's and Megatron-LM's loads do; else the state dict itself."""
 
     path: str
+    named_by: tuple[str, ...]
     request: str = "sharded_state_dict"
     checkpoint: str | None = None
     returns_tuple: bool = True
+
+
+class OnDisk(NamedTuple):
+    """How one save of a stack sits on disk, for the inspector: its directory (``{iteration_prefix}{n}``); the file
+    beside it that records the run's parallel sizes (``run_config``: ``.yaml`` with them under ``model``, or ``.json``
+    at its top level; None: the ``args`` in its common state, this stack's where they have the attribute
+    ``args_mark``); where its RNG dist-checkpoint sits inside it, newest layout first (none: the save itself); and
+    what counts its DP ranks where the RNG layout does not (a JSON ``manifest`` with ``world_size``, the writers of
+    ``model_dir``)."""
+
+    iteration_prefix: str = "iter_"
+    run_config: str | None = None
+    args_mark: str | None = None
+    rng_dirs: tuple[str, ...] = ()
+    manifest: str | None = None
+    model_dir: str | None = None
 
 
 class Seeding(NamedTuple):
@@ -57,7 +74,7 @@ class TrainingLoop(NamedTuple):
     start to end; ``restore_function`` sets the loaded RNG state; ``dist_load`` and ``fsdp_load`` load a torch_dist
     and an fsdp_dtensor checkpoint with the RNG request. ``optional_sources`` are keys of an RNG entry the stack may
     leave out (verl saves the device generator only where the process has a device). ``distribution`` states the
-    release number.
+    release number. ``on_disk`` is how its saves look to the inspector.
     """
 
     name: str
@@ -73,12 +90,15 @@ class TrainingLoop(NamedTuple):
     fsdp_load: LoadFunction | None
     seeding: Seeding
     fixed_in: dict[str, FixedIn]
+    on_disk: OnDisk
     optional_sources: frozenset[str] = frozenset()
 
 
 # The load of every format both Megatron loops have: fsdp_dtensor's is inside it (Megatron-LM) or below it (Bridge).
-_MEGATRON_BASE_LOAD = LoadFunction("_load_base_checkpoint")
-_MEGATRON_DIST_LOAD = LoadFunction("_load_global_dist_base_checkpoint")
+_MEGATRON_BASE_LOAD = LoadFunction("_load_base_checkpoint", named_by=("load_dir", "rank0"))
+_MEGATRON_DIST_LOAD = LoadFunction(
+    "_load_global_dist_base_checkpoint", named_by=("load_dir", "rank0", "iteration", "release")
+)
 
 BRIDGE = TrainingLoop(
     name="Megatron-Bridge",
@@ -94,18 +114,13 @@ BRIDGE = TrainingLoop(
     fsdp_load=_MEGATRON_BASE_LOAD,
     seeding=MEGATRON_SEEDING,
     fixed_in={
-        # EP-aware sharding and the graph-safe restore came with PR #2092 in 0.3.0. No release up to 0.6.2 asks for
-        # the RNG layout a checkpoint stores; main does since Sep 2026, and has stated 0.7.0 since Aug 2026. The
-        # fsdp_dtensor load ignores RNG state after a TP or PP change from 0.6.0 (#5100): layout_load reads that from
-        # the load's code.
         SAVE_SHARDING: FixedIn("0.3.0", "0.3.0"),
         TRACKER_RESTORE: FixedIn("0.3.0", "0.3.0"),
         LAYOUT_LOAD: FixedIn("0.7.0"),
     },
+    on_disk=OnDisk(run_config="run_config.yaml"),
 )
-# Megatron-LM's own loop (``megatron.training``), in the megatron-core wheels from 0.17 on and in source trees before
-# them: get_rng_state(use_dist_ckpt) up to core_v0.11, (ckpt_format) from 0.12, (ckpt_format, tp_group, pp_group)
-# from 0.16, and 0.19 adds dp_cp_group, dp_group, key_prefix.
+# Megatron-LM's own loop (``megatron.training``), from the megatron-core wheels or a source tree.
 MEGATRON_LM = TrainingLoop(
     name="Megatron-LM",
     module="megatron.training.checkpointing",
@@ -120,16 +135,14 @@ MEGATRON_LM = TrainingLoop(
     fsdp_load=_MEGATRON_BASE_LOAD,
     seeding=MEGATRON_SEEDING,
     fixed_in={
-        # Per-rank RNG sharding (#6858, Aug 2026) and a stored-layout load are in no release up to 0.19.2, the newest
-        # read; the restore converts tracker states from 0.16 (PR #2641), before megatron.training shipped.
         SAVE_SHARDING: FixedIn("0.20.0"),
         TRACKER_RESTORE: FixedIn("0.16.0", "0.16.0"),
         LAYOUT_LOAD: FixedIn("0.20.0"),
     },
+    on_disk=OnDisk(),
 )
-# verl's Megatron checkpoint manager (0.4.1 to 0.9.1 read): the RNG state is a method of the manager, saved in the
-# checkpoint's ``extra`` dist-checkpoint (with the model up to 0.7) through verl's own ``load_dist_checkpointing``,
-# restored by ``load_rng_states``; verl seeds every rank alike (``set_random_seed``: no PP or DP offset).
+# verl's Megatron checkpoint manager: the RNG state is a method of the manager, loaded from a dist-checkpoint of its
+# own through verl's ``load_dist_checkpointing`` and restored by ``load_rng_states``; verl seeds every rank alike.
 VERL = TrainingLoop(
     name="verl",
     module="verl.utils.checkpoint.megatron_checkpoint_manager",
@@ -140,20 +153,25 @@ VERL = TrainingLoop(
     rng_state_optional=frozenset({"data_parallel_random_init"}),
     resume_function="MegatronCheckpointManager.load_checkpoint",
     restore_function="MegatronCheckpointManager.load_rng_states",
-    dist_load=LoadFunction("load_dist_checkpointing", checkpoint="ckpt_dir", returns_tuple=False),
+    dist_load=LoadFunction("load_dist_checkpointing", ("ckpt_dir",), checkpoint="ckpt_dir", returns_tuple=False),
     fsdp_load=None,
     seeding=Seeding(pipeline=0, data_parallel=0),
     fixed_in={
-        # No release up to 0.9.1 shards by EP, converts tracker states, or reads the stored RNG layout.
         SAVE_SHARDING: FixedIn("0.9.2"),
         TRACKER_RESTORE: FixedIn("0.9.2"),
         LAYOUT_LOAD: FixedIn("0.9.2"),
     },
+    on_disk=OnDisk(
+        iteration_prefix="global_step_",
+        run_config="transformer_config.json",
+        rng_dirs=("extra/dist_ckpt", "dist_ckpt"),
+        manifest="ckpt_contents.json",
+        model_dir="model/dist_ckpt",
+    ),
     optional_sources=frozenset({"cuda_rng_state"}),
 )
-# ms-swift 4.x (4.0.0 to 4.6.0 read): its own Megatron loop in ``megatron_lm_utils``, which calls megatron-core's
-# ``dist_checkpointing.load`` and, from 4.5.3, its own fsdp_dtensor module; seeded by mcore_bridge's
-# ``set_random_seed`` (``seed + 1009 * pp``, ``+ 11 * dp``). ms-swift 3.x runs Megatron-LM source trees instead.
+# ms-swift's own Megatron loop in ``megatron_lm_utils``, which loads through megatron-core's ``dist_checkpointing.load``
+# and its own fsdp_dtensor module; seeded by mcore_bridge's ``set_random_seed`` (``seed + 1009 * pp``, ``+ 11 * dp``).
 MS_SWIFT = TrainingLoop(
     name="ms-swift",
     module="swift.megatron.utils.megatron_lm_utils",
@@ -164,16 +182,22 @@ MS_SWIFT = TrainingLoop(
     rng_state_optional=frozenset({"data_parallel_random_init"}),
     resume_function="load_mcore_checkpoint",
     restore_function="load_mcore_checkpoint",
-    dist_load=LoadFunction("dist_checkpointing.load", checkpoint="checkpoint_dir", returns_tuple=False),
+    dist_load=LoadFunction(
+        "dist_checkpointing.load", ("checkpoint_dir",), checkpoint="checkpoint_dir", returns_tuple=False
+    ),
     fsdp_load=LoadFunction(
-        "fsdp_checkpoint.load_checkpoint", request="state_dict", checkpoint="checkpoint_dir", returns_tuple=False
+        "fsdp_checkpoint.load_checkpoint",
+        ("checkpoint_dir",),
+        request="state_dict",
+        checkpoint="checkpoint_dir",
+        returns_tuple=False,
     ),
     seeding=Seeding(pipeline=1009, data_parallel=11),
     fixed_in={
-        # No 4.x release up to 4.6.0 shards by EP, converts tracker states, or reads the stored RNG layout.
         SAVE_SHARDING: FixedIn("4.7.0"),
         TRACKER_RESTORE: FixedIn("4.7.0"),
         LAYOUT_LOAD: FixedIn("4.7.0"),
     },
+    on_disk=OnDisk(args_mark="mcore_model"),
 )
 LOOPS = (BRIDGE, MEGATRON_LM, VERL, MS_SWIFT)

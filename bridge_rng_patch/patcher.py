@@ -1,37 +1,49 @@
 """The one place that applies and undoes the patches and keeps their status.
 
-Each training stack the package knows (``loops.LOOPS``: Megatron-Bridge, Megatron-LM, verl, ms-swift) gets every
-patch, applied once when its checkpointing module is imported (or at once if it already is), each only after it
-has probed that stack's installed code. A patch that cannot apply says why and leaves the module untouched. Undo
-puts back the exact original objects. Nothing heavy is imported here: the patch modules, and with them wrapt, torch and
-megatron, are imported only when a target module is.
+When a stack's checkpointing module is imported (or at once if it already is), its declaration (``loops.LOOPS``) is
+resolved once (``probe.InstalledStack``) and handed, with one resume context for the stack, to every patch, which
+returns its plan: a decision and the wrappers that carry it out. The plans are carried out here, in a declared and
+checked order; a patch that cannot apply says why and leaves the module untouched, and undo puts back the exact
+original objects. ``BRIDGE_RNG_PATCH_DISABLE`` switches every patch off (1) or those it names (NAME[,NAME]). Nothing
+heavy is imported here: the patch modules, and with them wrapt, torch and megatron, are imported only when a target
+module is.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import threading
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-from bridge_rng_patch.decision import APPLIED, DISABLED, PENDING, UNDONE, Decision, report
-from bridge_rng_patch.loops import LOOPS, TrainingLoop
+from bridge_rng_patch.decision import (
+    APPLIED,
+    DISABLE_ENV,
+    DISABLED,
+    PENDING,
+    UNDONE,
+    Decision,
+    Plan,
+    disabled_patches,
+    report,
+)
+from bridge_rng_patch.loops import LAYOUT_LOAD, LOOPS, SAVE_SHARDING, TRACKER_RESTORE, TrainingLoop
 
-DISABLE_ENV = "BRIDGE_RNG_PATCH_DISABLE"
-
-# name -> what it does; each name is also the module that holds the patch: one per upstream fix, then the resume
-# audit, which checks across ranks what they restored. Applied in this order and undone in the reverse one (the audit
-# wraps the restore function that tracker_restore may have wrapped first).
+RESUME_AUDIT = "resume_audit"
+# name -> what it does; each name is also the module that holds the patch (its ``plan(stack, context)``): one per
+# upstream fix, then the resume audit, which checks across ranks what they restored. Applied in this order, each
+# wrapping what those before it left, and undone in the reverse one; a wrapper that must see a call before another
+# patch's says so (``Wrapping.outside``), and applying checks it against this order.
 PATCHES = {
-    "save_sharding": "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
-    "tracker_restore": "the RNG restore converts tracker states to the form the tracker in use keeps",
-    "layout_load": "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
-    "resume_audit": "after a resume, rank 0 logs whether every rank holds the RNG state it should",
+    SAVE_SHARDING: "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
+    TRACKER_RESTORE: "the RNG restore converts tracker states to the form the tracker in use keeps",
+    LAYOUT_LOAD: "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
+    RESUME_AUDIT: "after a resume, rank 0 logs whether every rank holds the RNG state it should",
 }
+_ORDER = {name: position for position, name in enumerate(PATCHES)}
 _LOOPS_BY_MODULE = {loop.module: loop for loop in LOOPS}
 
 
@@ -42,17 +54,6 @@ class PatchStatus(NamedTuple):
     reason: str
     versions: Mapping[str, str]
     loop: str
-
-
-class Patch(Protocol):
-    """One patch: the attribute paths it wraps in the stack's module (``targets.py``), a probe that decides, and the
-    replacement."""
-
-    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]: ...
-
-    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision: ...
-
-    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None: ...
 
 
 def _waiting_for(loop: TrainingLoop) -> Decision:
@@ -67,7 +68,8 @@ _switched_off = False
 
 
 class _PostImportHook:
-    """Patches a target module right after it has executed, like wrapt's ``register_post_import_hook``.
+    """Patches a stack's checkpointing module right after it has executed, like wrapt's
+    ``register_post_import_hook``: the spec found for it gets a loader that wraps the one found.
 
     wrapt's own hook would import wrapt at ``import bridge_rng_patch``, which costs 40-60 ms with wrapt 2
     (it imports asyncio); wrapt is imported only when patching, after Megatron's seconds-long import.
@@ -81,33 +83,44 @@ class _PostImportHook:
             find_spec = getattr(finder, "find_spec", None)
             spec = None if finder is self or find_spec is None else find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                _patch_after_execution(loop, spec.loader)
+                spec.loader = _PatchingLoader(spec.loader, loop)
                 return spec
         return None
 
 
-def _patch_after_execution(loop: TrainingLoop, loader: Any) -> None:
-    execute = loader.exec_module
+class _PatchingLoader:
+    """The loader found for one stack's module, wrapped: it executes the module, then patches it. The found loader
+    is never edited: one loader may serve many modules (a zipimporter serves every module of its archive)."""
 
-    def execute_then_patch(module: ModuleType) -> None:
-        execute(module)
-        _on_checkpointing_imported(loop, module)
+    def __init__(self, loader: Any, loop: TrainingLoop) -> None:
+        self._loader = loader
+        self._loop = loop
 
-    loader.exec_module = execute_then_patch
+    def create_module(self, spec: Any) -> Any:
+        create_module = getattr(self._loader, "create_module", None)
+        return None if create_module is None else create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # The module is the found loader's, as it would be without the hook.
+        if getattr(module, "__loader__", None) in (None, self):
+            module.__loader__ = self._loader
+        if getattr(getattr(module, "__spec__", None), "loader", None) is self:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _on_checkpointing_imported(self._loop, module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
 
 
 _hook = _PostImportHook()
-
-
-def disabled_by_environment() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def install() -> None:
     """Arrange for the patches to apply when a training loop's checkpointing module is imported."""
     global _switched_off
     with _lock:
-        if disabled_by_environment():
+        if disabled_patches(tuple(PATCHES)) >= PATCHES.keys():
             for key, decision in _states.items():
                 if decision.state in (PENDING, UNDONE):
                     _record(key, Decision(DISABLED, f"{DISABLE_ENV} is set"))
@@ -174,38 +187,58 @@ def loop_installed(loop: TrainingLoop) -> bool:
 
 
 def _on_checkpointing_imported(loop: TrainingLoop, checkpointing: ModuleType) -> None:
-    if not _switched_off and not disabled_by_environment():
+    if not _switched_off:
         _apply_all(loop, checkpointing)
 
 
 def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
+    """Resolve the stack once, hand it and one resume context to every patch's plan, and carry out each plan."""
     with _lock:
-        for name in PATCHES:
-            if _states[(loop.name, name)].state in (PENDING, UNDONE):
-                _apply_one(loop, name, checkpointing)
+        waiting = [name for name in PATCHES if _states[(loop.name, name)].state in (PENDING, UNDONE)]
+        if not waiting:
+            return
+        from bridge_rng_patch.probe import InstalledStack
+        from bridge_rng_patch.resume_context import ResumeContext
+
+        stack, context = InstalledStack(loop, checkpointing), ResumeContext()
+        disabled = disabled_patches(tuple(PATCHES))
+        for name in sorted(disabled - PATCHES.keys()):
+            report(f"{DISABLE_ENV} names {name!r}, which is no patch of bridge_rng_patch ({', '.join(PATCHES)})")
+        why_disabled = f"{DISABLE_ENV} is set" if disabled >= PATCHES.keys() else f"{DISABLE_ENV} names it"
+        for name in waiting:
+            key = (loop.name, name)
+            if name in disabled:
+                _record(key, Decision(DISABLED, why_disabled))
+                continue
+            try:
+                plan: Plan = importlib.import_module(f"bridge_rng_patch.{name}").plan(stack, context)
+            except Exception as error:  # a probe that breaks must leave the loop as it is
+                _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
+                continue
+            _record(key, _carry_out(key, checkpointing, plan) if plan.decision.state == APPLIED else plan.decision)
 
 
-def _apply_one(loop: TrainingLoop, name: str, checkpointing: ModuleType) -> None:
-    key = (loop.name, name)
+def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> Decision:
+    """Put the plan's wrappers on, or none of them; what each replaces is kept for undo."""
+    from bridge_rng_patch import targets
+
+    name = key[1]
+    applied_after = sorted(
+        {other for wrapping in plan.wrappings for other in wrapping.outside if _ORDER[other] > _ORDER[name]}
+    )
+    if applied_after:
+        return Decision.refuse(f"its wrappers must wrap those of {', '.join(applied_after)}, applied after it")
+    originals = []
     try:
-        patch: Patch = importlib.import_module(f"bridge_rng_patch.{name}").PATCH
-        decision = patch.decide(loop, checkpointing)
-    except Exception as error:  # a probe that breaks must leave the loop as it is
-        _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
-        return
-    if decision.state == APPLIED:
-        from bridge_rng_patch import targets
-
-        originals = [targets.save(checkpointing, path) for path in patch.targets(loop, checkpointing)]
-        try:
-            patch.instrument(loop, checkpointing)
-        except Exception as error:
-            for saved in reversed(originals):
-                saved.put_back()
-            decision = Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
-        else:
-            _originals[key] = originals
-    _record(key, decision)
+        for wrapping in plan.wrappings:
+            originals.append(targets.save(checkpointing, wrapping.path))
+            targets.wrap(checkpointing, wrapping.path, wrapping.wrapper)
+    except Exception as error:
+        for saved in reversed(originals):
+            saved.put_back()
+        return Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
+    _originals[key] = originals
+    return plan.decision
 
 
 def _record(key: tuple[str, str], decision: Decision) -> None:

@@ -1,8 +1,10 @@
 """Find out what is installed: which training loops, their versions, and the features (signatures, source,
 helpers) of the code actually loaded.
 
-Patches decide by the features (signatures, what a function's source does, which helpers exist); the
-release number is only a second signal, reported beside them.
+When a stack's checkpointing module is imported, ``InstalledStack`` resolves what its declaration names there and
+keeps what the probes find, so that each patch decides from one view and no fact is worked out twice. Patches decide
+by the features (signatures, what a function's source does, which helpers exist); the release number is only a
+second signal, reported beside them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from bridge_rng_patch import targets
 from bridge_rng_patch.decision import Decision
-from bridge_rng_patch.loops import LOOPS, TrainingLoop
+from bridge_rng_patch.loops import LOOPS, LoadFunction, TrainingLoop
 
 BRIDGE_DISTRIBUTION = "megatron-bridge"
 CORE_DISTRIBUTION = "megatron-core"
@@ -30,14 +34,13 @@ _PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "meg
 UNKNOWN = "unknown"
 NOT_INSTALLED = "not installed"
 
-# Bridge's fix shards by EP; a layout with a third axis after (pp_size, tp_size) keeps every DP rank's state too
-# (Megatron-LM #6858 shards by (pp, tp, dp_cp) always).
+# A get_rng_state that shards by EP, or by a third axis after (pp_size, tp_size), keeps every DP rank's state.
 _EVERY_DP_RANK_SHARDED = re.compile(r"\.ep\b|\bep_size\b|expert_model_parallel|\(\s*pp_size\s*,\s*tp_size\s*,")
 _FSDP_KEYED_BY_PP_TP = re.compile(r"""\{\s*f["']\(\{pp_rank\}, \{tp_rank\}\)["']\s*:""")
 _CALLED_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
 # A call of a function of another module through the module's global: ms-swift's ``fsdp_checkpoint.build_rng_state(``.
 _CALLED_THROUGH_MODULE = re.compile(r"\b([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*\(")
-# The fsdp_dtensor branch of a loop's load, up to its RNG restore; Bridge #5100 (0.6.0) compares TP and PP in it.
+# The fsdp_dtensor branch of a loop's load, up to its RNG restore, where a fixed loop compares TP and PP.
 _FSDP_LOAD_BRANCH = re.compile(
     r"""elif\s+(?:\w+\.)*ckpt_format\s*==\s*["']fsdp_dtensor["']\s*:(.*?)["']rng_state["'] in state_dict""", re.DOTALL
 )
@@ -154,13 +157,9 @@ _GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")
 
 @dataclass(frozen=True)
 class RngStateSignature:
-    """How a ``get_rng_state`` takes what the save wrapper needs, known by the parameters it binds.
-
-    Old Bridge releases take ``data_parallel_random_init`` and, from 0.1.0rc3, ``ckpt_format`` (without it the
-    format is always torch_dist); unreleased main between 0.2.2 and the fix adds ``pg_collection``, positional
-    or keyword-only. Megatron-LM's takes ``(use_dist_ckpt)`` in source trees up to core_v0.11, ``(ckpt_format)``
-    from 0.12, ``(ckpt_format, tp_group, pp_group)`` from 0.16, and from 0.19 ``dp_cp_group``, ``dp_group`` and
-    ``key_prefix``. Process groups come from those arguments where given, else from mpu globals.
+    """How a ``get_rng_state`` takes what the save wrapper needs, known by the parameters it binds: one of the
+    stack's first parameters, then any of its optional ones, positional or keyword-only (``loops.TrainingLoop``).
+    Process groups come from those arguments where given, else from mpu globals.
     """
 
     names: tuple[str, ...]
@@ -197,51 +196,10 @@ def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop, method: boo
     return RngStateSignature(names, keyword_only, f"{loop.get_rng_state}{shown}")
 
 
-def shards_every_dp_rank(get_rng_state: Callable) -> bool | None:
-    """Whether ``get_rng_state`` already writes every DP rank's state (the upstream fix); None when its source is
-    unavailable."""
-    source = source_of(get_rng_state)
-    if source is None:
-        return None
-    return bool(_EVERY_DP_RANK_SHARDED.search(source))
-
-
-def keys_fsdp_rng_by_pp_tp(get_rng_state: Callable, module: ModuleType | None = None) -> bool | None:
-    """Whether ``get_rng_state`` keys fsdp_dtensor's RNG state by (pp, tp) alone, as every release up to Bridge
-    0.6.2 and Megatron-LM 0.19.2 does, in its own code or in a function it calls through a module of ``module``'s
-    (ms-swift's ``fsdp_checkpoint.build_rng_state``); None when its source is unavailable."""
-    source = source_of(get_rng_state)
-    if source is None:
-        return None
-    return any(_FSDP_KEYED_BY_PP_TP.search(text) for text in (source, *_callees_through_modules(source, module)))
-
-
-def _callees_through_modules(source: str, module: ModuleType | None) -> list[str]:
-    """The sources of the functions ``source`` calls as ``name.function(`` where ``name`` is a module global of
-    ``module``."""
-    found = []
-    for name, function in _CALLED_THROUGH_MODULE.findall(source):
-        owner = getattr(module, name, None) if module is not None else None
-        callee = getattr(owner, function, None) if isinstance(owner, ModuleType) else None
-        found.append(source_of(callee) or "" if callable(callee) else "")
-    return found
-
-
-def builds_rng_sharded_object(get_rng_state: Callable) -> bool | None:
-    source = source_of(get_rng_state)
-    return None if source is None else "ShardedObject(" in source and "replica_id=" in source
-
-
-def restore_converts_tracker_states(restore: Callable) -> bool | None:
-    """Whether the loop's RNG restore already converts tracker states (the upstream fix)."""
-    source = source_of(restore)
-    return None if source is None else "convert_cuda_rng_state" in source
-
-
 def fsdp_load_ignores_rng_after_model_parallel_change(restore: Callable) -> bool | None:
     """Whether the loop's fsdp_dtensor load compares the stored TP and PP with the running ones before it asks for
-    RNG state (Bridge #5100, in 0.6.0), as every loop's torch_dist load does; None when the restore's source is
-    unavailable or has no fsdp_dtensor branch."""
+    RNG state, as every loop's torch_dist load does; None when the restore's source is unavailable or has no
+    fsdp_dtensor branch."""
     source = source_of(restore)
     branch = _FSDP_LOAD_BRANCH.search(source or "")
     return None if branch is None else bool(_COMPARES_MODEL_PARALLEL.search(branch.group(1)))
@@ -256,30 +214,131 @@ def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
     return [name for name in names if name not in parameters]
 
 
-def restore_sets_tracker_states(restore: Callable) -> bool | None:
-    """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint's
-    ``rng_tracker_states``."""
-    source = source_of(restore)
-    if source is None:
-        return None
-    return ".set_states(" in source and "rng_tracker_states" in source
+class InstalledStack:
+    """A stack's checkpointing module as installed: what its declaration names there, and what the probes found.
 
-
-def load_follows_stored_rng_layout(checkpointing: ModuleType, load_functions: list[Callable]) -> bool | None:
-    """Whether the loop's own load path already asks for the RNG shards the checkpoint stores (Bridge main).
-
-    True when one of ``load_functions`` calls a function of the module that is about RNG state and about the
-    checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a source that
-    reads the stored metadata. None when none of their sources can be read.
+    Made once when the module is imported and handed to every patch; each fact is worked out on first use and kept,
+    so that a patch that decides and the wrapper it plans ask no second time, and a fact that cannot be worked out
+    fails the patch that needs it only.
     """
-    sources = [source_of(function) for function in load_functions]
-    if not any(sources):
-        return None
-    called = {name for source in sources if source for name in _CALLED_NAME.findall(source)}
-    for name in sorted(called):
-        helper = getattr(checkpointing, name, None)
-        if "rng" not in name.lower() or not callable(helper):
-            continue
-        if "metadata" in name.lower() or _READS_STORED_METADATA.search(source_of(helper) or ""):
-            return True
-    return False
+
+    def __init__(self, loop: TrainingLoop, module: ModuleType) -> None:
+        self.loop = loop
+        self.module = module
+
+    def function(self, path: str) -> Any:
+        """What ``path`` names in the module; None where it names nothing."""
+        try:
+            return targets.lookup(self.module, path)
+        except AttributeError:
+            return None
+
+    def lacks(self, *paths: str) -> str | None:
+        """ "MODULE lacks A, B" for the paths the module does not have; None when it has them all."""
+        missing = [path for path in paths if self.function(path) is None]
+        return f"{self.module.__name__} lacks {', '.join(missing)}" if missing else None
+
+    def unbound(self, load: LoadFunction, names: tuple[str, ...]) -> str | None:
+        """ "unknown signature PATH(...): no A, B" where ``load`` cannot bind ``names`` by name; None when it can."""
+        function = self.function(load.path)
+        missing = missing_parameters(function, names)
+        return (
+            f"unknown signature {load.path}{describe_signature(function)}: no {', '.join(missing)}" if missing else None
+        )
+
+    @functools.cached_property
+    def loads(self) -> tuple[LoadFunction, ...]:
+        """The stack's loads that are there: its torch_dist one, and its fsdp_dtensor one where it has one."""
+        declared = (self.loop.dist_load, self.loop.fsdp_load)
+        return tuple(load for load in declared if load is not None and self.function(load.path) is not None)
+
+    @functools.cached_property
+    def get_rng_state(self) -> Callable | None:
+        return self.function(self.loop.get_rng_state)
+
+    @functools.cached_property
+    def rng_state_signature(self) -> RngStateSignature | None:
+        method = targets.is_method(self.module, self.loop.get_rng_state)
+        return rng_state_signature(self.get_rng_state, self.loop, method)
+
+    @functools.cached_property
+    def shards_every_dp_rank(self) -> bool | None:
+        """Whether ``get_rng_state`` already writes every DP rank's state (the upstream fix); None when its source is
+        unavailable."""
+        source = source_of(self.get_rng_state)
+        return None if source is None else bool(_EVERY_DP_RANK_SHARDED.search(source))
+
+    @functools.cached_property
+    def keys_fsdp_rng_by_pp_tp(self) -> bool | None:
+        """Whether ``get_rng_state`` keys fsdp_dtensor's RNG state by (pp, tp) alone, in its own code or in a function
+        it calls through a module global (ms-swift's ``fsdp_checkpoint.build_rng_state``); None when its source is
+        unavailable."""
+        source = source_of(self.get_rng_state)
+        if source is None:
+            return None
+        modules = (
+            (getattr(self.module, name, None), function) for name, function in _CALLED_THROUGH_MODULE.findall(source)
+        )
+        callees = (getattr(module, function, None) for module, function in modules if isinstance(module, ModuleType))
+        texts = (source, *(source_of(callee) or "" for callee in callees if callable(callee)))
+        return any(_FSDP_KEYED_BY_PP_TP.search(text) for text in texts)
+
+    @functools.cached_property
+    def builds_rng_sharded_object(self) -> bool | None:
+        source = source_of(self.get_rng_state)
+        return None if source is None else "ShardedObject(" in source and "replica_id=" in source
+
+    @functools.cached_property
+    def restore_converts_tracker_states(self) -> bool | None:
+        """Whether the loop's RNG restore already converts tracker states (the upstream fix)."""
+        source = source_of(self.function(self.loop.restore_function))
+        return None if source is None else "convert_cuda_rng_state" in source
+
+    @functools.cached_property
+    def restore_sets_tracker_states(self) -> bool | None:
+        """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint's
+        ``rng_tracker_states``."""
+        source = source_of(self.function(self.loop.restore_function))
+        return None if source is None else ".set_states(" in source and "rng_tracker_states" in source
+
+    @functools.cached_property
+    def load_follows_stored_rng_layout(self) -> bool | None:
+        """Whether the loop's own load path already asks for the RNG shards the checkpoint stores.
+
+        True when its resume function or its torch_dist load calls a function of the module that is about RNG state
+        and about the checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a
+        source that reads the stored metadata. None when none of their sources can be read.
+        """
+        paths = (self.loop.resume_function, self.loop.dist_load.path)
+        sources = [source for path in paths if (source := source_of(self.function(path)))]
+        if not sources:
+            return None
+        called = {name for source in sources for name in _CALLED_NAME.findall(source) if "rng" in name.lower()}
+        helpers = [(name, getattr(self.module, name, None)) for name in sorted(called)]
+        return any(
+            "metadata" in name.lower() or bool(_READS_STORED_METADATA.search(source_of(helper) or ""))
+            for name, helper in helpers
+            if callable(helper)
+        )
+
+    @functools.cached_property
+    def loads_fsdp_dtensor(self) -> bool:
+        """Whether the stack writes fsdp_dtensor RNG entries by (pp, tp) and loads them through a load that binds what
+        the package needs."""
+        load = self.loop.fsdp_load
+        if load is None or load not in self.loads or self.get_rng_state is None or not self.keys_fsdp_rng_by_pp_tp:
+            return False
+        return self.unbound(load, (load.request, *load.named_by)) is None
+
+    @functools.cached_property
+    def fsdp_load_ignores_rng_after_model_parallel_change(self) -> bool:
+        """Whether the stack's fsdp_dtensor load already leaves RNG state alone after a TP or PP change; where its
+        source cannot be read, taken as not, so that the package's own check applies."""
+        restore = self.function(self.loop.resume_function)
+        return bool(fsdp_load_ignores_rng_after_model_parallel_change(restore))
+
+    @functools.cached_property
+    def names_base_dir(self) -> bool:
+        """Whether ``get_checkpoint_name`` names the iteration's directory when asked (``return_base_dir``), where
+        otherwise it names a rank's file."""
+        return not missing_parameters(self.module.get_checkpoint_name, ("return_base_dir",))

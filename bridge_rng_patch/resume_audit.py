@@ -19,27 +19,21 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from bridge_rng_patch import probe, rng_sources, targets
-from bridge_rng_patch.decision import DISABLED, Decision, report
-from bridge_rng_patch.loops import MEGATRON_SEEDING, LoadFunction, Seeding, TrainingLoop
-from bridge_rng_patch.rng_layout import RNG_STATE_KEY
+from bridge_rng_patch import rng_sources
+from bridge_rng_patch.decision import AUDIT_ENV, DISABLED, Decision, Plan, Wrapping, global_rank, report, switched_off
+from bridge_rng_patch.loops import LAYOUT_LOAD, MEGATRON_SEEDING, LoadFunction, Seeding
+from bridge_rng_patch.probe import InstalledStack
+from bridge_rng_patch.resume_context import Handed, ResumeContext
+from bridge_rng_patch.rng_layout import FRESH, OWN, RNG_STATE_KEY, SHARED
 
-AUDIT_ENV = "BRIDGE_RNG_PATCH_AUDIT"
-# What the loop's load binds by name, to tell a resume's load (not rank 0's look at the common state) and its request.
-_LOAD_ARGUMENTS = ("rank0", "sharded_state_dict")
 MODEL_PARALLEL_STREAM, EXPERT_PARALLEL_STREAM = "model-parallel-rng", "expert-parallel-rng"
 # How many ranks a line names before it counts the rest.
 _NAMED_RANKS = 8
-
-
-def audit_switched_off() -> bool:
-    return os.environ.get(AUDIT_ENV, "").strip().lower() in ("0", "false", "no", "off")
 
 
 class RankAudit(NamedTuple):
@@ -97,9 +91,9 @@ def audit_restored_rng(
 
 
 def _audit(
-    handed: rng_sources.Handed | None, data_parallel_random_init: bool, seeding: Seeding, where: str = ""
+    handed: Handed | None, data_parallel_random_init: bool, seeding: Seeding, where: str = ""
 ) -> ResumeAudit | None:
-    if audit_switched_off():
+    if switched_off(AUDIT_ENV):
         return None
     own = _this_rank(handed, data_parallel_random_init)
     try:
@@ -117,10 +111,10 @@ def _audit(
     return result
 
 
-def _this_rank(handed: rng_sources.Handed | None, data_parallel_random_init: bool) -> RankAudit:
+def _this_rank(handed: Handed | None, data_parallel_random_init: bool) -> RankAudit:
     """This rank's contribution; a failure to read it becomes part of the report, never an exception, so that the
     rank still joins the collective."""
-    rank = _global_rank()
+    rank = global_rank()
     try:
         from megatron.core import parallel_state as mpu
 
@@ -136,8 +130,7 @@ def _this_rank(handed: rng_sources.Handed | None, data_parallel_random_init: boo
             return RankAudit(rank, *coordinates, None, data_parallel_random_init, None, holds)
         expected = rng_sources.fingerprint(handed.entry)
         matches = all(holds.get(name) == digest for name, digest in expected.items())
-        random_init = handed.data_parallel_random_init or data_parallel_random_init
-        return RankAudit(rank, *coordinates, handed.kind, random_init, matches, holds)
+        return RankAudit(rank, *coordinates, handed.kind, data_parallel_random_init, matches, holds)
     except Exception as error:
         return RankAudit(rank, 0, 0, 0, 0, 0, None, False, None, {}, f"{type(error).__name__}: {error}")
 
@@ -153,12 +146,6 @@ def _live_fingerprint() -> dict[str, str]:
     except (RuntimeError, AssertionError):  # no device generator to read in this process
         state = rng_sources.current_rng_state(with_device=False)
     return rng_sources.fingerprint(state)
-
-
-def _global_rank() -> int:
-    import torch.distributed as distributed
-
-    return distributed.get_rank() if distributed.is_initialized() else 0
 
 
 _warned = False
@@ -211,9 +198,9 @@ def judge(ranks: Sequence[RankAudit], seeding: Seeding = MEGATRON_SEEDING, where
 
 
 _KINDS = {
-    rng_sources.OWN: "restored the state stored for their coordinates",
-    rng_sources.SHARED: "resumed the one state stored for their (pp, tp) (the checkpoint holds no per-rank state)",
-    rng_sources.FRESH: "kept fresh state by design (a new DP rank, or a TP or PP change)",
+    OWN: "restored the state stored for their coordinates",
+    SHARED: "resumed the one state stored for their (pp, tp) (the checkpoint holds no per-rank state)",
+    FRESH: "kept fresh state by design (a new DP rank, or a TP or PP change)",
 }
 
 
@@ -260,27 +247,28 @@ def _ranks(ranks: Sequence[int]) -> str:
 
 
 class AuditAfterRestore:
-    """The restore function's wrapper: after a resume that asked for RNG state, audit it; after one that asked for
+    """The resume function's wrapper: after a resume that asked for RNG state, audit it; after one that asked for
     none, say so; after no load at all (a fresh start), say nothing.
 
     Whether a load asked for RNG state is decided by the loop's configuration and the checkpoint alone (load_rng,
     finetune, a TP or PP change), so every rank reaches the same decision and the collective is joined by all.
     """
 
-    def __init__(self, seeding: Seeding) -> None:
+    def __init__(self, seeding: Seeding, context: ResumeContext) -> None:
         self._seeding = seeding
+        self._context = context
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if audit_switched_off():
+        if switched_off(AUDIT_ENV):
             return wrapped(*args, **kwargs)
-        rng_sources.begin_resume()
+        context = self._context
+        context.begin()
         result = wrapped(*args, **kwargs)
-        record = rng_sources.resume_record()
-        where = f"checkpoint {record.checkpoint_dir}" if record.checkpoint_dir else "the resume"
-        if record.rng_requested:
-            handed = record.handed
+        where = f"checkpoint {context.checkpoint_dir}" if context.checkpoint_dir else "the resume"
+        if context.rng_requested:
+            handed = context.handed
             _audit(handed, handed is not None and handed.data_parallel_random_init, self._seeding, where)
-        elif record.loads:
+        elif context.loads:
             report(
                 f"RNG resume audit of {where}: the loop restored no RNG state (load_rng off, finetune, a TP or PP "
                 "change, or a release checkpoint); nothing to audit"
@@ -289,12 +277,13 @@ class AuditAfterRestore:
 
 
 class NotingLoads:
-    """The wrapper of a stack's checkpoint load (``TrainingLoop.dist_load``, ``fsdp_load``): notes each load, and
-    whether it asks for RNG state, for the resume's wrapper to decide on."""
+    """The wrapper of a stack's checkpoint load (``TrainingLoop.dist_load``, ``fsdp_load``): notes each load in the
+    resume's context, and whether it asks for RNG state, for the resume function's wrapper to decide on."""
 
-    def __init__(self, load: LoadFunction, function: Any) -> None:
+    def __init__(self, load: LoadFunction, stack: InstalledStack, context: ResumeContext) -> None:
         self._load = load
-        self._signature = inspect.signature(function)
+        self._context = context
+        self._signature = inspect.signature(stack.function(load.path))
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = self._signature.bind(*args, **kwargs).arguments
@@ -302,51 +291,33 @@ class NotingLoads:
         if call.get("rank0") or not isinstance(sharded_state_dict, dict):
             return wrapped(*args, **kwargs)
         # Asked before the load, from the request the loop built (Bridge keeps the key, set to None, when it asks for
-        # no RNG state): the load below rewrites it per rank (a rank the checkpoint holds no state for asks for
-        # none), and the decision must be the same on every rank.
+        # no RNG state): the stored-layout load inside this wrapper rewrites it per rank (a rank the checkpoint holds
+        # no state for asks for none), and the decision must be the same on every rank.
         rng_requested = sharded_state_dict.get(RNG_STATE_KEY) is not None
         result = wrapped(*args, **kwargs)
         if self._load.checkpoint is not None:
             checkpoint_dir = call.get(self._load.checkpoint)
         else:
             checkpoint_dir = result[1] if isinstance(result, tuple) and len(result) > 1 and result[1] else None
-        rng_sources.note_load(rng_requested, None if checkpoint_dir is None else str(checkpoint_dir))
+        self._context.note_load(rng_requested, None if checkpoint_dir is None else str(checkpoint_dir))
         return result
 
 
-class ResumeAuditPatch:
-    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (loop.resume_function, *(load.path for load in _loads(loop, checkpointing)))
-
-    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        missing = [
-            path for path in (loop.resume_function, loop.dist_load.path) if not targets.exists(checkpointing, path)
-        ]
-        if missing:
-            return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        for load in _loads(loop, checkpointing):
-            function = targets.lookup(checkpointing, load.path)
-            unbound = probe.missing_parameters(function, (load.request,))
-            if unbound:
-                shown = f"{load.path}{probe.describe_signature(function)}"
-                return Decision.refuse(f"unknown signature {shown}: no {', '.join(unbound)}")
-        if audit_switched_off():
-            return Decision(DISABLED, f"{AUDIT_ENV} is set to switch it off")
-        return Decision.apply(
-            f"after {loop.resume_function} resumes RNG state, one small collective compares each rank's streams with "
-            "what it was handed and with the other ranks'; rank 0 logs one line"
-        )
-
-    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        for load in _loads(loop, checkpointing):
-            targets.wrap(checkpointing, load.path, NotingLoads(load, targets.lookup(checkpointing, load.path)))
-        targets.wrap(checkpointing, loop.resume_function, AuditAfterRestore(loop.seeding))
-
-
-def _loads(loop: TrainingLoop, checkpointing: ModuleType) -> list[LoadFunction]:
-    """The stack's loads that are there: its torch_dist one, and its fsdp_dtensor one where it has one."""
-    declared = (loop.dist_load, loop.fsdp_load)
-    return [load for load in declared if load is not None and targets.exists(checkpointing, load.path)]
-
-
-PATCH = ResumeAuditPatch()
+def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
+    loop = stack.loop
+    lacks = stack.lacks(loop.resume_function, loop.dist_load.path)
+    if lacks:
+        return Plan.refuse(lacks)
+    unbound = next(filter(None, (stack.unbound(load, (load.request,)) for load in stack.loads)), None)
+    if unbound:
+        return Plan.refuse(unbound)
+    if switched_off(AUDIT_ENV):
+        return Plan(Decision(DISABLED, f"{AUDIT_ENV} is set to switch it off"))
+    decision = Decision.apply(
+        f"after {loop.resume_function} resumes RNG state, one small collective compares each rank's streams with "
+        "what it was handed and with the other ranks'; rank 0 logs one line"
+    )
+    # A load's note must see the request the loop built, before the stored-layout load rewrites it.
+    outside = frozenset({LAYOUT_LOAD})
+    notes = (Wrapping(load.path, NotingLoads(load, stack, context), outside) for load in stack.loads)
+    return Plan(decision, (*notes, Wrapping(loop.resume_function, AuditAfterRestore(loop.seeding, context))))

@@ -33,6 +33,11 @@ NOTHING_RESTORED = (
 )
 
 
+# Whose RNG state a rank restores: the state stored for its own coordinates, the one state stored for its (pp, tp)
+# (another rank's: the checkpoint holds none per rank), or its own fresh state (none is stored for it).
+OWN, SHARED, FRESH = "own state", "shared state", "fresh state"
+
+
 class RngCheckpointError(RuntimeError):
     """A checkpoint's RNG state cannot be restored as stored; the message names the checkpoint and the key."""
 
@@ -121,6 +126,32 @@ class StoredRngLayout:
         """The offset of the shard a rank at these coordinates reads; None where the checkpoint holds none."""
         offset = (pp_rank, tp_rank, dp_rank) if self.per_dp_rank else (pp_rank, tp_rank)
         return offset if offset in self.offsets else None
+
+    def restores(
+        self,
+        rank: RankCoordinates,
+        model_parallel: tuple[int, int],
+        gathered: int | None = None,
+        ranks_alike: bool = False,
+    ) -> str:
+        """Whose state a rank at ``rank``'s coordinates restores (``OWN``, ``SHARED`` or ``FRESH``), in a job of
+        ``model_parallel`` (PP, TP) sizes: the one rule the stored-layout load and the inspector share.
+
+        After a TP or PP change no stored state belongs to a running rank (Megatron seeds the model-parallel stream
+        per TP rank, every source per PP stage): every rank keeps fresh state. A (pp, tp) entry holds the states of
+        ``gathered`` DP ranks where the run gathered them (``data_parallel_random_init``), each rank's own; else one
+        state, DP rank 0's in torch_dist (its writer, replica 0) and mixed from several ranks' leaves in fsdp_dtensor,
+        which is each rank's own only where the DP ranks of a (pp, tp) held one state (``ranks_alike``: EP 1).
+        """
+        if self.global_shape[:2] != tuple(model_parallel):
+            return FRESH
+        if self.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank) is None:
+            return FRESH
+        if self.per_dp_rank:
+            return OWN
+        if gathered is not None:
+            return OWN if rank.dp_rank < gathered else FRESH
+        return OWN if ranks_alike or (rank.dp_rank == 0 and not self.fsdp_dtensor) else SHARED
 
     def requests_for(self, rank: RankCoordinates, dp_size: int, data: object) -> dict[str, ShardedObject]:
         """The load requests of ``rank`` in a job of ``dp_size`` DP ranks, by state-dict key.

@@ -1,5 +1,4 @@
-"""The RNG sources the loops checkpoint per rank, read live in the checkpoint's own format, their fingerprints, and
-what the stored-layout load handed this rank's restore (for the resume audit to check afterwards).
+"""The RNG sources the loops checkpoint per rank, read live in the checkpoint's own format, and their fingerprints.
 
 A checkpoint entry holds python's ``random``, numpy's, torch's CPU generator, the device generator and the CUDA RNG
 tracker's named streams; a fingerprint is 8 bytes of a hash of each, by the name a user knows it by (``python``,
@@ -13,7 +12,6 @@ import hashlib
 import pickle
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -64,56 +62,3 @@ def _bytes_of(state: Any) -> bytes:
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
-
-
-OWN, SHARED, FRESH = "own", "shared", "fresh"
-
-
-@dataclass
-class Handed:
-    """What the stored-layout load handed this rank's restore in the resume under way: which kind of entry
-    (``OWN``: stored for this rank's coordinates; ``SHARED``: the one state stored for its (pp, tp) under EP > 1;
-    ``FRESH``: its own live state, by design), the entry (fingerprinted by the audit after the restore, so that a
-    resume without the audit pays nothing for it), and whether the states were gathered over DP
-    (``data_parallel_random_init``, which seeds every stream per DP rank)."""
-
-    kind: str
-    entry: Mapping[str, Any]
-    data_parallel_random_init: bool
-
-
-@dataclass
-class ResumeRecord:
-    """What this rank's package saw of the resume under way: loads of a checkpoint, whether one asked for RNG state,
-    and what the restore was handed (nothing where the package's stored-layout load did not hand it). The same on
-    every rank but ``handed``, which the audit compares."""
-
-    loads: int = 0
-    rng_requested: bool = False
-    checkpoint_dir: str | None = None
-    handed: Handed | None = None
-
-
-_record = ResumeRecord()
-
-
-def begin_resume() -> None:
-    global _record
-    _record = ResumeRecord()
-
-
-def resume_record() -> ResumeRecord:
-    return _record
-
-
-def note_load(rng_requested: bool, checkpoint_dir: str | None) -> None:
-    """A load of a checkpoint (every rank makes it), and whether it asked for RNG state."""
-    _record.loads += 1
-    _record.rng_requested = _record.rng_requested or rng_requested
-    if checkpoint_dir is not None:
-        _record.checkpoint_dir = checkpoint_dir
-
-
-def note_handed(kind: str, entry: Mapping[str, Any], data_parallel_random_init: bool) -> None:
-    """The entry handed to this rank's restore, to be compared with what the restore set."""
-    _record.handed = Handed(kind, entry, data_parallel_random_init)

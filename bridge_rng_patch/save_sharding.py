@@ -1,24 +1,23 @@
 """Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, so every DP rank's is written.
 
-Old Megatron-Bridge releases, Megatron-LM's loop in every release up to 0.19.2, verl and ms-swift shard it by
-(pp, tp) with the DP rank as ``replica_id``, so only one DP rank's state is saved while ranks in different
-expert-parallel groups hold different expert RNG streams. The wrapper keeps everything the original does (what it
-collects, the DP all-gather) and only re-shards the ShardedObject it returns, exactly as Megatron-Bridge 0.3.0 does.
-fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams in every release (torch DCP keeps one writer per
-leaf): there the wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
+A ``get_rng_state`` without the fix shards it by (pp, tp) with the DP rank as ``replica_id``, so only one DP rank's
+state is saved while ranks in different expert-parallel groups hold different expert RNG streams. The wrapper keeps
+everything the original does (what it collects, the DP all-gather) and only re-shards the ShardedObject it returns,
+as upstream's fix does. fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams (torch DCP keeps one writer
+per leaf): there the wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge_rng_patch import groups, probe, targets
-from bridge_rng_patch.decision import Decision
-from bridge_rng_patch.loops import SAVE_SHARDING, TrainingLoop
+from bridge_rng_patch import groups, probe
+from bridge_rng_patch.decision import Decision, Plan, Wrapping
+from bridge_rng_patch.loops import SAVE_SHARDING
+from bridge_rng_patch.resume_context import ResumeContext
 from bridge_rng_patch.rng_layout import reshard_per_dp_rank, with_own_fsdp_entry
 
 
@@ -54,50 +53,33 @@ def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     return args[position] if position is not None and position < len(args) else None
 
 
-class SaveShardingPatch:
-    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (loop.get_rng_state,)
-
-    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        target = loop.get_rng_state
-        if not targets.exists(checkpointing, target):
-            return Decision.refuse(f"{checkpointing.__name__} has no {target}")
-        get_rng_state = targets.lookup(checkpointing, target)
-        # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
-        every_dp_rank = probe.shards_every_dp_rank(get_rng_state)
-        fsdp_by_pp_tp = probe.keys_fsdp_rng_by_pp_tp(get_rng_state, checkpointing)
-        if every_dp_rank and not fsdp_by_pp_tp:
-            shown = probe.describe_signature(get_rng_state)
-            return Decision.not_needed(f"upstream {target}{shown} already writes every DP rank's RNG state")
-        unavailable = f"the source of {target}"
-        release_claims_fix = probe.release_claims_fix(loop, SAVE_SHARDING)
-        if every_dp_rank is None and release_claims_fix:
-            return probe.decide_by_release(loop, SAVE_SHARDING, unavailable)
-        signature = _signature(loop, checkpointing)
-        if signature is None:
-            return Decision.refuse(f"unknown signature {target}{probe.describe_signature(get_rng_state)}")
-        if every_dp_rank is None:
-            return probe.decide_by_release(loop, SAVE_SHARDING, unavailable)
-        if every_dp_rank:
-            return Decision.apply(
-                f"{signature.describe()} writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) "
-                "for fsdp_dtensor"
-            )
-        if not probe.builds_rng_sharded_object(get_rng_state):
-            return Decision.refuse(f"unexpected {target}: its source builds no ShardedObject with a replica_id")
-        note = "; its version number claims the fix, its code does not have it" if release_claims_fix else ""
+def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
+    target = stack.loop.get_rng_state
+    if stack.get_rng_state is None:
+        return Plan.refuse(f"{stack.module.__name__} has no {target}")
+    # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
+    every_dp_rank, fsdp_by_pp_tp = stack.shards_every_dp_rank, stack.keys_fsdp_rng_by_pp_tp
+    if every_dp_rank and not fsdp_by_pp_tp:
+        shown = probe.describe_signature(stack.get_rng_state)
+        return Plan.not_needed(f"upstream {target}{shown} already writes every DP rank's RNG state")
+    unavailable = f"the source of {target}"
+    if every_dp_rank is None and probe.release_claims_fix(stack.loop, SAVE_SHARDING):
+        return Plan(probe.decide_by_release(stack.loop, SAVE_SHARDING, unavailable))
+    signature = stack.rng_state_signature
+    if signature is None:
+        return Plan.refuse(f"unknown signature {target}{probe.describe_signature(stack.get_rng_state)}")
+    if every_dp_rank is None:
+        decision = probe.decide_by_release(stack.loop, SAVE_SHARDING, unavailable)
+    elif every_dp_rank:
+        decision = Decision.apply(
+            f"{signature.describe()} writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) "
+            "for fsdp_dtensor"
+        )
+    elif not stack.builds_rng_sharded_object:
+        return Plan.refuse(f"unexpected {target}: its source builds no ShardedObject with a replica_id")
+    else:
+        claims = probe.release_claims_fix(stack.loop, SAVE_SHARDING)
+        note = "; its version number claims the fix, its code does not have it" if claims else ""
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
-        return Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
-
-    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        torch_dist = not probe.shards_every_dp_rank(targets.lookup(checkpointing, loop.get_rng_state))
-        wrapper = ep_aware_rng_state(_signature(loop, checkpointing), torch_dist)
-        targets.wrap(checkpointing, loop.get_rng_state, wrapper)
-
-
-def _signature(loop: TrainingLoop, checkpointing: ModuleType) -> probe.RngStateSignature | None:
-    get_rng_state = targets.lookup(checkpointing, loop.get_rng_state)
-    return probe.rng_state_signature(get_rng_state, loop, targets.is_method(checkpointing, loop.get_rng_state))
-
-
-PATCH = SaveShardingPatch()
+        decision = Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
+    return Plan(decision, (Wrapping(target, ep_aware_rng_state(signature, torch_dist=not every_dp_rank)),))

@@ -13,8 +13,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import wrapt
-
 _ABSENT = object()
 
 
@@ -51,14 +49,6 @@ def lookup(module: ModuleType, path: str) -> Any:
     return found
 
 
-def exists(module: ModuleType, path: str) -> bool:
-    try:
-        lookup(module, path)
-    except AttributeError:
-        return False
-    return True
-
-
 def is_method(module: ModuleType, path: str) -> bool:
     """Whether ``path`` names a function defined on a class: called bound, its first parameter is the instance."""
     head = path.rpartition(".")[0]
@@ -78,6 +68,8 @@ def save(module: ModuleType, path: str) -> Saved:
 
 def wrap(module: ModuleType, path: str, wrapper: Any) -> None:
     """Put ``wrapper`` (wrapt's ``(wrapped, instance, args, kwargs)``) around the function at ``path``."""
+    import wrapt  # imported where a patch applies: the status and the inspector need the look-ups only
+
     first, _, rest = path.partition(".")
     through = vars(module).get(first)
     if rest and isinstance(through, ModuleType):

@@ -1,12 +1,11 @@
 """Graph-safe tracker restore: the RNG restore hands the CUDA RNG tracker its states in the form it keeps.
 
-Old Megatron-Bridge releases, verl and ms-swift pass the saved states to ``set_states`` as they are, so a graph-safe
-tracker (CUDA graphs: ``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of
-graph-safe states.
-Megatron-Bridge 0.3.0 converts each one with ``convert_cuda_rng_state(state, to_graphable=...)`` first
-(PR #2092), as Megatron-LM's loop does in every release that ships it. Here, while the loop's restore function
-runs, its checkpointing module sees a ``tensor_parallel`` whose tracker converts the same way in every restore
-branch; outside loads (every save) it sees megatron-core's own, and megatron-core is unchanged for everyone else.
+A restore without the fix passes the saved states to ``set_states`` as they are, so a graph-safe tracker (CUDA
+graphs: ``use_cudagraphable_rng``, Transformer Engine's tracker) gets ByteTensors instead of graph-safe states;
+upstream's fix converts each one with ``convert_cuda_rng_state(state, to_graphable=...)`` first. Here, while the
+loop's restore function runs, its checkpointing module sees a ``tensor_parallel`` whose tracker converts the same
+way in every restore branch; outside loads (every save) it sees megatron-core's own, and megatron-core is unchanged
+for everyone else.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 import wrapt
 
-from bridge_rng_patch import compat, probe, targets
-from bridge_rng_patch.decision import Decision
-from bridge_rng_patch.loops import TRACKER_RESTORE, TrainingLoop
+from bridge_rng_patch import compat, probe
+from bridge_rng_patch.decision import Decision, Plan, Wrapping
+from bridge_rng_patch.loops import TRACKER_RESTORE
+from bridge_rng_patch.resume_context import ResumeContext
 from bridge_rng_patch.rng_layout import NOTHING_RESTORED, RngCheckpointError
 
 
@@ -94,33 +94,24 @@ class ConvertingTrackerWhileLoading:
                     self._checkpointing.tensor_parallel = self._seen_before
 
 
-class TrackerRestorePatch:
-    def targets(self, loop: TrainingLoop, checkpointing: ModuleType) -> tuple[str, ...]:
-        return (loop.restore_function,)
-
-    def decide(self, loop: TrainingLoop, checkpointing: ModuleType) -> Decision:
-        restore_function = loop.restore_function
-        missing = [name for name in (restore_function, "tensor_parallel") if not targets.exists(checkpointing, name)]
-        if missing:
-            return Decision.refuse(f"{checkpointing.__name__} lacks {', '.join(missing)}")
-        restore = targets.lookup(checkpointing, restore_function)
-        converts = probe.restore_converts_tracker_states(restore)
-        if converts:
-            return Decision.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
-        if converts is None:
-            return probe.decide_by_release(loop, TRACKER_RESTORE, f"the source of {restore_function}")
-        if not probe.restore_sets_tracker_states(restore):
-            unexpected = f"unexpected RNG restore in {restore_function}"
-            return Decision.refuse(f"{unexpected}: it sets no tracker states from rng_tracker_states")
+def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
+    restore_function = stack.loop.restore_function
+    lacks = stack.lacks(restore_function, "tensor_parallel")
+    if lacks:
+        return Plan.refuse(lacks)
+    converts = stack.restore_converts_tracker_states
+    if converts:
+        return Plan.not_needed("upstream RNG restore already converts tracker states for the tracker in use")
+    if converts is None:
+        decision = probe.decide_by_release(stack.loop, TRACKER_RESTORE, f"the source of {restore_function}")
+    elif not stack.restore_sets_tracker_states:
+        unexpected = f"unexpected RNG restore in {restore_function}"
+        return Plan.refuse(f"{unexpected}: it sets no tracker states from rng_tracker_states")
+    else:
         helpers = (
             "megatron-core's"
             if not compat.USES_OWN_HELPERS
             else "bridge_rng_patch's (this megatron-core lacks convert_cuda_rng_state)"
         )
-        return Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
-
-    def instrument(self, loop: TrainingLoop, checkpointing: ModuleType) -> None:
-        targets.wrap(checkpointing, loop.restore_function, ConvertingTrackerWhileLoading(checkpointing))
-
-
-PATCH = TrackerRestorePatch()
+        decision = Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
+    return Plan(decision, (Wrapping(restore_function, ConvertingTrackerWhileLoading(stack.module)),))

@@ -347,3 +347,124 @@ def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
             "with what it was handed and with the other ranks'; rank 0 logs one line",
         ],
     }
+
+
+# A stack's package as a zip archive serves it (a zipapp, a PEX image): one zipimporter loads every module of the
+# archive. A module shaped like ms-swift's megatron_lm_utils imports a sibling while it executes.
+ZIPPED_STACK = {
+    "swift/__init__.py": "",
+    "swift/megatron/__init__.py": "",
+    "swift/megatron/utils/__init__.py": "",
+    "swift/megatron/utils/rng_helpers.py": "LOADED = True\n",
+    "swift/megatron/utils/megatron_lm_utils.py": """
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from swift.megatron.utils import rng_helpers
+
+
+def _get_rng_state(fsdp_dtensor=False, data_parallel_random_init=False):
+    return ShardedObject("rng_state", [{}], (1, 1), (0, 0), replica_id=0)
+
+
+def load_mcore_checkpoint(args, model, optimizer, checkpoint_dir):
+    state_dict = dist_checkpointing.load({"rng_state": _get_rng_state()}, checkpoint_dir)
+    tensor_parallel.get_cuda_rng_tracker().set_states(state_dict["rng_state"][0]["rng_tracker_states"])
+""",
+}
+
+
+def test_a_stack_imported_from_a_zip_archive_gets_its_module_patched_and_no_other(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "stack.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name, text in ZIPPED_STACK.items():
+            zipped.writestr(name, text)
+    process = run_python(
+        RUNNER,
+        f"""
+        import json, logging, sys, zipimport
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        sys.path.insert(0, {str(archive)!r})
+        import bridge_rng_patch
+        import swift.megatron.utils.megatron_lm_utils as checkpointing
+        from swift.megatron.utils import rng_helpers
+        loader = checkpointing.__loader__
+        print(json.dumps({{
+            "states": [s.state for s in bridge_rng_patch.status("ms-swift")],
+            "loaded_by_the_zip_importer": isinstance(loader, zipimport.zipimporter),
+            "same_loader_for_the_sibling": rng_helpers.__loader__ is loader,
+            "loader_edited": "exec_module" in vars(loader),
+            "wrapped": hasattr(checkpointing._get_rng_state, "__wrapped__"),
+        }}))
+        """,
+    )
+    assert _result(process) == {
+        "states": ["applied"] * 4,
+        "loaded_by_the_zip_importer": True,
+        "same_loader_for_the_sibling": True,
+        "loader_edited": False,
+        "wrapped": True,
+    }
+    assert "refused" not in process.stderr
+
+
+def test_disable_names_single_patches_and_the_status_says_so():
+    process = run_python(
+        RUNNER,
+        "import json, logging\nlogging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "import bridge_rng_patch\nimport megatron.bridge.training.checkpointing as checkpointing\n"
+        "print(json.dumps([s.reason for s in bridge_rng_patch.status('Megatron-Bridge')]))" + PRINT_STATES_AND_WRAPPED,
+        extra_env={"BRIDGE_RNG_PATCH_DISABLE": "layout_load, resume_audit,no_such_patch"},
+    )
+    assert process.returncode == 0, process.stderr[-4000:]
+    reasons = json.loads(process.stdout.splitlines()[-2])
+    assert reasons[2:] == ["BRIDGE_RNG_PATCH_DISABLE names it"] * 2
+    # get_rng_state and the restore are wrapped; neither load is.
+    assert _result(process) == {
+        "states": ["applied", "applied", "disabled", "disabled"],
+        "wrapped": [True, True, False, False],
+    }
+    assert (
+        "bridge_rng_patch: BRIDGE_RNG_PATCH_DISABLE names 'no_such_patch', which is no patch of bridge_rng_patch "
+        "(save_sharding, tracker_restore, layout_load, resume_audit)" in process.stderr.splitlines()
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false", ""])
+def test_disable_set_to_off_disables_nothing(value):
+    result = _result(
+        run_python(
+            RUNNER,
+            "import bridge_rng_patch\nimport megatron.bridge.training.checkpointing as checkpointing"
+            + PRINT_STATES_AND_WRAPPED,
+            extra_env={"BRIDGE_RNG_PATCH_DISABLE": value},
+        )
+    )
+    assert result == {"states": ["applied"] * 4, "wrapped": [True] * 4}
+
+
+def test_a_wrapper_that_must_see_a_call_first_is_refused_where_the_order_would_put_it_inside():
+    """The audit notes the request the loop built, before the stored-layout load rewrites it: applied before that
+    load's patch, its wrappers would sit inside, and the order check refuses it, leaving the module untouched."""
+    process = run_python(
+        RUNNER,
+        """
+        import json
+        from bridge_rng_patch import patcher
+        order = ("save_sharding", "tracker_restore", "resume_audit", "layout_load")
+        summaries = dict(patcher.PATCHES)
+        patcher.PATCHES.clear()
+        patcher.PATCHES.update({name: summaries[name] for name in order})
+        patcher._ORDER.update({name: position for position, name in enumerate(order)})
+        import bridge_rng_patch
+        import megatron.bridge.training.checkpointing as checkpointing
+        print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}))
+        """,
+    )
+    result = _result(process)
+    assert result["resume_audit"] == [
+        "refused",
+        "its wrappers must wrap those of layout_load, applied after it",
+    ]
+    assert result["layout_load"][0] == "applied"

@@ -272,11 +272,15 @@ def test_the_audit_of_a_patched_resume_passes_every_rank_holding_its_own_state(j
 
 
 def test_the_audit_of_an_old_checkpoint_resumed_with_the_package_names_what_it_lost(jobs):
-    """The checkpoint kept one state per (pp, tp): every rank resumes it, and the expert stream stays collapsed."""
+    """The checkpoint kept one state per (pp, tp), DP rank 0's: every rank resumes it, and the expert stream stays
+    collapsed. DP rank 0 wrote it, so it holds its own; the other three hold its state."""
     jobs.save(OLD, "unpatched-ep2", patched=False)
     line = _audit_line(jobs.load(OLD, "unpatched-ep2", "unpatched-ep2-then-patched"))
     assert line.startswith(f"WARNING: {AUDIT}")
-    assert "4 ranks: 4 resumed the one state stored for their (pp, tp) (the checkpoint holds no per-rank state)" in line
+    assert (
+        "4 ranks: 1 restored the state stored for their coordinates, 3 resumed the one state stored for their (pp, tp) "
+        "(the checkpoint holds no per-rank state)" in line
+    )
     assert "expert-parallel-rng of ranks 1, 3 is that of ranks 0, 2" in line
 
 

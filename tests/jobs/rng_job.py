@@ -319,15 +319,15 @@ def count_layout_reads(spec: dict) -> list[str]:
     reads: list[str] = []
     if not spec.get("patched", True):
         return reads
-    from bridge_rng_patch import layout_load
+    from bridge_rng_patch import restorable
 
-    read = layout_load.read_stored_layouts
+    read = restorable.read_stored_layouts
 
     def counted(checkpoint_dir: str) -> Any:
         reads.append(checkpoint_dir)
         return read(checkpoint_dir)
 
-    layout_load.read_stored_layouts = counted
+    restorable.read_stored_layouts = counted
     return reads
 
 

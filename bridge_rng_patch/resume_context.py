@@ -1,0 +1,51 @@
+"""What one stack's patches learn during a resume, handed in the open from the wrappers that see the load to those
+that act after it.
+
+The patcher makes one context per stack and passes it to every patch's plan: the load wrappers note what they see
+in it (each load, whether it asked for RNG state, what a rank's restore was handed), and the restore's audit reads
+it. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What the stored-layout load handed this rank's restore: whose state (``rng_layout.OWN``, ``SHARED`` or
+    ``FRESH``), the entry itself (fingerprinted by the audit after the restore, so that a resume without the audit
+    pays nothing for it), and whether the run gathers its states over DP (``data_parallel_random_init``, which seeds
+    every stream per DP rank)."""
+
+    kind: str
+    entry: Mapping[str, Any]
+    data_parallel_random_init: bool
+
+
+@dataclass
+class ResumeContext:
+    """One stack's resume under way, as this rank's package saw it: the loads of a checkpoint, whether one asked for
+    RNG state, where from, and what the restore was handed (None where the package's load did not hand it). The same
+    on every rank but ``handed``."""
+
+    loads: int = 0
+    rng_requested: bool = False
+    checkpoint_dir: str | None = None
+    handed: Handed | None = None
+
+    def begin(self) -> None:
+        """A resume starts: nothing of an earlier one counts."""
+        self.loads, self.rng_requested, self.checkpoint_dir, self.handed = 0, False, None, None
+
+    def note_load(self, rng_requested: bool, checkpoint_dir: str | None) -> None:
+        """A load of a checkpoint (every rank makes it), and whether it asked for RNG state."""
+        self.loads += 1
+        self.rng_requested = self.rng_requested or rng_requested
+        if checkpoint_dir is not None:
+            self.checkpoint_dir = checkpoint_dir
+
+    def note_handed(self, kind: str, entry: Mapping[str, Any], data_parallel_random_init: bool) -> None:
+        self.handed = Handed(kind, entry, data_parallel_random_init)

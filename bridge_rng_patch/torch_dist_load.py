@@ -1,0 +1,103 @@
+"""The stored-layout load of a torch_dist checkpoint: the RNG request asks for the shards the checkpoint stores.
+
+A load without it asks for ``rng_state`` in the layout the running job would write, and the ShardedObject key embeds
+the global shape: a checkpoint stored in another layout (a (pp, tp) one under EP > 1, a (pp, tp, dp) one after a DP
+resize or under EP == 1) fails on every rank in torch's load planner. Here rank 0 reads the stored layout once per
+load and every rank receives it, or the same error; each rank asks for its own stored shard, and for the shards of DP
+ranks that no longer exist after a shrink (dist_checkpointing requires a load to cover every stored shard); the
+states reach the loop's restore as a checked list. After a TP or PP change it asks for none, and every rank keeps its
+fresh state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from bridge_rng_patch import groups
+from bridge_rng_patch.decision import report
+from bridge_rng_patch.probe import InstalledStack
+from bridge_rng_patch.restorable import (
+    RestorableRngStates,
+    report_dp_resize,
+    report_model_parallel_change,
+    report_stored_layout,
+    state_dict_of,
+    storage_not_judged,
+    stored_layouts_read_once_per_job,
+)
+from bridge_rng_patch.resume_context import ResumeContext
+from bridge_rng_patch.rng_layout import FRESH, NOTHING_RESTORED, RNG_STATE_KEY, RankCoordinates, RngCheckpointError
+
+
+class LayoutAwareDistLoad:
+    """The wrapper of a stack's torch_dist load (``TrainingLoop.dist_load``)."""
+
+    def __init__(self, stack: InstalledStack, context: ResumeContext) -> None:
+        self._stack = stack
+        self._load = stack.loop.dist_load
+        self._context = context
+        self._signature = inspect.signature(stack.function(self._load.path))
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = self._signature.bind(*args, **kwargs).arguments
+        sharded_state_dict = call.get(self._load.request)
+        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        if call.get("rank0") or not isinstance(request, ShardedObject):
+            return wrapped(*args, **kwargs)
+        checkpoint_dir = self._checkpoint_dir(call)
+        unjudged = storage_not_judged(checkpoint_dir)
+        if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
+            report(f"checkpoint {checkpoint_dir}: {unjudged}; its RNG request is left as the release made it")
+            return wrapped(*args, **kwargs)
+        stored = stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
+        if stored is None:
+            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
+        rank, running = RankCoordinates.of_request(request), tuple(request.global_shape[:2])
+        gathered = len(request.data) > 1
+        restorable = {"where": f"checkpoint {checkpoint_dir}", "rank": rank, "context": self._context}
+        restorable.update(data_parallel_random_init=gathered, optional=self._stack.loop.optional_sources)
+        if stored.global_shape[:2] != running:
+            report_model_parallel_change(checkpoint_dir, stored.global_shape[:2], running)
+            del sharded_state_dict[RNG_STATE_KEY]
+            result = wrapped(*args, **kwargs)
+            fresh_by_design = RestorableRngStates([], kind=FRESH, by_design=True, **restorable)
+            state_dict_of(result, self._load)[RNG_STATE_KEY] = fresh_by_design
+            return result
+        dp_cp_size = groups.size(call, groups.DP_CP)
+        per_rank_requested = len(request.global_shape) == 3
+        report_stored_layout(stored, per_rank_requested, dp_cp_size)
+        requests = stored.requests_for(rank, dp_cp_size, request.data)
+        del sharded_state_dict[RNG_STATE_KEY]
+        sharded_state_dict.update(requests)
+        result = wrapped(*args, **kwargs)
+        state_dict = state_dict_of(result, self._load)
+        own_states = state_dict.get(RNG_STATE_KEY, [])
+        for key in requests:
+            state_dict.pop(key, None)
+        if gathered and not stored.per_dp_rank and own_states and len(own_states) != len(request.data):
+            what = "RNG states gathered with data_parallel_random_init"
+            report_dp_resize(f"checkpoint {checkpoint_dir}", what, len(own_states), len(request.data))
+        kind = stored.restores(rank, running, len(own_states) if gathered else None, not per_rank_requested)
+        # The restore indexes gathered states by its DP rank; where they were gathered over DP with context parallel,
+        # the rank's own entry is at its DP-with-CP rank.
+        gathered_with_context_parallel = len(request.data) == dp_cp_size != groups.size(call, groups.DP)
+        own_index = rank.dp_rank if gathered_with_context_parallel else None
+        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, kind=kind, own_index=own_index, **restorable)
+        return result
+
+    def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
+        """Where the release itself loads from: the argument that names it, where the declaration names one; else its
+        override, else the iteration's directory (``get_checkpoint_name`` names a rank's file unless asked for
+        ``return_base_dir``)."""
+        if self._load.checkpoint is not None:
+            return str(call[self._load.checkpoint])
+        override = call.get("checkpoint_path_override")
+        if override is not None:
+            return str(override)
+        base_dir = {"return_base_dir": True} if self._stack.names_base_dir else {}
+        get_checkpoint_name = self._stack.module.get_checkpoint_name
+        return str(get_checkpoint_name(call["load_dir"], call["iteration"], call["release"], **base_dir))
