@@ -459,10 +459,17 @@ def test_a_wrapper_that_must_see_a_call_first_is_refused_where_the_order_would_p
         patcher._ORDER.update({name: position for position, name in enumerate(order)})
         import bridge_rng_patch
         import megatron.bridge.training.checkpointing as checkpointing
-        print(json.dumps({s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}))
+        statuses = {s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}
+        # Under each wrapper that is there, the release's own function: the refused patch wrapped nothing.
+        statuses["wrapped once"] = [
+            type(getattr(checkpointing, name).__wrapped__).__name__
+            for name in ("_load_global_dist_base_checkpoint", "_load_base_checkpoint", "_load_checkpoint_from_path")
+        ]
+        print(json.dumps(statuses))
         """,
     )
     result = _result(process)
+    assert result["wrapped once"] == ["function"] * 3
     assert result["resume_audit"] == [
         "refused",
         "its wrappers must wrap those of layout_load, applied after it",
