@@ -1,9 +1,9 @@
 """Where a rank sits in each parallel group, as the loop itself counts it: the groups the loop passed, else
 megatron-core's mpu globals.
 
-Loops hand their groups over in different ways: Megatron-Bridge 0.3 and later a ``pg_collection`` (attributes
-``tp``, ``pp``, ``dp``, ``dp_cp``, ``ep``), Megatron-LM ``tp_group`` and ``pp_group`` (0.16 and later) and
-``dp_cp_group`` / ``dp_group`` (0.19), older code none at all. A patch passes what the call it wraps bound, by
+Loops hand their groups over in different ways: a ``pg_collection`` (attributes ``tp``, ``pp``, ``dp``,
+``dp_cp``, ``ep``), one argument per group (``tp_group``, ``pp_group``, ``dp_cp_group``, ``dp_group``), or none at
+all. A patch passes what the call it wraps bound, by
 name, and asks for an axis; a group the call did not pass comes from mpu, as the loop's own code falls back to it.
 """
 

@@ -1,14 +1,13 @@
 """The two layouts of the ``rng_state`` ShardedObject in a torch_dist checkpoint, and how to read one back.
 
 - per (pp, tp): global shape ``(pp, tp)``, the DP rank as ``replica_id``; one state per (pp, tp) is written.
-  Old releases write it always; fixed releases write it when EP == 1.
+  A save without the EP-aware fix writes it always; one with it, when EP == 1.
 - per (pp, tp, dp): global shape ``(pp, tp, dp)``, ``replica_id`` 0; every DP rank's state is written.
-  Fixed releases (and this package) write it when EP > 1.
+  A save with the fix (and this package) writes it when EP > 1.
 
-MegatronMIMO checkpoints (Megatron-Bridge 0.5 and later) keep one such object per module, keyed
-``rng_state.{module_name}``, and Megatron-LM 0.19 can prefix the key (``{key_prefix}rng_state``); each key has a
-layout of its own. A checkpoint's stored layout, not the running
-configuration, decides which shard a rank can read back.
+MegatronMIMO checkpoints keep one such object per module, keyed ``rng_state.{module_name}``, and Megatron-LM can
+prefix the key (``{key_prefix}rng_state``); each key has a layout of its own. A checkpoint's stored layout, not the
+running configuration, decides which shard a rank can read back.
 
 fsdp_dtensor checkpoints (torch DCP) keep the RNG state as a dict of lists instead, which DCP stores leaf by leaf
 (``rng_state.{entry}.{index}.{source}``) with one writer per leaf: the entry ``(pp, tp)`` that every release

@@ -30,7 +30,14 @@ from bridge_rng_patch.restorable import (
     stored_layouts_read_once_per_job,
 )
 from bridge_rng_patch.resume_context import ResumeContext
-from bridge_rng_patch.rng_layout import FRESH, NOTHING_RESTORED, RNG_STATE_KEY, RankCoordinates, RngCheckpointError
+from bridge_rng_patch.rng_layout import (
+    FRESH,
+    NOTHING_RESTORED,
+    RNG_STATE_KEY,
+    RankCoordinates,
+    RngCheckpointError,
+    StoredRngLayout,
+)
 
 
 class LayoutAwareDistLoad:
@@ -56,21 +63,14 @@ class LayoutAwareDistLoad:
         stored = stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
             raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
-        rank, running = RankCoordinates.of_request(request), tuple(request.global_shape[:2])
-        gathered = len(request.data) > 1
-        restorable = {"where": f"checkpoint {checkpoint_dir}", "rank": rank, "context": self._context}
-        restorable.update(data_parallel_random_init=gathered, optional=self._stack.loop.optional_sources)
-        if stored.global_shape[:2] != running:
-            report_model_parallel_change(checkpoint_dir, stored.global_shape[:2], running)
-            del sharded_state_dict[RNG_STATE_KEY]
-            result = wrapped(*args, **kwargs)
-            fresh_by_design = RestorableRngStates([], kind=FRESH, by_design=True, **restorable)
-            state_dict_of(result, self._load)[RNG_STATE_KEY] = fresh_by_design
-            return result
-        dp_cp_size = groups.size(call, groups.DP_CP)
-        per_rank_requested = len(request.global_shape) == 3
-        report_stored_layout(stored, per_rank_requested, dp_cp_size)
-        requests = stored.requests_for(rank, dp_cp_size, request.data)
+        model_parallel_changed = stored.global_shape[:2] != tuple(request.global_shape[:2])
+        if model_parallel_changed:
+            report_model_parallel_change(checkpoint_dir, stored.global_shape[:2], tuple(request.global_shape[:2]))
+            requests = {}
+        else:
+            dp_cp_size = groups.size(call, groups.DP_CP)
+            report_stored_layout(stored, len(request.global_shape) == 3, dp_cp_size)
+            requests = stored.requests_for(RankCoordinates.of_request(request), dp_cp_size, request.data)
         del sharded_state_dict[RNG_STATE_KEY]
         sharded_state_dict.update(requests)
         result = wrapped(*args, **kwargs)
@@ -78,16 +78,28 @@ class LayoutAwareDistLoad:
         own_states = state_dict.get(RNG_STATE_KEY, [])
         for key in requests:
             state_dict.pop(key, None)
-        if gathered and not stored.per_dp_rank and own_states and len(own_states) != len(request.data):
-            what = "RNG states gathered with data_parallel_random_init"
-            report_dp_resize(f"checkpoint {checkpoint_dir}", what, len(own_states), len(request.data))
-        kind = stored.restores(rank, running, len(own_states) if gathered else None, not per_rank_requested)
+        state_dict[RNG_STATE_KEY] = self._handed(own_states, stored, request, call, model_parallel_changed)
+        return result
+
+    def _handed(
+        self, own_states: list, stored: StoredRngLayout, request: ShardedObject, call: Mapping, fresh_by_design: bool
+    ) -> RestorableRngStates:
+        """The checked list the restore picks this rank's entry from."""
+        rank, gathered = RankCoordinates.of_request(request), len(request.data)
+        where = f"checkpoint {stored.checkpoint_dir}"
+        restorable = {"data_parallel_random_init": gathered > 1, "optional": self._stack.loop.optional_sources}
+        if fresh_by_design:
+            return RestorableRngStates([], where, rank, FRESH, self._context, by_design=True, **restorable)
+        if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
+            report_dp_resize(where, "RNG states gathered with data_parallel_random_init", len(own_states), gathered)
+        per_rank_requested = len(request.global_shape) == 3
+        running = tuple(request.global_shape[:2])
+        kind = stored.restores(rank, running, len(own_states) if gathered > 1 else None, not per_rank_requested)
         # The restore indexes gathered states by its DP rank; where they were gathered over DP with context parallel,
         # the rank's own entry is at its DP-with-CP rank.
-        gathered_with_context_parallel = len(request.data) == dp_cp_size != groups.size(call, groups.DP)
-        own_index = rank.dp_rank if gathered_with_context_parallel else None
-        state_dict[RNG_STATE_KEY] = RestorableRngStates(own_states, kind=kind, own_index=own_index, **restorable)
-        return result
+        with_context_parallel = gathered == groups.size(call, groups.DP_CP) != groups.size(call, groups.DP)
+        own_index = rank.dp_rank if with_context_parallel else None
+        return RestorableRngStates(own_states, where, rank, kind, self._context, own_index=own_index, **restorable)
 
     def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
         """Where the release itself loads from: the argument that names it, where the declaration names one; else its
