@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.jobs import coordinates, crash_summary, lost_streams, run_job, saved_by_coordinates  # noqa: E402
+from tools.jobs import JobParents, coordinates, crash_summary, lost_streams, saved_by_coordinates  # noqa: E402
 from tools.release_envs import Release, ensure  # noqa: E402
 
 
@@ -36,18 +36,20 @@ EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 
 
 class Jobs:
-    """Runs each named job once per test session, so that several tests can read one checkpoint's results."""
+    """Runs each named job once per test session, so that several tests can read one checkpoint's results; jobs of
+    one release and set-up fork their ranks from one parent that imported the release once (``tools.jobs``)."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
         self._results: dict[str, list[dict]] = {}
+        self._parents = JobParents()
 
     def checkpoint_dir(self, name: str) -> str:
         return str(self.base / name)
 
     def run(self, env: Release, name: str, **spec) -> list[dict]:
         if name not in self._results:
-            results = run_job(ensure(env), spec, self.base, name)
+            results = self._parents.run(ensure(env), spec, self.base, name)
             crashes = crash_summary(results)
             assert crashes is None, f"job {name} in {env.name} crashed:\n{crashes}"
             self._results[name] = results

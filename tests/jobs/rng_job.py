@@ -80,6 +80,12 @@ _load_error: str | None = None
 
 def main(spec: dict) -> None:
     """Import in the parent (as the spec orders), fork one process per rank, write the ranks' reports."""
+    import_as_ordered(spec)
+    run_ranks(spec)
+
+
+def import_as_ordered(spec: dict) -> None:
+    """Import the loop's checkpointing module and, as the spec orders, the package before or after it."""
     global _job_loop
     _job_loop = spec.get("loop", BRIDGE)
     os.environ.update(spec.get("environment", {}))
@@ -93,6 +99,10 @@ def main(spec: dict) -> None:
         importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
     if spec.get("patched", True):
         import bridge_rng_patch  # noqa: F401
+
+
+def run_ranks(spec: dict) -> None:
+    """Fork one process per rank from this one, which has imported what the job needs, and write their reports."""
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
         port = probe_socket.getsockname()[1]
@@ -104,7 +114,26 @@ def main(spec: dict) -> None:
     results = _collect_reports(ranks, reports)
     for process in ranks:
         process.join(timeout=60)
+        if process.is_alive():  # a rank that never reported: it must not outlive its job
+            process.kill()
     Path(spec["out"]).write_text(json.dumps(results, indent=1))
+
+
+def serve(setup: dict, answers: int) -> None:
+    """Import as ``setup`` orders, then run each job whose spec comes on standard input (a JSON line each) in turn,
+    answering on the descriptor ``answers`` a JSON line when its reports are written ({"error": None}, or the
+    traceback): jobs of one set-up pay its seconds-long import once, and each still forks its ranks afresh from a
+    parent that has run no job's code."""
+    import_as_ordered(setup)
+    with os.fdopen(answers, "w") as answer:
+        for line in sys.stdin:
+            try:
+                run_ranks(json.loads(line))
+                error = None
+            except BaseException:
+                error = traceback.format_exc()
+            answer.write(json.dumps({"error": error}) + "\n")
+            answer.flush()
 
 
 def _collect_reports(ranks: list, reports: Any, seconds: float = 300) -> list[dict]:
@@ -769,4 +798,7 @@ def rng_fingerprint(device_generator: Any) -> dict:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    if sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main(json.loads(sys.argv[1]))
