@@ -10,19 +10,16 @@ TP or PP change, where the loop does not leave RNG state alone itself, every ran
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from bridge_rng_patch import groups
-from bridge_rng_patch.decision import report
 from bridge_rng_patch.probe import InstalledStack
 from bridge_rng_patch.restorable import (
-    RestorableRngStates,
+    StoredLayoutLoad,
     report_model_parallel_change,
     report_stored_layout,
     state_dict_of,
-    storage_not_judged,
     stored_layouts_read_once_per_job,
 )
 from bridge_rng_patch.resume_context import ResumeContext
@@ -40,27 +37,20 @@ class _Request(NamedTuple):
     unloaded: list
 
 
-class LayoutAwareFsdpLoad:
+class LayoutAwareFsdpLoad(StoredLayoutLoad):
     """The wrapper of a stack's fsdp_dtensor load (``TrainingLoop.fsdp_load``)."""
 
     def __init__(self, stack: InstalledStack, context: ResumeContext) -> None:
-        self._stack = stack
-        self._load = stack.loop.fsdp_load
-        self._context = context
-        self._signature = inspect.signature(stack.function(self._load.path))
+        super().__init__(stack, stack.loop.fsdp_load, context)
         self._keeps_fresh_after_model_parallel_change = not stack.fsdp_load_ignores_rng_after_model_parallel_change
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get(self._load.request)
-        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        call, _, request = self._bind(args, kwargs)
         entries = _fsdp_entries(request)
         if call.get("rank0") or entries is None:
             return wrapped(*args, **kwargs)
         named = str(call.get(self._load.checkpoint or "load_dir") or "")
-        unjudged = storage_not_judged(named)
-        if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
-            report(f"checkpoint {named}: {unjudged}; its RNG entries are read as the release reads them")
+        if self._left_alone(named, "its RNG entries are read as the release reads them"):
             return wrapped(*args, **kwargs)
         shared = next(entry for entry, coordinates in entries.items() if len(coordinates) == 2)
         rank = RankCoordinates(*entries[shared], groups.rank(call, groups.DP_CP))
@@ -94,14 +84,12 @@ class LayoutAwareFsdpLoad:
             loaded.setdefault(asked.shared, asked.unloaded)
             return
         rank, gathered = asked.rank, len(asked.unloaded) > 1
-        restorable = {"where": f"checkpoint {checkpoint_dir}", "rank": rank, "context": self._context}
-        restorable.update(data_parallel_random_init=gathered, optional=self._stack.loop.optional_sources)
         stored_model_parallel = stored.global_shape[:2]
         running_model_parallel = (groups.size(call, groups.PP), groups.size(call, groups.TP))
         if self._keeps_fresh_after_model_parallel_change and stored_model_parallel != running_model_parallel:
             report_model_parallel_change(checkpoint_dir, stored_model_parallel, running_model_parallel)
             loaded.clear()
-            loaded[asked.shared] = RestorableRngStates([], kind=FRESH, by_design=True, **restorable)
+            loaded[asked.shared] = self._restorable([], stored, rank, FRESH, gathered, by_design=True)
             return
         report_stored_layout(stored, asked.own_requested, groups.size(call, groups.DP_CP))
         offset = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank)
@@ -114,7 +102,7 @@ class LayoutAwareFsdpLoad:
         kind = stored.restores(rank, stored_model_parallel, len(states) if gathered else None, not asked.own_requested)
         own_index = 0 if stored.per_dp_rank else None
         loaded.clear()
-        loaded[asked.shared] = RestorableRngStates(states, kind=kind, own_index=own_index, **restorable)
+        loaded[asked.shared] = self._restorable(states, stored, rank, kind, gathered, own_index=own_index)
 
 
 def _fsdp_entries(request: Any) -> dict[str, tuple[int, ...]] | None:

@@ -9,10 +9,11 @@ makes that restore all or nothing.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +31,9 @@ from bridge_rng_patch.rng_layout import (
 )
 from bridge_rng_patch.rng_sources import current_rng_state
 from bridge_rng_patch.storage import MSC_SCHEME, scheme_of, unknown_scheme
+
+if TYPE_CHECKING:
+    from bridge_rng_patch.probe import InstalledStack
 
 
 def _is_byte_tensor(value: Any, size: int | None = None) -> bool:
@@ -152,6 +156,40 @@ class RestorableRngStates(list):
         fresh = current_rng_state()
         self.context.note_handed(FRESH, fresh, self.data_parallel_random_init)
         return fresh
+
+
+class StoredLayoutLoad:
+    """What the wrappers of a stack's loads share, in either format: the load they wrap, known by what its call binds;
+    the RNG request in it; storage the package cannot judge, left alone; and the checked list the restore gets."""
+
+    def __init__(self, stack: InstalledStack, load: LoadFunction, context: ResumeContext) -> None:
+        self._stack = stack
+        self._load = load
+        self._context = context
+        self._signature = inspect.signature(stack.function(load.path))
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, Any]:
+        """What the call binds by name, its state-dict request, and the RNG request in it (None where there is none)."""
+        call = self._signature.bind(*args, **kwargs).arguments
+        sharded_state_dict = call.get(self._load.request)
+        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        return call, sharded_state_dict, request
+
+    def _left_alone(self, checkpoint_dir: str, as_released: str) -> bool:
+        """Whether the checkpoint is where the package cannot judge how the release reads it (the same on every rank:
+        it depends on the path and the process's set-up only), said in one line."""
+        unjudged = storage_not_judged(checkpoint_dir)
+        if unjudged is not None:
+            report(f"checkpoint {checkpoint_dir}: {unjudged}; {as_released}")
+        return unjudged is not None
+
+    def _restorable(
+        self, states: list, stored: StoredRngLayout, rank: RankCoordinates, kind: str, gathered: bool, **more: Any
+    ) -> RestorableRngStates:
+        where, optional = f"checkpoint {stored.checkpoint_dir}", self._stack.loop.optional_sources
+        return RestorableRngStates(
+            states, where, rank, kind, self._context, data_parallel_random_init=gathered, optional=optional, **more
+        )
 
 
 def report_dp_resize(where: str, what: str, stored_dp: int, dp_size: int) -> None:

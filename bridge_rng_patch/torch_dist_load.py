@@ -11,22 +11,20 @@ fresh state.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge_rng_patch import groups
-from bridge_rng_patch.decision import report
 from bridge_rng_patch.probe import InstalledStack
 from bridge_rng_patch.restorable import (
     RestorableRngStates,
+    StoredLayoutLoad,
     report_dp_resize,
     report_model_parallel_change,
     report_stored_layout,
     state_dict_of,
-    storage_not_judged,
     stored_layouts_read_once_per_job,
 )
 from bridge_rng_patch.resume_context import ResumeContext
@@ -40,25 +38,18 @@ from bridge_rng_patch.rng_layout import (
 )
 
 
-class LayoutAwareDistLoad:
+class LayoutAwareDistLoad(StoredLayoutLoad):
     """The wrapper of a stack's torch_dist load (``TrainingLoop.dist_load``)."""
 
     def __init__(self, stack: InstalledStack, context: ResumeContext) -> None:
-        self._stack = stack
-        self._load = stack.loop.dist_load
-        self._context = context
-        self._signature = inspect.signature(stack.function(self._load.path))
+        super().__init__(stack, stack.loop.dist_load, context)
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get(self._load.request)
-        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
+        call, sharded_state_dict, request = self._bind(args, kwargs)
         if call.get("rank0") or not isinstance(request, ShardedObject):
             return wrapped(*args, **kwargs)
         checkpoint_dir = self._checkpoint_dir(call)
-        unjudged = storage_not_judged(checkpoint_dir)
-        if unjudged is not None:  # the same on every rank: it depends on the path and the process's set-up only
-            report(f"checkpoint {checkpoint_dir}: {unjudged}; its RNG request is left as the release made it")
+        if self._left_alone(checkpoint_dir, "its RNG request is left as the release made it"):
             return wrapped(*args, **kwargs)
         stored = stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
         if stored is None:
@@ -86,12 +77,11 @@ class LayoutAwareDistLoad:
     ) -> RestorableRngStates:
         """The checked list the restore picks this rank's entry from."""
         rank, gathered = RankCoordinates.of_request(request), len(request.data)
-        where = f"checkpoint {stored.checkpoint_dir}"
-        restorable = {"data_parallel_random_init": gathered > 1, "optional": self._stack.loop.optional_sources}
         if fresh_by_design:
-            return RestorableRngStates([], where, rank, FRESH, self._context, by_design=True, **restorable)
+            return self._restorable([], stored, rank, FRESH, gathered > 1, by_design=True)
         if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
-            report_dp_resize(where, "RNG states gathered with data_parallel_random_init", len(own_states), gathered)
+            what = "RNG states gathered with data_parallel_random_init"
+            report_dp_resize(f"checkpoint {stored.checkpoint_dir}", what, len(own_states), gathered)
         per_rank_requested = len(request.global_shape) == 3
         running = tuple(request.global_shape[:2])
         kind = stored.restores(rank, running, len(own_states) if gathered > 1 else None, not per_rank_requested)
@@ -99,7 +89,7 @@ class LayoutAwareDistLoad:
         # the rank's own entry is at its DP-with-CP rank.
         with_context_parallel = gathered == groups.size(call, groups.DP_CP) != groups.size(call, groups.DP)
         own_index = rank.dp_rank if with_context_parallel else None
-        return RestorableRngStates(own_states, where, rank, kind, self._context, own_index=own_index, **restorable)
+        return self._restorable(own_states, stored, rank, kind, gathered > 1, own_index=own_index)
 
     def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
         """Where the release itself loads from: the argument that names it, where the declaration names one; else its
