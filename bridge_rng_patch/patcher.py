@@ -126,6 +126,8 @@ def install() -> None:
                     _record(key, Decision(DISABLED, f"{DISABLE_ENV} is set"))
             return
         _switched_off = False
+        for name in sorted(disabled_patches(tuple(PATCHES)) - PATCHES.keys()):
+            report(f"{DISABLE_ENV} names {name!r}, which is no patch of bridge_rng_patch ({', '.join(PATCHES)})")
         for loop in LOOPS:
             checkpointing = sys.modules.get(loop.module)
             if checkpointing is not None:
@@ -202,8 +204,6 @@ def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
 
         stack, context = InstalledStack(loop, checkpointing), ResumeContext()
         disabled = disabled_patches(tuple(PATCHES))
-        for name in sorted(disabled - PATCHES.keys()):
-            report(f"{DISABLE_ENV} names {name!r}, which is no patch of bridge_rng_patch ({', '.join(PATCHES)})")
         why_disabled = f"{DISABLE_ENV} is set" if disabled >= PATCHES.keys() else f"{DISABLE_ENV} names it"
         for name in waiting:
             key = (loop.name, name)
