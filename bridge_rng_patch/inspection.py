@@ -164,9 +164,8 @@ def _configured_by(directory: Path) -> TrainingLoop | None:
     return next((loop for loop in _CONFIGURED if (directory / loop.on_disk.run_config).is_file()), None)
 
 
-def _rng_dir(directory: Path) -> Path:
+def _rng_dir(directory: Path, writer: TrainingLoop | None) -> Path:
     """The dist-checkpoint that holds one save's RNG state: the save itself, or where its stack keeps it in it."""
-    writer = _configured_by(directory)
     rng_dirs = () if writer is None else writer.on_disk.rng_dirs
     return next((directory / name for name in rng_dirs if (directory / name).is_dir()), directory)
 
@@ -180,9 +179,10 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     """One iteration's verdict; every problem becomes an "unreadable" report that says why."""
     report = IterationReport(str(directory), _iteration_number(directory), UNREADABLE, "")
     try:
-        rng_dir = _rng_dir(directory)
+        writer = _configured_by(directory)
+        rng_dir = _rng_dir(directory, writer)
         _check_format(rng_dir)
-        report.run = _run_layout(directory, rng_dir)
+        report.run = _run_layout(directory, rng_dir, writer)
         stored = _plain_rng_layout(rng_dir)
     except (CheckpointInputError, RngCheckpointError) as error:
         report.summary = str(error)
@@ -243,9 +243,8 @@ def _check_format(directory: Path) -> None:
     )
 
 
-def _run_layout(directory: Path, rng_dir: Path) -> RunLayout:
-    """From the run configuration a stack writes beside the save, else from the ``args`` in its common state."""
-    writer = _configured_by(directory)
+def _run_layout(directory: Path, rng_dir: Path, writer: TrainingLoop | None) -> RunLayout:
+    """From the run configuration ``writer`` wrote beside the save, else from the ``args`` in its common state."""
     if writer is not None:
         return _configured_run_layout(writer, directory, rng_dir)
     args = _megatron_lm_args(directory)
