@@ -18,9 +18,9 @@ from bridge_rng_patch.probe import InstalledStack
 from bridge_rng_patch.restorable import (
     StoredLayoutLoad,
     report_model_parallel_change,
-    report_stored_layout,
+    report_per_rank_layout,
+    report_shared_state,
     state_dict_of,
-    stored_layouts_read_once_per_job,
 )
 from bridge_rng_patch.resume_context import ResumeContext
 from bridge_rng_patch.rng_layout import FRESH, RNG_STATE_KEY, RankCoordinates, fsdp_entry, fsdp_entry_coordinates
@@ -79,7 +79,7 @@ class LayoutAwareFsdpLoad(StoredLayoutLoad):
 
     def _hand_over(self, loaded: dict, asked: _Request, checkpoint_dir: str, strict: bool, call: Mapping) -> None:
         """Leave under the shared key only what this rank restores: the entry stored for it, checked."""
-        stored = stored_layouts_read_once_per_job(checkpoint_dir).get(RNG_STATE_KEY)
+        stored = self._stored_layouts(checkpoint_dir).get(RNG_STATE_KEY)
         if stored is None:  # no RNG state stored: the restore sets this rank's own live state, as upstream's load does
             loaded.setdefault(asked.shared, asked.unloaded)
             return
@@ -91,7 +91,9 @@ class LayoutAwareFsdpLoad(StoredLayoutLoad):
             loaded.clear()
             loaded[asked.shared] = self._restorable([], stored, rank, FRESH, gathered, by_design=True)
             return
-        report_stored_layout(stored, asked.own_requested, groups.size(call, groups.DP_CP))
+        if asked.own_requested and not stored.per_dp_rank:
+            report_shared_state(stored)
+        report_per_rank_layout(stored, asked.own_requested, groups.size(call, groups.DP_CP))
         offset = stored.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank)
         entry = None if offset is None else fsdp_entry(*offset)
         if strict:  # every rank takes part in the DCP load, one outside the stored layout asking for nothing

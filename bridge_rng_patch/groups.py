@@ -77,3 +77,9 @@ def rank(passed: Mapping[str, Any], axis: str) -> int:
     if group is _NOT_PASSED:
         return _AXES[axis].mpu_rank()
     return 0 if group is None else group.rank()
+
+
+def dp_cp_group(passed: Mapping[str, Any]) -> Any:
+    """The process group of DP with context parallel, for a collective over it: the loop's, else mpu's."""
+    group = _passed_group(passed, DP_CP)
+    return parallel_state.get_data_parallel_group(with_context_parallel=True) if group is _NOT_PASSED else group

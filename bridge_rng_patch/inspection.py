@@ -1,7 +1,8 @@
 """What a checkpoint already on disk holds of its ranks' RNG state, and what a patched resume would do with it.
 
 Reads metadata only, never the tensors: the dist_checkpointing ``metadata.json``, the shard keys in torch's
-``.metadata`` (scanned, see ``rng_layout``; an fsdp_dtensor checkpoint's RNG entries the same way), and the
+``.metadata`` (scanned, see ``rng_layout``; an fsdp_dtensor checkpoint's RNG entries the same way), how many states
+the first (pp, tp) RNG shard lists (its pickle alone, read as the common state is), and the
 parallel sizes of the run that wrote it: the ``run_config.yaml`` Megatron-Bridge saves, the ``args`` Megatron-LM's
 loop and ms-swift keep in their common state (read without running any pickled code), or the
 ``transformer_config.json`` verl writes beside its dist-checkpoints (``global_step_*``: the RNG state in
@@ -18,11 +19,12 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge_rng_patch.loops import LOOPS, TrainingLoop
+from bridge_rng_patch.loops import LOOPS, SAVE_SHARDING, TrainingLoop
 from bridge_rng_patch.rng_layout import (
     METADATA_FILE,
     RNG_STATE_KEY,
@@ -80,6 +82,7 @@ class IterationReport:
     summary: str
     run: RunLayout | None = None
     rng_layout: dict[str, Any] | None = None
+    without_package: str | None = None
     resume: list[dict[str, Any]] = field(default_factory=list)
     resume_note: str | None = None
 
@@ -106,6 +109,8 @@ class IterationReport:
             shards = f"{layout['shards']} shard{'s' if layout['shards'] != 1 else ''} stored"
             lines.append(f"RNG layout   by {layout['axes']}, global shape {shape}, {shards}")
         lines.append(f"verdict      {self.verdict}: {self.summary}")
+        if self.without_package is not None:
+            lines.append(f"resumes without the package: {self.without_package}")
         if self.resume:
             lines.append("on a patched resume:" + (f" {self.resume_note}" if self.resume_note else ""))
             lines.append("    pp   tp   dp  gets")
@@ -187,22 +192,28 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
     except (CheckpointInputError, RngCheckpointError) as error:
         report.summary = str(error)
         return report
-    if stored is not None and stored.per_dp_rank and stored.global_shape[2] % report.run.cp == 0:
-        # The third axis counts DP ranks with context parallel, as Bridge's replica ids do.
-        report.run.dp, report.run.dp_source = stored.global_shape[2] // report.run.cp, "the stored RNG layout"
     if stored is None:
         report.verdict = NO_RNG_STATE
         report.summary = "the checkpoint stores no RNG state (saved with save_rng=False): every rank resumes fresh"
         return report
+    run, states = report.run, _states_per_entry(rng_dir, stored)
+    # Where the layout counts the DP ranks: its third axis, or a list of every DP rank's state (with context
+    # parallel where this package gathered it, as the replica ids count them).
+    counted = stored.global_shape[2] if stored.per_dp_rank else states if states and states > 1 else None
+    by_cp = 1 if not stored.per_dp_rank and run.data_parallel_random_init else run.cp
+    if counted is not None and counted % by_cp == 0:
+        run.dp, run.dp_source = counted // by_cp, "the stored RNG layout"
     report.rng_layout = {
         "axes": stored.axes,
         "global_shape": list(stored.global_shape),
         "shards": len(stored.offsets),
+        "states_per_shard": states,
     }
-    report.verdict, report.summary = _verdict(stored, report.run)
+    report.verdict, report.summary = _verdict(stored, run, states)
+    report.without_package = _without_package(stored, run)
     if resume_with is not None:
-        report.resume_note = _model_parallel_change(report.run, resume_with)
-        report.resume = _resume_plan(stored, report.run, resume_with)
+        report.resume_note = _model_parallel_change(run, resume_with)
+        report.resume = _resume_plan(stored, run, states, resume_with)
     return report
 
 
@@ -361,7 +372,7 @@ def _megatron_lm_args(directory: Path) -> argparse.Namespace | None:
     data = metadata.read_bytes() if metadata.is_file() else b""
     if _COMMON_STATE_ITEM not in data:
         return None
-    where = _common_state_storage(metadata, data)
+    where = _item_storage(metadata, data, lambda key: key.startswith(_COMMON_STATE_ITEM.decode()), "common state")
     with (directory / where["relative_path"]).open("rb") as storage:
         storage.seek(where["offset"])
         return _args_in_archive(metadata, io.BytesIO(_bounded_read(metadata, storage, where["length"])))
@@ -386,34 +397,87 @@ def _bounded_read(where: Path, stream: Any, size: int, what: str = "common state
 _COMMON_STATE_ITEM = b"common_state/"
 
 
-def _common_state_storage(metadata: Path, data: bytes) -> dict[str, Any]:
-    """Where ``.metadata`` says the common state's bytes are: relative_path, offset, length."""
+def _item_storage(metadata: Path, data: bytes, matches: Callable[[str], bool], what: str) -> dict[str, Any]:
+    """Where ``.metadata`` says the bytes of the item whose key ``matches`` are: relative_path, offset, length."""
     try:
         storage_data = _ArgsReader(io.BytesIO(data)).load().state["storage_data"]
-        return next(
-            info.state
-            for index, info in storage_data.items()
-            if index.state["fqn"].startswith(_COMMON_STATE_ITEM.decode())
-        )
+        return next(info.state for index, info in storage_data.items() if matches(index.state["fqn"]))
     except Exception as error:  # a cut or foreign file: pickle, attribute and lookup errors alike
-        raise CheckpointInputError(f"{metadata}: no readable common state in it ({type(error).__name__})") from None
+        raise CheckpointInputError(f"{metadata}: no readable {what} in it ({type(error).__name__})") from None
 
 
-def _args_in_archive(where: Path, archive_file: Any) -> argparse.Namespace | None:
+def _pickle_in_archive(where: Path, archive_file: Any, what: str) -> Any:
+    """What the pickle of a torch archive holds, read as ``_ArgsReader`` reads (tensor data is not read)."""
     try:
         with zipfile.ZipFile(archive_file) as archive:
             pickled = next(info for info in archive.infolist() if info.filename.endswith("/data.pkl"))
             with archive.open(pickled) as member:  # zipfile inflates no more than the size its header states
                 data = _bounded_read(where, member, pickled.file_size, f"pickle {pickled.filename}, inflated,")
-            state = _ArgsReader(io.BytesIO(data)).load()
+            return _ArgsReader(io.BytesIO(data)).load()
     except CheckpointInputError:
         raise
     except Exception as error:  # a cut or foreign file: zipfile, pickle and StopIteration errors alike
-        raise CheckpointInputError(f"{where}: not a readable common state ({type(error).__name__})") from None
+        raise CheckpointInputError(f"{where}: not a readable {what} ({type(error).__name__})") from None
+
+
+def _args_in_archive(where: Path, archive_file: Any) -> argparse.Namespace | None:
+    state = _pickle_in_archive(where, archive_file, "common state")
     if isinstance(state, list) and len(state) == 1:  # 0.19 keeps the common state as a one-item list
         state = state[0]
     args = state.get("args") if isinstance(state, dict) else None
     return args if isinstance(args, argparse.Namespace) else None
+
+
+class _Slice(io.RawIOBase):
+    """``length`` bytes of ``stream`` from ``offset``, as a file of their own: a zip archive stored inside a DCP file
+    is read where zipfile asks, its directory and one member, never whole."""
+
+    def __init__(self, stream: Any, offset: int, length: int) -> None:
+        self._stream, self._offset, self._length, self._position = stream, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._position, self._length)[whence]
+        self._position = max(0, min(base + position, self._length))
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        self._stream.seek(self._offset + self._position)
+        data = self._stream.read(min(len(buffer), self._length - self._position))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def _states_per_entry(directory: Path, stored: StoredRngLayout) -> int | None:
+    """How many states a (pp, tp) entry of a torch_dist checkpoint holds: 1 (its writer's), or every DP rank's
+    (gathered with data_parallel_random_init, or by this package's save under EP > 1); None for another layout or
+    where the entry cannot be read. Read from the first entry's pickle alone, without running pickled code."""
+    if stored.per_dp_rank or stored.fsdp_dtensor:
+        return None
+    shard = f"{stored.key}/shard_{_dotted(min(stored.offsets))}_{_dotted(stored.global_shape)}"
+    metadata = directory / METADATA_FILE
+    try:
+        where = _item_storage(metadata, metadata.read_bytes(), shard.__eq__, "RNG entry")
+        with (directory / where["relative_path"]).open("rb") as storage:
+            entry = _pickle_in_archive(metadata, _Slice(storage, where["offset"], where["length"]), "RNG entry")
+    except (OSError, CheckpointInputError):
+        return None
+    # megatron-core stores a ShardedObject's data as the one item of a list.
+    states = entry[0] if isinstance(entry, list) and len(entry) == 1 else None
+    return len(states) if isinstance(states, list) else None
+
+
+def _dotted(indices: tuple[int, ...]) -> str:
+    return ".".join(map(str, indices))
 
 
 def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | None, str]:
@@ -432,7 +496,7 @@ def _data_parallel_size(directory: Path, sizes: dict[str, int]) -> tuple[int | N
     return world // model_parallel, f"{world} ranks wrote shard files (a lower bound where some ranks wrote none)"
 
 
-def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
+def _verdict(stored: StoredRngLayout, run: RunLayout, states: int | None) -> tuple[str, str]:
     parts = "entries" if stored.fsdp_dtensor else "shards"
     if stored.per_dp_rank:
         expected = stored.global_shape[0] * stored.global_shape[1] * stored.global_shape[2]
@@ -443,6 +507,8 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
         return COMPLETE, "written with EP 1: the DP ranks of each (pp, tp) share one RNG state, and it is stored"
     if run.data_parallel_random_init:
         return COMPLETE, ("written with data_parallel_random_init: each (pp, tp) shard holds every DP rank's RNG state")
+    if states is not None and states > 1:
+        return COMPLETE, f"each (pp, tp) shard holds every DP rank's RNG state ({states}, saved with bridge_rng_patch)"
     stored_states = len(stored.offsets)
     if run.dp is None:
         lost = (
@@ -460,6 +526,29 @@ def _verdict(stored: StoredRngLayout, run: RunLayout) -> tuple[str, str]:
     )
 
 
+def _without_package(stored: StoredRngLayout, run: RunLayout) -> str:
+    """Whether the writer's releases resume the checkpoint's RNG state without this package, and what the others need:
+    a release loads the layout it writes itself, and fails on another (the stack's own switch then skips RNG state)."""
+    writer = next(loop for loop in LOOPS if loop.name == run.loop)
+    fixed = writer.fixed_in[SAVE_SHARDING].known
+    by_pp_tp = f"{writer.name} before {fixed}" if fixed else f"every {writer.name} release on the registry"
+    remedy = f"resume with {writer.skip_rng_load}, or with the package"
+    if stored.fsdp_dtensor:
+        return "yes: the (pp, tp) entries every release reads are stored, and read as in the release's own checkpoint"
+    if stored.per_dp_rank:
+        if fixed is None:
+            return f"no: {by_pp_tp} asks for a (pp, tp) shard, which it does not hold: {remedy}"
+        return (
+            f"on {writer.name} {fixed} and later at EP > 1 and this DP size; not on {by_pp_tp}, which asks for a "
+            f"(pp, tp) shard it does not hold: {remedy}"
+        )
+    upstream = "its own state" if run.data_parallel_random_init else "the state of DP rank 0 of its (pp, tp)"
+    answer = f"yes on {by_pp_tp}: every rank resumes {upstream}, as from the release's own checkpoint"
+    if fixed is not None and run.ep > 1:
+        answer += f"; not on {writer.name} {fixed} and later at EP > 1, which ask for a (pp, tp, dp) shard: {remedy}"
+    return answer
+
+
 def _model_parallel_change(run: RunLayout, target: dict[str, int]) -> str | None:
     """Why a resume in ``target`` restores no RNG state (its TP or PP differs from the run's), or None."""
     stored, running = (run.tp, run.pp), (target.get("tp", run.tp), target.get("pp", run.pp))
@@ -471,7 +560,9 @@ def _model_parallel_change(run: RunLayout, target: dict[str, int]) -> str | None
     )
 
 
-def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]) -> list[dict[str, Any]]:
+def _resume_plan(
+    stored: StoredRngLayout, run: RunLayout, states: int | None, target: dict[str, int]
+) -> list[dict[str, Any]]:
     """What each (pp, tp, dp) rank of the target layout restores on a resume with this package: the rule the
     stored-layout load follows (``StoredRngLayout.restores``); dp counts DP ranks with context parallel, as the RNG
     layout does."""
@@ -479,8 +570,9 @@ def _resume_plan(stored: StoredRngLayout, run: RunLayout, target: dict[str, int]
     dp_size = target.get("dp", run.dp)
     if dp_size is None:
         raise CheckpointInputError("--resume-with needs dp=N: the DP size of the run that wrote it is unknown")
-    # A run with data_parallel_random_init stores every DP rank's state in each (pp, tp) entry.
-    gathered = (run.dp or 0) if run.data_parallel_random_init else None
+    # A (pp, tp) entry holds every DP rank's state where a run with data_parallel_random_init or this package wrote it.
+    random_init = (run.dp or 0) if run.data_parallel_random_init else None
+    gathered = states if states is not None and states > 1 else random_init
     return [
         {
             "pp": pp,

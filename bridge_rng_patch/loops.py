@@ -72,9 +72,10 @@ class TrainingLoop(NamedTuple):
     state a save writes; ``rng_state_first`` are the parameters it may take first (one per family of releases;
     some take none), ``rng_state_optional`` those its releases add after it. ``resume_function`` runs a resume from
     start to end; ``restore_function`` sets the loaded RNG state; ``dist_load`` and ``fsdp_load`` load a torch_dist
-    and an fsdp_dtensor checkpoint with the RNG request. ``optional_sources`` are keys of an RNG entry the stack may
-    leave out (verl saves the device generator only where the process has a device). ``distribution`` states the
-    release number. ``on_disk`` is how its saves look to the inspector.
+    and an fsdp_dtensor checkpoint with the RNG request. ``skip_rng_load`` is the stack's own switch that resumes a
+    checkpoint without its RNG state, the remedy its messages give. ``optional_sources`` are keys of an RNG entry
+    the stack may leave out (verl saves the device generator only where the process has a device).
+    ``distribution`` states the release number. ``on_disk`` is how its saves look to the inspector.
     """
 
     name: str
@@ -89,6 +90,7 @@ class TrainingLoop(NamedTuple):
     dist_load: LoadFunction
     fsdp_load: LoadFunction | None
     seeding: Seeding
+    skip_rng_load: str
     fixed_in: dict[str, FixedIn]
     on_disk: OnDisk
     optional_sources: frozenset[str] = frozenset()
@@ -113,6 +115,7 @@ BRIDGE = TrainingLoop(
     dist_load=_MEGATRON_DIST_LOAD,
     fsdp_load=_MEGATRON_BASE_LOAD,
     seeding=MEGATRON_SEEDING,
+    skip_rng_load="checkpoint.load_rng=False",
     fixed_in={
         SAVE_SHARDING: FixedIn("0.3.0", "0.3.0"),
         TRACKER_RESTORE: FixedIn("0.3.0", "0.3.0"),
@@ -134,6 +137,7 @@ MEGATRON_LM = TrainingLoop(
     dist_load=_MEGATRON_DIST_LOAD,
     fsdp_load=_MEGATRON_BASE_LOAD,
     seeding=MEGATRON_SEEDING,
+    skip_rng_load="--no-load-rng",
     fixed_in={
         SAVE_SHARDING: FixedIn("0.20.0"),
         TRACKER_RESTORE: FixedIn("0.16.0", "0.16.0"),
@@ -156,6 +160,7 @@ VERL = TrainingLoop(
     dist_load=LoadFunction("load_dist_checkpointing", ("ckpt_dir",), checkpoint="ckpt_dir", returns_tuple=False),
     fsdp_load=None,
     seeding=Seeding(pipeline=0, data_parallel=0),
+    skip_rng_load="checkpoint.load_contents without 'extra' (verl 0.4 and 0.5: save_contents too)",
     fixed_in={
         SAVE_SHARDING: FixedIn("0.9.2"),
         TRACKER_RESTORE: FixedIn("0.9.2"),
@@ -193,6 +198,7 @@ MS_SWIFT = TrainingLoop(
         returns_tuple=False,
     ),
     seeding=Seeding(pipeline=1009, data_parallel=11),
+    skip_rng_load="--no_load_rng true",
     fixed_in={
         SAVE_SHARDING: FixedIn("4.7.0"),
         TRACKER_RESTORE: FixedIn("4.7.0"),

@@ -38,7 +38,7 @@ RESUME_AUDIT = "resume_audit"
 # wrapping what those before it left, and undone in the reverse one; a wrapper that must see a call before another
 # patch's says so (``Wrapping.outside``), and applying checks it against this order.
 PATCHES = {
-    SAVE_SHARDING: "get_rng_state shards the saved RNG state by (pp, tp, dp) when EP > 1",
+    SAVE_SHARDING: "get_rng_state saves every DP rank's RNG state, in the release's own layout, when EP > 1",
     TRACKER_RESTORE: "the RNG restore converts tracker states to the form the tracker in use keeps",
     LAYOUT_LOAD: "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
     RESUME_AUDIT: "after a resume, rank 0 logs whether every rank holds the RNG state it should",

@@ -22,11 +22,12 @@ from bridge_rng_patch.loops import LoadFunction
 from bridge_rng_patch.resume_context import ResumeContext
 from bridge_rng_patch.rng_layout import (
     FRESH,
-    NOTHING_RESTORED,
     RNG_STATE_KEY,
     RankCoordinates,
     RngCheckpointError,
     StoredRngLayout,
+    UnknownRngLayout,
+    nothing_restored,
     read_stored_layouts,
 )
 from bridge_rng_patch.rng_sources import current_rng_state
@@ -102,7 +103,8 @@ class RestorableRngStates(list):
     """A rank's loaded RNG states, checked when the loop's restore picks one.
 
     A rank the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG, and says so
-    unless that is ``by_design`` (said once for the whole job). ``own_index``, where given, is the entry this rank
+    unless that is ``by_design`` (said once for the whole job). An entry that cannot be restored fails the load with
+    the stack's own ``remedy``. ``own_index``, where given, is the entry this rank
     saved, whatever index the restore asks for. What the restore is handed (``kind``: whose state the stored entry
     is, ``rng_layout.OWN`` or ``SHARED``) is noted in the resume's ``context`` for the audit.
     """
@@ -114,6 +116,7 @@ class RestorableRngStates(list):
         rank: RankCoordinates,
         kind: str,
         context: ResumeContext,
+        remedy: str,
         *,
         own_index: int | None = None,
         data_parallel_random_init: bool = False,
@@ -125,6 +128,7 @@ class RestorableRngStates(list):
         self.rank = rank
         self.kind = kind
         self.context = context
+        self.remedy = remedy
         self.own_index = own_index
         self.data_parallel_random_init = data_parallel_random_init
         self.by_design = by_design
@@ -141,7 +145,7 @@ class RestorableRngStates(list):
             return self._fresh_state()
         problem = rng_entry_problem(entry, self.optional)
         if problem is not None:
-            raise RngCheckpointError(f"{self.where}: '{RNG_STATE_KEY}'[{index}]{problem}; {NOTHING_RESTORED}")
+            raise RngCheckpointError(f"{self.where}: '{RNG_STATE_KEY}'[{index}]{problem}; {self.remedy}")
         self.context.note_handed(self.kind, entry, self.data_parallel_random_init)
         return entry
 
@@ -167,6 +171,15 @@ class StoredLayoutLoad:
         self._load = load
         self._context = context
         self._signature = inspect.signature(stack.function(load.path))
+        self._nothing_restored = nothing_restored(stack.loop.skip_rng_load)
+
+    def _stored_layouts(self, checkpoint_dir: str) -> dict[str, StoredRngLayout]:
+        """The RNG layouts ``checkpoint_dir`` stores, read once per job; where they fit none known, the error says how
+        this stack resumes without them."""
+        try:
+            return stored_layouts_read_once_per_job(checkpoint_dir)
+        except UnknownRngLayout as error:
+            raise RngCheckpointError(f"{error}; {self._nothing_restored}") from None
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, Any]:
         """What the call binds by name, its state-dict request, and the RNG request in it (None where there is none)."""
@@ -188,7 +201,15 @@ class StoredLayoutLoad:
     ) -> RestorableRngStates:
         where, optional = f"checkpoint {stored.checkpoint_dir}", self._stack.loop.optional_sources
         return RestorableRngStates(
-            states, where, rank, kind, self._context, data_parallel_random_init=gathered, optional=optional, **more
+            states,
+            where,
+            rank,
+            kind,
+            self._context,
+            self._nothing_restored,
+            data_parallel_random_init=gathered,
+            optional=optional,
+            **more,
         )
 
 
@@ -252,29 +273,32 @@ def state_dict_of(result: Any, load: LoadFunction) -> Any:
     return result[0] if load.returns_tuple else result
 
 
-def report_stored_layout(stored: StoredRngLayout, per_rank_requested: bool, dp_size: int) -> None:
-    """One line on rank 0 whenever the stored layout differs from what the running job asked for: a checkpoint of one
-    state per (pp, tp) resumed with EP > 1 (``per_rank_requested``), per-rank state resumed with EP 1, and per-rank
-    state for another DP size."""
+def report_shared_state(stored: StoredRngLayout) -> None:
+    """One line on rank 0 where a job with EP > 1 resumes a checkpoint that holds one state per (pp, tp)."""
+    if stored.fsdp_dtensor:
+        written = "per-rank entries and carries one shared state per (pp, tp), whose leaves torch DCP took from one "
+        written += "rank or another"
+    else:
+        written = "every DP rank's state and carries one shared state per (pp, tp), the state of one DP rank"
+    report(
+        f"checkpoint {stored.checkpoint_dir} stores RNG state {stored.describe()}: it was written without {written} "
+        "(the old bug); every DP rank resumes from that state, and from here on each rank's checkpoints store the "
+        "state it then holds"
+    )
+
+
+def report_per_rank_layout(stored: StoredRngLayout, expert_parallel: bool, dp_size: int) -> None:
+    """One line on rank 0 where a checkpoint of per-rank state is resumed with EP 1 (not ``expert_parallel``), and
+    one where it was written for another DP size."""
     where = f"checkpoint {stored.checkpoint_dir}"
-    if per_rank_requested and not stored.per_dp_rank:
-        if stored.fsdp_dtensor:
-            written = (
-                "per-rank entries and carries one shared state per (pp, tp), whose leaves torch DCP took from one "
-            )
-            written += "rank or another"
-        else:
-            written = "EP-aware sharding and carries one shared state per (pp, tp), the state of one DP rank"
-        report(
-            f"{where} stores RNG state {stored.describe()}: it was written without {written} (the old bug); every DP "
-            "rank resumes from that state, and the next checkpoint stores each rank's own"
-        )
-    elif stored.per_dp_rank and not per_rank_requested and not stored.fsdp_dtensor:
+    if not stored.per_dp_rank:
+        return
+    if not expert_parallel and not stored.fsdp_dtensor:
         report(
             f"{where} stores RNG state {stored.describe()} while this job shards it by (pp, tp) (EP == 1): each "
             "rank restores the state saved at its own (pp, tp, dp) coordinates"
         )
-    if stored.per_dp_rank and stored.global_shape[2] != dp_size:
+    if stored.global_shape[2] != dp_size:
         report_dp_resize(where, "RNG state", stored.global_shape[2], dp_size)
 
 

@@ -34,6 +34,8 @@ from bridge_rng_patch.rng_layout import FRESH, OWN, RNG_STATE_KEY, SHARED
 MODEL_PARALLEL_STREAM, EXPERT_PARALLEL_STREAM = "model-parallel-rng", "expert-parallel-rng"
 # How many ranks a line names before it counts the rest.
 _NAMED_RANKS = 8
+# The remedy a line gives where the stack is not known (``audit_restored_rng()`` from a loop not patched).
+ANY_LOOPS_SWITCH = "the loop's own switch that resumes without RNG state"
 
 
 class RankAudit(NamedTuple):
@@ -77,21 +79,22 @@ class ResumeAudit:
 
 
 def audit_restored_rng(
-    data_parallel_random_init: bool = False, seeding: Seeding = MEGATRON_SEEDING
+    data_parallel_random_init: bool = False, seeding: Seeding = MEGATRON_SEEDING, skip_rng_load: str = ANY_LOOPS_SWITCH
 ) -> ResumeAudit | None:
     """Audit the RNG state this rank holds right after its loop restored a checkpoint; call it on every rank.
 
     For loops the package does not patch: what each rank was handed is not known there, so the audit checks that
     the streams Megatron seeds apart are still apart (``data_parallel_random_init`` as the run was started with;
-    ``seeding``, how far apart the loop's own seeding puts PP and DP ranks: Megatron's by default).
+    ``seeding``, how far apart the loop's own seeding puts PP and DP ranks: Megatron's by default; ``skip_rng_load``,
+    the loop's switch that resumes without RNG state, which a WARNING names as the remedy).
     Rank 0 logs one line, a WARNING where a stream collapsed; every rank gets the same result, or None where the
     audit is switched off or could not run (said once in the log).
     """
-    return _audit(None, data_parallel_random_init, seeding)
+    return _audit(None, data_parallel_random_init, seeding, skip_rng_load)
 
 
 def _audit(
-    handed: Handed | None, data_parallel_random_init: bool, seeding: Seeding, where: str = ""
+    handed: Handed | None, data_parallel_random_init: bool, seeding: Seeding, skip_rng_load: str, where: str = ""
 ) -> ResumeAudit | None:
     if switched_off(AUDIT_ENV):
         return None
@@ -103,7 +106,7 @@ def _audit(
         if distributed.is_initialized():
             everyone = [None] * distributed.get_world_size()
             distributed.all_gather_object(everyone, own)
-        result = judge([RankAudit(*entry) for entry in everyone], seeding, where)
+        result = judge([RankAudit(*entry) for entry in everyone], seeding, where, skip_rng_load)
     except Exception as error:
         _warn_once(f"RNG resume audit could not run on rank {own.rank} ({error!r}); the resume itself is unaffected")
         return None
@@ -183,7 +186,12 @@ def collapsed_streams(ranks: Sequence[RankAudit], seeding: Seeding) -> list[Coll
     ]
 
 
-def judge(ranks: Sequence[RankAudit], seeding: Seeding = MEGATRON_SEEDING, where: str = "") -> ResumeAudit:
+def judge(
+    ranks: Sequence[RankAudit],
+    seeding: Seeding = MEGATRON_SEEDING,
+    where: str = "",
+    skip_rng_load: str = ANY_LOOPS_SWITCH,
+) -> ResumeAudit:
     """The audit's verdict and its line, from every rank's contribution."""
     audited = [rank for rank in ranks if rank.error is None]
     result = ResumeAudit(len(ranks))
@@ -193,7 +201,7 @@ def judge(ranks: Sequence[RankAudit], seeding: Seeding = MEGATRON_SEEDING, where
             result.by_kind.setdefault(rank.handed, []).append(rank.rank)
     result.not_as_handed = [rank.rank for rank in audited if rank.holds_what_it_was_handed is False]
     result.collapsed = collapsed_streams(audited, seeding)
-    result.line = _line(result, where)
+    result.line = _line(result, where, skip_rng_load)
     return result
 
 
@@ -204,7 +212,7 @@ _KINDS = {
 }
 
 
-def _line(result: ResumeAudit, where: str) -> str:
+def _line(result: ResumeAudit, where: str, skip_rng_load: str) -> str:
     head = f"RNG resume audit{f' of {where}' if where else ''}, {result.ranks} rank{'s' * (result.ranks != 1)}: "
     if not result.by_kind:
         parts = ["what each rank was handed is not known (bridge_rng_patch did not hand it), streams compared only"]
@@ -227,8 +235,8 @@ def _line(result: ResumeAudit, where: str) -> str:
     more = f" (and {len(result.collapsed) - 3} more streams)" if len(result.collapsed) > 3 else ""
     parts.append(
         f"COLLAPSED, streams Megatron seeds apart hold one state: {streams}{more}. They stay so for the rest of the "
-        "run and in its next checkpoints: resume with load_rng=False (Megatron-LM: --no-load-rng) to seed them apart "
-        "again, and save with bridge_rng_patch, which keeps each rank's own state"
+        "run, and every checkpoint it saves stores them as they are, collapsed: resume with "
+        f"{skip_rng_load} to seed them apart again (and save with bridge_rng_patch, which keeps each rank's own state)"
     )
     return head + "; ".join(parts)
 
@@ -254,8 +262,9 @@ class AuditAfterRestore:
     finetune, a TP or PP change), so every rank reaches the same decision and the collective is joined by all.
     """
 
-    def __init__(self, seeding: Seeding, context: ResumeContext) -> None:
+    def __init__(self, seeding: Seeding, skip_rng_load: str, context: ResumeContext) -> None:
         self._seeding = seeding
+        self._skip_rng_load = skip_rng_load
         self._context = context
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -267,7 +276,8 @@ class AuditAfterRestore:
         where = f"checkpoint {context.checkpoint_dir}" if context.checkpoint_dir else "the resume"
         if context.rng_requested:
             handed = context.handed
-            _audit(handed, handed is not None and handed.data_parallel_random_init, self._seeding, where)
+            random_init = handed is not None and handed.data_parallel_random_init
+            _audit(handed, random_init, self._seeding, self._skip_rng_load, where)
         elif context.loads:
             report(
                 f"RNG resume audit of {where}: the loop restored no RNG state (load_rng off, finetune, a TP or PP "
@@ -320,4 +330,5 @@ def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
     # A load's note must see the request the loop built, before the stored-layout load rewrites it.
     outside = frozenset({LAYOUT_LOAD})
     notes = (Wrapping(load.path, NotingLoads(load, stack, context), outside) for load in stack.loads)
-    return Plan(decision, (*notes, Wrapping(loop.resume_function, AuditAfterRestore(loop.seeding, context))))
+    audit = AuditAfterRestore(loop.seeding, loop.skip_rng_load, context)
+    return Plan(decision, (*notes, Wrapping(loop.resume_function, audit)))

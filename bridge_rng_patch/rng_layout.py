@@ -1,9 +1,12 @@
 """The two layouts of the ``rng_state`` ShardedObject in a torch_dist checkpoint, and how to read one back.
 
-- per (pp, tp): global shape ``(pp, tp)``, the DP rank as ``replica_id``; one state per (pp, tp) is written.
-  A save without the EP-aware fix writes it always; one with it, when EP == 1.
+- per (pp, tp): global shape ``(pp, tp)``, the DP rank as ``replica_id``; one list per (pp, tp) is written (by DP
+  rank 0). A save without the EP-aware fix writes it always; one with it, when EP == 1. The list holds the writer's
+  state alone, or every DP rank's: with ``data_parallel_random_init`` (in DP order), and under EP > 1 with this
+  package (in the order of DP with context parallel). Its first entry is the writer's either way.
 - per (pp, tp, dp): global shape ``(pp, tp, dp)``, ``replica_id`` 0; every DP rank's state is written.
-  A save with the fix (and this package) writes it when EP > 1.
+  A save with the fix writes it when EP > 1 (Megatron-Bridge 0.3.0 and later), and so did earlier saves with this
+  package.
 
 MegatronMIMO checkpoints keep one such object per module, keyed ``rng_state.{module_name}``, and Megatron-LM can
 prefix the key (``{key_prefix}rng_state``); each key has a layout of its own. A checkpoint's stored layout, not the
@@ -27,9 +30,12 @@ if TYPE_CHECKING:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 RNG_STATE_KEY = "rng_state"
-NOTHING_RESTORED = (
-    "no RNG state was restored; resume with load_rng=False (Megatron-LM: --no-load-rng) to start from fresh RNG state"
-)
+
+
+def nothing_restored(skip_rng_load: str) -> str:
+    """What a load that fails on RNG state adds: nothing of it was restored, and the stack's own switch (``loops``
+    declares it) that resumes without it."""
+    return f"no RNG state was restored; resume with {skip_rng_load} to start from fresh RNG state"
 
 
 # Whose RNG state a rank restores: the state stored for its own coordinates, the one state stored for its (pp, tp)
@@ -39,6 +45,11 @@ OWN, SHARED, FRESH = "own state", "shared state", "fresh state"
 
 class RngCheckpointError(RuntimeError):
     """A checkpoint's RNG state cannot be restored as stored; the message names the checkpoint and the key."""
+
+
+class UnknownRngLayout(RngCheckpointError):
+    """A checkpoint's RNG shards fit no layout this package knows; a load adds the stack's switch to resume without
+    them."""
 
 
 def fsdp_entry(*coordinates: int) -> str:
@@ -67,19 +78,6 @@ def with_own_fsdp_entry(by_pp_tp: dict, dp_rank: int) -> dict:
         return by_pp_tp
     by_pp_tp[fsdp_entry(*coordinates, dp_rank)] = states
     return by_pp_tp
-
-
-def reshard_per_dp_rank(per_pp_tp: ShardedObject, dp_size: int) -> ShardedObject:
-    """The same RNG states, sharded by (pp, tp, dp) so that every DP rank's states are written.
-
-    The (pp, tp) layout's replica id is the DP rank (with context parallel): the DP offset of the new layout.
-    Re-shards in place the ShardedObject that ``get_rng_state`` has just built for its caller alone: cheaper
-    than building a second one, on a path that runs at every checkpoint save.
-    """
-    per_pp_tp.global_shape = (*per_pp_tp.global_shape, dp_size)
-    per_pp_tp.global_offset = (*per_pp_tp.global_offset, per_pp_tp.replica_id)
-    per_pp_tp.replica_id = 0
-    return per_pp_tp
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,8 @@ class StoredRngLayout:
 
         After a TP or PP change no stored state belongs to a running rank (Megatron seeds the model-parallel stream
         per TP rank, every source per PP stage): every rank keeps fresh state. A (pp, tp) entry holds the states of
-        ``gathered`` DP ranks where the run gathered them (``data_parallel_random_init``), each rank's own; else one
+        ``gathered`` DP ranks where they were gathered (``data_parallel_random_init``, or this package's save under
+        EP > 1), each rank's own; else one
         state, DP rank 0's in torch_dist (its writer, replica 0) and mixed from several ranks' leaves in fsdp_dtensor,
         which is each rank's own only where the DP ranks of a (pp, tp) held one state (``ranks_alike``: EP 1).
         """
@@ -296,9 +295,9 @@ def _layout(checkpoint_dir: str, key: str, shards: list[tuple[str, str]]) -> Sto
     offsets = frozenset(_indices(offset) for offset, _ in shards)
     shape = next(iter(shapes)) if len(shapes) == 1 else None
     if shape is None or len(shape) not in (2, 3) or any(not _inside(offset, shape) for offset in offsets):
-        raise RngCheckpointError(
+        raise UnknownRngLayout(
             f"checkpoint {checkpoint_dir}: the metadata of '{key}' fits no known RNG layout "
-            f"(shard shapes {sorted(shapes)}, expected one (pp, tp) or (pp, tp, dp) shape); {NOTHING_RESTORED}"
+            f"(shard shapes {sorted(shapes)}, expected one (pp, tp) or (pp, tp, dp) shape)"
         )
     return StoredRngLayout(checkpoint_dir, key, shape, offsets)
 

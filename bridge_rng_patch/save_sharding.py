@@ -2,9 +2,11 @@
 
 A ``get_rng_state`` without the fix shards it by (pp, tp) with the DP rank as ``replica_id``, so only one DP rank's
 state is saved while ranks in different expert-parallel groups hold different expert RNG streams. The wrapper keeps
-everything the original does (what it collects, the DP all-gather) and only re-shards the ShardedObject it returns,
-as upstream's fix does. fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams (torch DCP keeps one writer
-per leaf): there the wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
+the release's own object (key, shape, writer) and fills its list with every DP rank's state, as the release itself
+does with ``data_parallel_random_init``: the first entry stays the writer's, which a release without this package
+restores on every rank, as it does from a checkpoint of its own; with the package each rank restores its own entry.
+fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams (torch DCP keeps one writer per leaf): there the
+wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from bridge_rng_patch import groups, probe
 from bridge_rng_patch.decision import Decision, Plan, Wrapping
 from bridge_rng_patch.loops import SAVE_SHARDING
 from bridge_rng_patch.resume_context import ResumeContext
-from bridge_rng_patch.rng_layout import reshard_per_dp_rank, with_own_fsdp_entry
+from bridge_rng_patch.rng_layout import with_own_fsdp_entry
 
 
-def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = True) -> Callable[..., Any]:
-    """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it re-shards
-    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware).
+def ep_aware_rng_state(
+    signature: probe.RngStateSignature, context: ResumeContext, torch_dist: bool = True
+) -> Callable[..., Any]:
+    """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it fills
+    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and notes in ``context``
+    whether the release gathered the states itself, which a load that follows cannot tell from the list any more.
 
     A plain function and cheap checks, the argument positions found once: it runs at every checkpoint save,
     next to the loop's own code.
@@ -36,14 +42,32 @@ def ep_aware_rng_state(signature: probe.RngStateSignature, torch_dist: bool = Tr
         if not (fsdp_dtensor or (torch_dist and isinstance(rng_state, ShardedObject))):  # torch's per-rank list
             return rng_state
         passed = {name: _passed(args, kwargs, name, position) for name, position in group_positions.items()}
+        if not fsdp_dtensor:
+            context.note_release_gathers(len(rng_state.data) > 1)
         if groups.size(passed, groups.EP) <= 1:
             return rng_state
         # DP with context parallel, as the loop's own replica ids count it.
         if fsdp_dtensor:
             return with_own_fsdp_entry(rng_state, groups.rank(passed, groups.DP_CP))
-        return reshard_per_dp_rank(rng_state, groups.size(passed, groups.DP_CP))
+        return with_every_dp_rank_state(rng_state, passed)
 
     return wrapper
+
+
+def with_every_dp_rank_state(per_pp_tp: ShardedObject, passed: dict[str, Any]) -> ShardedObject:
+    """The release's (pp, tp) object with every DP rank's state in its list, in the order of their DP ranks (with
+    context parallel, as its replica ids count them); a list the release gathered itself stays as it is.
+
+    One small collective over DP, which the release itself makes with ``data_parallel_random_init``; the list is
+    filled in place, in the object ``get_rng_state`` has just built for its caller alone.
+    """
+    group = groups.dp_cp_group(passed)
+    if len(per_pp_tp.data) != 1 or group is None or group.size() <= 1:
+        return per_pp_tp
+    states = [None] * group.size()
+    torch.distributed.all_gather_object(states, per_pp_tp.data[0], group=group)
+    per_pp_tp.data = states
+    return per_pp_tp
 
 
 def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
@@ -82,4 +106,5 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
         note = "; its version number claims the fix, its code does not have it" if claims else ""
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
         decision = Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
-    return Plan(decision, (Wrapping(target, ep_aware_rng_state(signature, torch_dist=not every_dp_rank)),))
+    wrapper = ep_aware_rng_state(signature, context, torch_dist=not every_dp_rank)
+    return Plan(decision, (Wrapping(target, wrapper),))

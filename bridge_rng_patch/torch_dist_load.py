@@ -23,14 +23,13 @@ from bridge_rng_patch.restorable import (
     StoredLayoutLoad,
     report_dp_resize,
     report_model_parallel_change,
-    report_stored_layout,
+    report_per_rank_layout,
+    report_shared_state,
     state_dict_of,
-    stored_layouts_read_once_per_job,
 )
 from bridge_rng_patch.resume_context import ResumeContext
 from bridge_rng_patch.rng_layout import (
     FRESH,
-    NOTHING_RESTORED,
     RNG_STATE_KEY,
     RankCoordinates,
     RngCheckpointError,
@@ -51,16 +50,16 @@ class LayoutAwareDistLoad(StoredLayoutLoad):
         checkpoint_dir = self._checkpoint_dir(call)
         if self._left_alone(checkpoint_dir, "its RNG request is left as the release made it"):
             return wrapped(*args, **kwargs)
-        stored = stored_layouts_read_once_per_job(checkpoint_dir).get(request.key)
+        stored = self._stored_layouts(checkpoint_dir).get(request.key)
         if stored is None:
-            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {NOTHING_RESTORED}")
+            raise RngCheckpointError(f"checkpoint {checkpoint_dir} stores no '{request.key}'; {self._nothing_restored}")
         model_parallel_changed = stored.global_shape[:2] != tuple(request.global_shape[:2])
         if model_parallel_changed:
             report_model_parallel_change(checkpoint_dir, stored.global_shape[:2], tuple(request.global_shape[:2]))
             requests = {}
         else:
             dp_cp_size = groups.size(call, groups.DP_CP)
-            report_stored_layout(stored, len(request.global_shape) == 3, dp_cp_size)
+            report_per_rank_layout(stored, groups.size(call, groups.EP) > 1, dp_cp_size)
             requests = stored.requests_for(RankCoordinates.of_request(request), dp_cp_size, request.data)
         del sharded_state_dict[RNG_STATE_KEY]
         sharded_state_dict.update(requests)
@@ -76,20 +75,30 @@ class LayoutAwareDistLoad(StoredLayoutLoad):
         self, own_states: list, stored: StoredRngLayout, request: ShardedObject, call: Mapping, fresh_by_design: bool
     ) -> RestorableRngStates:
         """The checked list the restore picks this rank's entry from."""
-        rank, gathered = RankCoordinates.of_request(request), len(request.data)
+        rank = RankCoordinates.of_request(request)
+        # Whether the run gathers its states itself: the save-side wrapper, where it fills the request's list, saw it.
+        noted = self._context.release_gathers
+        random_init = len(request.data) > 1 if noted is None else noted
         if fresh_by_design:
-            return self._restorable([], stored, rank, FRESH, gathered > 1, by_design=True)
-        if gathered > 1 and not stored.per_dp_rank and own_states and len(own_states) != gathered:
-            what = "RNG states gathered with data_parallel_random_init"
-            report_dp_resize(f"checkpoint {stored.checkpoint_dir}", what, len(own_states), gathered)
-        per_rank_requested = len(request.global_shape) == 3
-        running = tuple(request.global_shape[:2])
-        kind = stored.restores(rank, running, len(own_states) if gathered > 1 else None, not per_rank_requested)
-        # The restore indexes gathered states by its DP rank; where they were gathered over DP with context parallel,
-        # the rank's own entry is at its DP-with-CP rank.
-        with_context_parallel = gathered == groups.size(call, groups.DP_CP) != groups.size(call, groups.DP)
-        own_index = rank.dp_rank if with_context_parallel else None
-        return self._restorable(own_states, stored, rank, kind, gathered > 1, own_index=own_index)
+            return self._restorable([], stored, rank, FRESH, random_init, by_design=True)
+        # A (pp, tp) entry holds one state, or every DP rank's (gathered by the run, or by this package's save).
+        listed = not stored.per_dp_rank and (len(own_states) > 1 or random_init)
+        dp_cp_size = groups.size(call, groups.DP_CP)
+        if listed and own_states:
+            expected = len(request.data) if random_init else dp_cp_size
+            if len(own_states) != expected:
+                what = "RNG states gathered with data_parallel_random_init" if random_init else "RNG state"
+                report_dp_resize(f"checkpoint {stored.checkpoint_dir}", what, len(own_states), expected)
+        ep_size = groups.size(call, groups.EP)
+        if not (listed or stored.per_dp_rank) and ep_size > 1:
+            report_shared_state(stored)
+        kind = stored.restores(rank, tuple(request.global_shape[:2]), len(own_states) if listed else None, ep_size <= 1)
+        # The restore indexes the list by its DP rank with data_parallel_random_init, else takes entry 0: this rank's
+        # entry is at its DP rank with context parallel where this package gathered the list, or the run over DP
+        # with context parallel.
+        with_context_parallel = len(request.data) == dp_cp_size != groups.size(call, groups.DP)
+        own_index = rank.dp_rank if listed and (not random_init or with_context_parallel) else None
+        return self._restorable(own_states, stored, rank, kind, random_init, own_index=own_index)
 
     def _checkpoint_dir(self, call: Mapping[str, Any]) -> str:
         """Where the release itself loads from: the argument that names it, where the declaration names one; else its

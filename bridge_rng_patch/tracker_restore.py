@@ -22,18 +22,23 @@ from bridge_rng_patch import compat, probe
 from bridge_rng_patch.decision import Decision, Plan, Wrapping
 from bridge_rng_patch.loops import TRACKER_RESTORE
 from bridge_rng_patch.resume_context import ResumeContext
-from bridge_rng_patch.rng_layout import NOTHING_RESTORED, RngCheckpointError
+from bridge_rng_patch.rng_layout import RngCheckpointError, nothing_restored
 
 
 class GraphSafeRestoringTracker(wrapt.ObjectProxy):
-    """The CUDA RNG tracker in use, converting states it is given to the form it keeps."""
+    """The CUDA RNG tracker in use, converting states it is given to the form it keeps; states it cannot take fail
+    the load with the stack's own ``remedy``."""
+
+    def __init__(self, tracker: Any, remedy: str) -> None:
+        super().__init__(tracker)
+        self._self_remedy = remedy
 
     def set_states(self, states: Mapping[str, Any]) -> None:
         try:
             named_states = states.items()
         except AttributeError:
             raise RngCheckpointError(
-                f"rng_tracker_states is a {type(states).__name__}, expected a dict; {NOTHING_RESTORED}"
+                f"rng_tracker_states is a {type(states).__name__}, expected a dict; {self._self_remedy}"
             ) from None
         tracker = self.__wrapped__
         graph_safe = compat.is_graph_safe_cuda_rng_tracker(tracker)
@@ -51,8 +56,9 @@ class GraphSafeRestoringTracker(wrapt.ObjectProxy):
 class ConvertingTensorParallel(wrapt.ObjectProxy):
     """``megatron.core.tensor_parallel`` as the loop's checkpointing module sees it while it loads a checkpoint."""
 
-    def __init__(self, tensor_parallel: ModuleType) -> None:
+    def __init__(self, tensor_parallel: ModuleType, remedy: str) -> None:
         super().__init__(tensor_parallel)
+        self._self_remedy = remedy
         self._self_tracker: Any = None
         self._self_restoring_tracker: GraphSafeRestoringTracker | None = None
 
@@ -60,7 +66,10 @@ class ConvertingTensorParallel(wrapt.ObjectProxy):
         """The converting proxy of the tracker in use; made again only when megatron-core's tracker changes."""
         tracker = self.__wrapped__.get_cuda_rng_tracker(*args, **kwargs)
         if tracker is not self._self_tracker:
-            self._self_tracker, self._self_restoring_tracker = tracker, GraphSafeRestoringTracker(tracker)
+            self._self_tracker, self._self_restoring_tracker = (
+                tracker,
+                GraphSafeRestoringTracker(tracker, self._self_remedy),
+            )
         return self._self_restoring_tracker
 
 
@@ -72,9 +81,9 @@ class ConvertingTrackerWhileLoading:
     one ends.
     """
 
-    def __init__(self, checkpointing: ModuleType) -> None:
+    def __init__(self, checkpointing: ModuleType, remedy: str) -> None:
         self._checkpointing = checkpointing
-        self._converting = ConvertingTensorParallel(checkpointing.tensor_parallel)
+        self._converting = ConvertingTensorParallel(checkpointing.tensor_parallel, remedy)
         self._lock = threading.Lock()
         self._loads_running = 0
         self._seen_before: Any = None
@@ -114,4 +123,5 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
             else "bridge_rng_patch's (this megatron-core lacks convert_cuda_rng_state)"
         )
         decision = Decision.apply(f"the RNG restore sets tracker states unconverted; using {helpers} helpers")
-    return Plan(decision, (Wrapping(restore_function, ConvertingTrackerWhileLoading(stack.module)),))
+    remedy = nothing_restored(stack.loop.skip_rng_load)
+    return Plan(decision, (Wrapping(restore_function, ConvertingTrackerWhileLoading(stack.module, remedy)),))

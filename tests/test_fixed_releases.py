@@ -127,7 +127,7 @@ def test_resume_from_an_iteration_directory_reads_the_layout_there(jobs):
             "torch_rng_state",
             "RngCheckpointError: checkpoint {checkpoint}/iter_0000010: 'rng_state'[0]['torch_rng_state'] "
             "is a torch.float32 tensor of shape (3,), expected torch.get_rng_state()'s ByteTensor",
-            "resume with load_rng=False",
+            "resume with checkpoint.load_rng=False",
         ),
     ],
 )

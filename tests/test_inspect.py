@@ -50,7 +50,7 @@ def test_unpatched_old_release_with_ep_2_is_incomplete_with_3_of_4_states_never_
     code, (report,) = _inspect_json(_checkpoint(jobs, OLD, "unpatched-ep2", patched=False))
     assert code == 1
     assert report["verdict"] == "incomplete"
-    assert report["rng_layout"] == {"axes": "(pp, tp)", "global_shape": [1, 1], "shards": 1}
+    assert report["rng_layout"] == {"axes": "(pp, tp)", "global_shape": [1, 1], "shards": 1, "states_per_shard": 1}
     assert (report["run"]["ep"], report["run"]["dp"]) == (2, 4)
     assert "3 of 4 ranks' RNG states were never written" in report["summary"]
     assert "each whose EP rank differs from DP rank 0's loses its expert-parallel RNG stream" in report["summary"]
@@ -73,7 +73,12 @@ def test_patched_megatron_lm_checkpoint_is_complete_and_a_resume_plan_gives_each
     checkpoint = _checkpoint(jobs, MEGATRON_LM, "mlm-0.19.2-ep2")
     code, (report,) = _inspect_json(checkpoint, "--resume-with", "dp=2")
     assert (code, report["verdict"], report["run"]["loop"]) == (0, "complete", "Megatron-LM")
-    assert report["rng_layout"] == {"axes": "(pp, tp, dp)", "global_shape": [1, 1, 4], "shards": 4}
+    # Megatron-LM's own (pp, tp) shard, its list holding every DP rank's state.
+    assert report["rng_layout"] == {"axes": "(pp, tp)", "global_shape": [1, 1], "shards": 1, "states_per_shard": 4}
+    assert report["summary"] == "each (pp, tp) shard holds every DP rank's RNG state (4, saved with bridge_rng_patch)"
+    assert report["without_package"].startswith(
+        "yes on every Megatron-LM release on the registry: every rank resumes the state of DP rank 0 of its (pp, tp)"
+    )
     assert [rank["gets"] for rank in report["resume"]] == ["own state"] * 2
 
 
@@ -83,11 +88,21 @@ def test_patched_megatron_lm_checkpoint_is_complete_and_a_resume_plan_gives_each
     ids=["patched old release", "fixed 0.3.1", "EP 1"],
 )
 def test_checkpoint_with_every_ranks_state_is_complete(jobs, env, name, spec):
+    """Every rank's state: in each (pp, tp) shard's list (the package on an old release), one shard per rank (Bridge
+    0.3.1), or one state shared by the DP ranks (EP 1); whether a release without the package resumes it, and where."""
     code, (report,) = _inspect_json(_checkpoint(jobs, env, name, **spec))
     assert (code, report["verdict"]) == (0, "complete")
-    expected_axes = "(pp, tp)" if spec.get("ep") == 1 else "(pp, tp, dp)"
-    assert report["rng_layout"]["axes"] == expected_axes
+    fixed = env is FIXED
+    assert report["rng_layout"]["axes"] == ("(pp, tp, dp)" if fixed else "(pp, tp)")
+    assert report["rng_layout"]["states_per_shard"] == (None if fixed else 4 if name == "patched-ep2" else 1)
     assert report["run"]["dp"] == 4
+    without = report["without_package"]
+    if fixed:
+        assert without.startswith("on Megatron-Bridge 0.3.0 and later at EP > 1 and this DP size; not on ")
+        assert without.endswith("resume with checkpoint.load_rng=False, or with the package")
+    else:
+        assert without.startswith("yes on Megatron-Bridge before 0.3.0: every rank resumes the state of DP rank 0")
+        assert ("not on Megatron-Bridge 0.3.0 and later at EP > 1" in without) == ("ep" not in spec)
 
 
 def test_table_names_layout_run_and_verdict_and_the_function_agrees(jobs):

@@ -65,7 +65,7 @@ def torchrun_jobs(tmp_path_factory) -> dict[bool, tuple[list[dict], list[dict]]]
 def test_torchrun_under_run_resumes_every_rank_bit_exact_without_editing_the_script(torchrun_jobs):
     saved, loaded = torchrun_jobs[True]
     assert all(report["package_imported_at_start"] for report in saved + loaded)
-    assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
+    assert (saved[0]["stored_keys"], saved[0]["stored_states"]) == (["rng_state/shard_0.0_1.1"], [4])
     assert_each_rank_resumes_its_own_state(saved, loaded)
 
 

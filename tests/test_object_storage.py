@@ -53,7 +53,7 @@ def _load(jobs, env, checkpoint, name, layout=EP2_DP4, **spec):
 
 def test_save_and_resume_through_msc_give_every_rank_its_own_state(jobs, msc_root):
     saved = _save(jobs, OLD_WITH_MSC, "msc-ep2")
-    assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
+    assert saved[0]["stored_keys"] == ["rng_state/shard_0.0_1.1"]
     assert (msc_root / "msc-ep2" / "iter_0000010" / ".metadata").is_file()  # written through the profile
     loaded = _load(jobs, OLD_WITH_MSC, "msc-ep2", "msc-ep2-load")
     assert_each_rank_resumes_its_own_state(saved, loaded)

@@ -1,4 +1,5 @@
-"""Save side on a real old release: the patched get_rng_state shards RNG state as Megatron-Bridge 0.3.0 does.
+"""Save side on a real old release: under EP > 1 the patched get_rng_state keeps the release's own (pp, tp) object,
+its list holding every DP rank's state, so that a release without the package reads it as its own.
 
 Layouts across TP, PP, EP and DP on 0.2.0rc6; every signature family resumes bit-exact in test_release_matrix.
 """
@@ -29,27 +30,25 @@ def saved(request, jobs):
     return layout, results
 
 
-def test_rng_sharded_object_follows_the_fixed_upstream_layout(saved):
+def test_rng_sharded_object_is_the_releases_own_listing_every_dp_ranks_state_with_ep(saved):
     layout, results = saved
     dp_size = layout["world"] // (layout["tp"] * layout["pp"])
     for result in results:
         pp, tp, dp = result["coords"]["pp"], result["coords"]["tp"], result["coords"]["dp"]
-        if layout["ep"] > 1:
-            expected = {"global_shape": [layout["pp"], layout["tp"], dp_size], "global_offset": [pp, tp, dp]}
-            expected["replica_id"] = 0
-        else:
-            expected = {"global_shape": [layout["pp"], layout["tp"]], "global_offset": [pp, tp], "replica_id": dp}
-        assert result["sharded_object"] == {"key": "rng_state", "states": 1, **expected}
+        expected = {"global_shape": [layout["pp"], layout["tp"]], "global_offset": [pp, tp], "replica_id": dp}
+        states = dp_size if layout["ep"] > 1 else 1
+        assert result["sharded_object"] == {"key": "rng_state", "states": states, **expected}
 
 
-def test_checkpoint_stores_one_rng_shard_per_rank_with_ep_and_per_pp_tp_without(saved):
+def test_checkpoint_stores_one_rng_shard_per_pp_tp_listing_every_dp_rank_with_ep(saved):
     layout, results = saved
     dp_size = layout["world"] // (layout["tp"] * layout["pp"])
-    shape = [layout["pp"], layout["tp"]] + ([dp_size] if layout["ep"] > 1 else [])
+    shape = [layout["pp"], layout["tp"]]
     expected = sorted(
         f"rng_state/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}" for offset in _offsets(shape)
     )
-    assert all(result["stored_keys"] == expected for result in results)
+    states = [dp_size if layout["ep"] > 1 else 1] * len(expected)
+    assert all((result["stored_keys"], result["stored_states"]) == (expected, states) for result in results)
 
 
 def _offsets(shape: list[int]) -> list[tuple[int, ...]]:
@@ -102,11 +101,10 @@ def test_patched_get_rng_state_handles_mpu_and_pg_collection_signatures(jobs):
     )
     for result in results:
         dp = result["coords"]["dp"]
-        per_rank = {"key": "rng_state", "global_shape": [1, 1, 4], "global_offset": [0, 0, dp], "replica_id": 0}
         per_pp_tp = {"key": "rng_state", "global_shape": [1, 1], "global_offset": [0, 0], "replica_id": dp}
         assert result["by_signature"] == {
-            "mpu globals": {**per_rank, "states": 1},
-            "pg_collection positional": {**per_rank, "states": 1},
-            "pg_collection keyword": {**per_rank, "states": 1},
+            "mpu globals": {**per_pp_tp, "states": 4},
+            "pg_collection positional": {**per_pp_tp, "states": 4},
+            "pg_collection keyword": {**per_pp_tp, "states": 4},
             "pg_collection without ep": {**per_pp_tp, "states": 1},
         }

@@ -159,7 +159,7 @@ def test_unpatched_stack_with_ep_2_gives_every_rank_dp_rank_0s_state_and_the_aud
     """The bug, through the stack's own save and load: one (pp, tp) shard is written, and every rank resumes DP rank
     0's state; the two lines an unpatched loop adds after its load name the expert stream of EP rank 1."""
     saved = jobs.save(env, _name(env, "unpatched"), patched=False)
-    assert saved[0]["stored_keys"] == ["rng_state/shard_0.0_1.1"]
+    assert (saved[0]["stored_keys"], saved[0]["stored_states"]) == (["rng_state/shard_0.0_1.1"], [1])
     loaded = jobs.load(env, _name(env, "unpatched"), _name(env, "unpatched-load"), patched=False, audit_call=True)
     own = [rank["saved"] for rank in saved]
     assert [rank["error"] for rank in loaded] == [None] * 4
@@ -171,7 +171,8 @@ def test_unpatched_stack_with_ep_2_gives_every_rank_dp_rank_0s_state_and_the_aud
 @pytest.mark.parametrize("env", ROUND_TRIPS, ids=lambda env: env.name)
 def test_patched_stack_with_ep_2_resumes_every_rank_bit_exact(jobs, env):
     saved = jobs.save(env, _name(env, "patched"))
-    assert saved[0]["stored_keys"] == [f"rng_state/shard_0.0.{dp}_1.1.4" for dp in range(4)]
+    # The stack's own (pp, tp) shard, its list holding every DP rank's state.
+    assert (saved[0]["stored_keys"], saved[0]["stored_states"]) == (["rng_state/shard_0.0_1.1"], [4])
     loaded = jobs.load(env, _name(env, "patched"), _name(env, "patched-load"))
     assert_each_rank_resumes_its_own_state(saved, loaded)
     assert rank_zero_logs(loaded).endswith(

@@ -51,6 +51,8 @@ JOB = REPO / "tests" / "jobs" / "rng_job.py"
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SEED, OTHER_SEED = 1234, 999
 DRAWS = 16
+# What a tracker restore that fails here says to do (the loops' own messages name the stack's switch).
+REMEDY = "no RNG state was restored"
 
 
 def _import_what_it_needs() -> str | None:
@@ -176,7 +178,7 @@ def check_tracker_restore(on_gpu: bool, helpers: str, saved_graph_safe: bool) ->
         saved = _saved(source)
         expected = _next_draws(source, on_gpu)
         target = _seeded_tracker(not saved_graph_safe, OTHER_SEED, on_gpu)
-        GraphSafeRestoringTracker(target).set_states(saved)
+        GraphSafeRestoringTracker(target, REMEDY).set_states(saved)
         kept_forms = sorted({type(state).__name__ for state in target.get_states().values()})
         different = _same(expected, _next_draws(target, on_gpu))
     what = "draws" if on_gpu else "states (CPU: fork needs CUDA)"
@@ -205,9 +207,9 @@ def check_cuda_graph_replay(on_gpu: bool) -> tuple[str, str]:
         with tracker.fork(name):
             return torch.nn.functional.dropout(ones, p=0.5)
 
-    GraphSafeRestoringTracker(tracker).set_states(saved)
+    GraphSafeRestoringTracker(tracker, REMEDY).set_states(saved)
     eager = [dropout_in_fork() for _ in range(replays)]
-    GraphSafeRestoringTracker(tracker).set_states(saved)
+    GraphSafeRestoringTracker(tracker, REMEDY).set_states(saved)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = dropout_in_fork()
@@ -291,7 +293,7 @@ def _restore_time(graph_safe: bool, calls: int, on_gpu: bool) -> str:
     from bridge_rng_patch.tracker_restore import GraphSafeRestoringTracker
 
     saved = _saved(_seeded_tracker(not graph_safe, SEED, on_gpu))
-    restoring = GraphSafeRestoringTracker(_seeded_tracker(graph_safe, OTHER_SEED, on_gpu))
+    restoring = GraphSafeRestoringTracker(_seeded_tracker(graph_safe, OTHER_SEED, on_gpu), REMEDY)
     restoring.set_states(saved)
     if on_gpu:
         torch.cuda.synchronize()

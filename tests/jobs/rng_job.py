@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import multiprocessing
@@ -238,7 +239,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
             if rank == 0:
                 _truncate(iteration_dir(spec) / ".metadata")
         else:
-            report["stored_keys"] = _stored_rng_keys(spec)
+            report["stored_keys"], report["stored_states"] = _stored_rng_keys(spec)
     else:
         _load_and_report(report, state, model, device_generator, spec)
     report["logs"] = logs
@@ -644,6 +645,7 @@ def _requests_for_each_signature() -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from bridge_rng_patch import loops, probe
+    from bridge_rng_patch.resume_context import ResumeContext
     from bridge_rng_patch.save_sharding import ep_aware_rng_state
 
     checkpointing = loop_checkpointing()
@@ -656,7 +658,8 @@ def _requests_for_each_signature() -> dict:
         return release_own(data_parallel_random_init, ckpt_format)
 
     def patched(function: Any) -> Any:
-        return wrapt.FunctionWrapper(function, ep_aware_rng_state(probe.rng_state_signature(function, loops.BRIDGE)))
+        signature = probe.rng_state_signature(function, loops.BRIDGE)
+        return wrapt.FunctionWrapper(function, ep_aware_rng_state(signature, ResumeContext()))
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     without_ep = ProcessGroupCollection.use_mpu_process_groups()
@@ -683,7 +686,7 @@ def _describe(sharded: Any) -> dict:
 
 @contextlib.contextmanager
 def _tampered(tamper: str | None):
-    """Write a damaged RNG state on purpose, to see how a load treats it."""
+    """Write a damaged RNG state, or another layout, on purpose, to see how a load treats it."""
     import torch
     from megatron.core import tensor_parallel
 
@@ -713,6 +716,20 @@ def _tampered(tamper: str | None):
         checkpointing.get_rng_state = one_dimensional
         yield
         checkpointing.get_rng_state = real
+    elif tamper == "per_dp_rank_layout":  # what Bridge 0.3.0 and later write, and earlier saves with the package did
+        real = checkpointing.get_rng_state
+
+        def per_dp_rank(*args: Any, **kwargs: Any) -> Any:
+            sharded = real(*args, **kwargs)
+            dp_size = torch.distributed.get_world_size() // (sharded.global_shape[0] * sharded.global_shape[1])
+            sharded.global_shape = (*sharded.global_shape, dp_size)
+            sharded.global_offset = (*sharded.global_offset, sharded.replica_id)
+            sharded.replica_id = 0
+            return sharded
+
+        checkpointing.get_rng_state = per_dp_rank
+        yield
+        checkpointing.get_rng_state = real
     else:
         raise ValueError(f"unknown tamper {tamper!r}")
 
@@ -740,8 +757,9 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _stored_rng_keys(spec: dict) -> list[str]:
-    """The RNG keys torch's own reader finds in the checkpoint, on the file system or through ``msc://``."""
+def _stored_rng_keys(spec: dict) -> tuple[list[str], list[int | None]]:
+    """The RNG keys torch's own reader finds in the checkpoint, on the file system or through ``msc://``, and how many
+    states each torch_dist shard's list holds (read with torch, on a file system; None elsewhere)."""
     checkpoint_dir = spec["checkpoint_dir"]
     if _job_loop == stack_loops.VERL:
         iteration_dir = str(stack_loops.verl_rng_dir(spec))
@@ -755,7 +773,23 @@ def _stored_rng_keys(spec: dict) -> list[str]:
         from torch.distributed.checkpoint import FileSystemReader
 
         reader = FileSystemReader(iteration_dir)
-    return sorted(key for key in reader.read_metadata().state_dict_metadata if "rng_state" in key)
+    metadata = reader.read_metadata()
+    keys = sorted(key for key in metadata.state_dict_metadata if "rng_state" in key)
+    return keys, [_states_in_shard(iteration_dir, metadata, key) for key in keys]
+
+
+def _states_in_shard(iteration_dir: str, metadata: Any, key: str) -> int | None:
+    """The length of the list a torch_dist RNG shard holds, as torch stored its bytes; None for any other key."""
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage = metadata.storage_data.get(MetadataIndex(key)) if "/shard_" in key else None
+    if storage is None or iteration_dir.startswith("msc://"):
+        return None
+    with open(os.path.join(iteration_dir, storage.relative_path), "rb") as stream:
+        stream.seek(storage.offset)
+        (states,) = torch.load(io.BytesIO(stream.read(storage.length)), weights_only=False)  # megatron-core's [data]
+    return len(states)
 
 
 def _digest(data: bytes) -> str:
