@@ -90,6 +90,8 @@ def measure(release: Release, tensors: int, rounds: int, work: Path, settle: boo
         statistics.median(timing["load_sharded_metadata_s"] * 1e3 for timing in patched) if torch_dist else None
     )
     figures["layout_reads_per_load"] = sorted({timing["layout_reads"] for timing in patched})
+    saved_bytes = {side: [timing["saved_bytes"] for timing in runs] for side, runs in timings.items()}
+    figures["saved_bytes"] = {side: statistics.median(sizes) for side, sizes in saved_bytes.items()}
     figures["package_in_load_ms"] = statistics.median(timing["package_in_load_s"] for timing in patched) * 1e3
     figures["package_in_load_share"] = statistics.median(
         timing["package_in_load_s"] / timing["load_s"] for timing in patched
@@ -140,8 +142,8 @@ def markdown_table(report: list[dict]) -> str:
     rows = [
         "| tensors | | A: unpatched | A': unpatched again | B: patched | A/A: A'/A | A/B: B/A | no-difference band "
         "| package's own time | resume audit | layout read: scan / load_sharded_metadata "
-        "| layout reads per load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout reads per load | bytes written: A / B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for figures in report:
         for what in ("save", "load"):
@@ -158,10 +160,11 @@ def markdown_table(report: list[dict]) -> str:
                     f" {figures['package_in_load_ms']:.1f} ms ({figures['package_in_load_share']:.2%}) "
                     f"| {figures['audit_ms']:.1f} ms ({figures['audit_share']:.2%}) "
                     f"| {figures['layout_read_ms']:.1f} ms / {_milliseconds(figures['load_sharded_metadata_ms'])} "
-                    f"| {reads} |"
+                    f"| {reads} | |"
                 )
             else:
-                row += " | | | |"
+                written = figures["saved_bytes"]
+                row += f" | | | | {written[sides.REFERENCE]:,.0f} / {written[sides.TESTED]:,.0f} |"
             rows.append(row)
     return "\n".join(rows)
 

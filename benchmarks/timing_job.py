@@ -211,6 +211,7 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
 
     timing = {
         "save_s": across_the_job(save),
+        "saved_bytes": _bytes_under(rng_job.iteration_dir(spec)),
         "load_s": across_the_job(lambda: rng_job.load_checkpoint(state, model, spec)),
         "layout_reads": len(layout_reads),
         "package_in_load_s": package_in_load(),
@@ -219,6 +220,11 @@ def _time_checkpoint(state: Any, model: list, spec: dict) -> dict:
     if spec.get("patched", True) and torch.distributed.get_rank() == 0:
         timing.update(_time_layout_reads(str(rng_job.iteration_dir(spec))))
     return timing
+
+
+def _bytes_under(directory: Path) -> int:
+    """What a save wrote: the size of every file of its iteration directory."""
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
 
 
 def _time_layout_reads(iteration_dir: str) -> dict:
