@@ -8,7 +8,8 @@ it. Nothing heavy is imported here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +30,15 @@ class Handed:
 class ResumeContext:
     """One stack's resume under way, as this rank's package saw it: the loads of a checkpoint, whether one asked for
     RNG state, where from, what the restore was handed (None where the package's load did not hand it), and whether the
-    release gathers its states over DP (None: not seen). The same on every rank but ``handed``."""
+    release gathers its states over DP (None: not seen), and how many resume functions are running. The same on every
+    rank but ``handed``."""
 
     loads: int = 0
     rng_requested: bool = False
     checkpoint_dir: str | None = None
     handed: Handed | None = None
     release_gathers: bool | None = None
+    loads_under_way: int = 0
 
     def begin(self) -> None:
         """A resume starts: nothing of an earlier one counts."""
@@ -47,6 +50,15 @@ class ResumeContext:
         self.rng_requested = self.rng_requested or rng_requested
         if checkpoint_dir is not None:
             self.checkpoint_dir = checkpoint_dir
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """While a resume function runs: ``get_rng_state`` then builds a load request, not a save."""
+        self.loads_under_way += 1
+        try:
+            yield
+        finally:
+            self.loads_under_way -= 1
 
     def note_release_gathers(self, gathered: bool) -> None:
         """Whether the release's own ``get_rng_state`` gathered every DP rank's state (``data_parallel_random_init``),

@@ -49,7 +49,19 @@ def ep_aware_rng_state(
         # DP with context parallel, as the loop's own replica ids count it.
         if fsdp_dtensor:
             return with_own_fsdp_entry(rng_state, groups.rank(passed, groups.DP_CP))
+        if context.loads_under_way:  # a load request: what it asks for is the stored layout, not this list
+            return rng_state
         return with_every_dp_rank_state(rng_state, passed)
+
+    return wrapper
+
+
+def resume_marked(context: ResumeContext) -> Callable[..., Any]:
+    """The resume function's wrapper: while it runs, ``get_rng_state`` builds a load request, and gathers nothing."""
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with context.loading():
+            return wrapped(*args, **kwargs)
 
     return wrapper
 
@@ -106,5 +118,7 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
         note = "; its version number claims the fix, its code does not have it" if claims else ""
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
         decision = Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
-    wrapper = ep_aware_rng_state(signature, context, torch_dist=not every_dp_rank)
-    return Plan(decision, (Wrapping(target, wrapper),))
+    wrappings = [Wrapping(target, ep_aware_rng_state(signature, context, torch_dist=not every_dp_rank))]
+    if not every_dp_rank and not stack.lacks(stack.loop.resume_function):
+        wrappings.append(Wrapping(stack.loop.resume_function, resume_marked(context)))
+    return Plan(decision, tuple(wrappings))

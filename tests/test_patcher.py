@@ -82,9 +82,9 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         print(json.dumps({
             "inner": checkpointing.get_rng_state.__wrapped__.__module__,
             "inner_is_plain_function": type(checkpointing.get_rng_state.__wrapped__).__name__,
-            # Two patches wrap the restore: the graph-safe restore, then the audit around it.
+            # Three patches wrap the resume: the save's mark of a load, the graph-safe restore, the audit around both.
             "load_inner_is_plain_function": type(
-                checkpointing._load_checkpoint_from_path.__wrapped__.__wrapped__
+                checkpointing._load_checkpoint_from_path.__wrapped__.__wrapped__.__wrapped__
             ).__name__,
             "tensor_parallel_outside_loads_is_megatron_cores": checkpointing.tensor_parallel is tensor_parallel,
         }))
@@ -460,16 +460,19 @@ def test_a_wrapper_that_must_see_a_call_first_is_refused_where_the_order_would_p
         import bridge_rng_patch
         import megatron.bridge.training.checkpointing as checkpointing
         statuses = {s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}
-        # Under each wrapper that is there, the release's own function: the refused patch wrapped nothing.
-        statuses["wrapped once"] = [
-            type(getattr(checkpointing, name).__wrapped__).__name__
+        # How many wrappers each load has: those of the patches applied, none of the refused one's.
+        def wrappers(function):
+            return 0 if not hasattr(function, "__wrapped__") else 1 + wrappers(function.__wrapped__)
+        statuses["wrappers"] = [
+            wrappers(getattr(checkpointing, name))
             for name in ("_load_global_dist_base_checkpoint", "_load_base_checkpoint", "_load_checkpoint_from_path")
         ]
         print(json.dumps(statuses))
         """,
     )
     result = _result(process)
-    assert result["wrapped once"] == ["function"] * 3
+    # layout_load on each format's load; the save's mark of a load and the graph-safe restore on the resume.
+    assert result["wrappers"] == [1, 1, 2]
     assert result["resume_audit"] == [
         "refused",
         "its wrappers must wrap those of layout_load, applied after it",

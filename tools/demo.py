@@ -11,6 +11,7 @@ run would.
 1. 0.2.0rc6, 4 ranks with EP 2 (DP 4): the old save keeps one DP rank's state per (pp, tp); then the same with
    data_parallel_random_init.
 2. 0.3.1, a fixed release, saved with DP 4 and resumed with DP 2.
+3. No lock-in: the checkpoint 0.2.0rc6 saved with the package in 1, resumed by 0.2.0rc6 without it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class Demo:
                 f"{', '.join(lost[True]) or 'nothing':<15}{shown}{self.as_described(expected)}"
             )
 
+    def print_without_the_package(self, upstream: list[dict], without: list[dict]) -> None:
+        """Per rank: what it resumed from the package's checkpoint without the package, against what it resumed
+        from the release's own checkpoint (step 1, unpatched)."""
+        for mine, theirs in zip(without, upstream, strict=True):
+            same = mine["error"] is None and mine["loaded"] == theirs["loaded"]
+            what = "what it resumes from the release's own checkpoint" if same else "ANOTHER state, or none"
+            print(f"  rank {mine['rank']} (dp {mine['coords']['dp']}) resumed {what}{self.as_described(same)}")
+
     def print_resize(self, saved: list[dict], resumes: dict[bool, list[dict]]) -> None:
         for patched, resumed in resumes.items():
             label = "with the package" if patched else "unpatched"
@@ -121,6 +130,13 @@ def main() -> int:
             for patched in (False, True)
         }
         resize = pool.submit(demo.resize)
+        # Submitted once the save with the package (step 1) is written: the same release resumes it without the package.
+        without = pool.submit(
+            lambda: (
+                old[True].result()
+                and demo.job(OLD, "old-True-resume-unpatched", "load", EP2_DP4, "old-True", patched=False)
+            )
+        )
         print(
             f"1. Megatron-Bridge {OLD.bridge} (megatron-core {OLD.core}), 4 ranks: TP 1, PP 1, EP 2, DP 4. Seeded"
             " as Megatron seeds,\n   10 training steps, a save, then a resume in a new job.\n",
@@ -142,6 +158,13 @@ def main() -> int:
             flush=True,
         )
         demo.print_resize(*resize.result())
+        print(
+            f"\n3. No lock-in: the checkpoint {OLD.bridge} saved with the package in 1, resumed by {OLD.bridge} without"
+            "\n   it (an image without the package). The package writes the release's own (pp, tp) shard, its list"
+            "\n   holding every DP rank's state: the release reads its first entry, DP rank 0's, as its own.\n",
+            flush=True,
+        )
+        demo.print_without_the_package(old[False].result()[1], without.result())
     verdict = "as described" if demo.all_as_described else "NOT as described: see the rows marked"
     print(f"\nEvery rank, every stream: {verdict}.")
     return 0 if demo.all_as_described else 1
