@@ -5,7 +5,8 @@ Run as ``python benchmarks/timing_job.py '<json spec>'`` with the python of a re
 ConfigContainer and seeding, only CUDA calls faked); then one of these actions runs:
 
 - ``time_get_rng_state`` and ``time_restore``: rank 0 times the call per call (spec: ``calls``, ``repeats``),
-  the package applied and undone between alternating blocks; the other ranks wait, so that it has the CPU;
+  the package applied and undone between alternating blocks; for ``time_restore`` the other ranks wait, so that it
+  has the CPU, and for ``time_get_rng_state`` they make the same calls, whose patched form gathers over DP;
 - ``time_checkpoint``: the real ``save_checkpoint`` then ``load_checkpoint``, each timed across the job.
 """
 
@@ -303,16 +304,20 @@ def _less_what_it_wraps(call: Any, spent: list[float]) -> Any:
     return timed
 
 
-def _timed_call(timing: Any) -> Any:
+def _timed_call(timing: Any, every_rank: bool = False) -> Any:
     """An action that seeds as a save does, then has rank 0 alone time ``timing(spec, state)`` (state: what the loop's
-    save is called with, verl's checkpoint manager among them)."""
+    save is called with, verl's checkpoint manager among them); ``every_rank`` runs it on every rank in step, for a
+    call that makes a collective (the patched ``get_rng_state`` gathers over DP), and reports rank 0's."""
 
     def action(rank: int, state: Any, model: list, device_generator: Any, spec: dict) -> dict:
         import torch
 
         rng_job.seed_every_source(rng_job.SAVE_SEED, rank, device_generator, spec)
         torch.distributed.barrier()
-        return {"timing": timing(spec, state)} if rank == 0 else {}
+        if rank != 0 and not every_rank:
+            return {}
+        timed = timing(spec, state)
+        return {"timing": timed} if rank == 0 else {}
 
     return action
 
@@ -323,7 +328,7 @@ def _timed_checkpoint(rank: int, state: Any, model: list, device_generator: Any,
 
 
 rng_job.EXTRA_ACTIONS.update(
-    time_get_rng_state=_timed_call(_time_get_rng_state),
+    time_get_rng_state=_timed_call(_time_get_rng_state, every_rank=True),
     time_restore=_timed_call(_time_restore),
     time_checkpoint=_timed_checkpoint,
 )
