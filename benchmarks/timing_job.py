@@ -47,7 +47,7 @@ def _time_restore(spec: dict, state: Any) -> dict:
     import torch
 
     checkpointing = rng_job.loop_checkpointing()
-    entry = rng_job.installed_get_rng_state(spec, state)().data[0]
+    entry = _saved_entry(spec, state)
     conversions: list[int] = []
 
     def set_sources(rng_state: dict) -> None:
@@ -84,7 +84,7 @@ def _time_restore(spec: dict, state: Any) -> dict:
             checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
 
         def restore_from_checked_list() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", rank, OWN, context)[0]
+            rng_state = RestorableRngStates([entry], "benchmark", rank, OWN, context, "no RNG state was restored")[0]
             set_sources(rng_state)
             checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
@@ -103,6 +103,20 @@ def _time_restore(spec: dict, state: Any) -> dict:
         "tracker_states": len(entry["rng_tracker_states"]),
         "conversions_per_restore": len(conversions),
     }
+
+
+def _saved_entry(spec: dict, state: Any) -> dict:
+    """This rank's entry as the release's own ``get_rng_state`` builds it: rank 0 calls it alone, and the package's
+    would gather it from every DP rank, so the package is undone around the call."""
+    if not spec.get("patched", True):
+        return rng_job.installed_get_rng_state(spec, state)().data[0]
+    import bridge_rng_patch
+
+    bridge_rng_patch.undo()
+    try:
+        return rng_job.installed_get_rng_state(spec, state)().data[0]
+    finally:
+        bridge_rng_patch.apply()
 
 
 def _counting(convert: Any, conversions: list[int]) -> Any:
