@@ -29,15 +29,13 @@ class Handed:
 @dataclass
 class ResumeContext:
     """One stack's resume under way, as this rank's package saw it: the loads of a checkpoint, whether one asked for
-    RNG state, where from, what the restore was handed (None where the package's load did not hand it), and whether the
-    release gathers its states over DP (None: not seen), and how many resume functions are running. The same on every
-    rank but ``handed``."""
+    RNG state, where from, what the restore was handed (None where the package's load did not hand it), and how many
+    resume functions are running. The same on every rank but ``handed``."""
 
     loads: int = 0
     rng_requested: bool = False
     checkpoint_dir: str | None = None
     handed: Handed | None = None
-    release_gathers: bool | None = None
     loads_under_way: int = 0
 
     def begin(self) -> None:
@@ -59,11 +57,6 @@ class ResumeContext:
             yield
         finally:
             self.loads_under_way -= 1
-
-    def note_release_gathers(self, gathered: bool) -> None:
-        """Whether the release's own ``get_rng_state`` gathered every DP rank's state (``data_parallel_random_init``),
-        noted by the save-side wrapper, which then fills the list itself under EP > 1."""
-        self.release_gathers = gathered
 
     def note_handed(self, kind: str, entry: Mapping[str, Any], data_parallel_random_init: bool) -> None:
         self.handed = Handed(kind, entry, data_parallel_random_init)

@@ -28,8 +28,8 @@ def ep_aware_rng_state(
     signature: probe.RngStateSignature, context: ResumeContext, torch_dist: bool = True
 ) -> Callable[..., Any]:
     """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it fills
-    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and notes in ``context``
-    whether the release gathered the states itself, which a load that follows cannot tell from the list any more.
+    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and for a save only
+    (``context``: no resume function running), so that a load's request stays the release's own.
 
     A plain function and cheap checks, the argument positions found once: it runs at every checkpoint save,
     next to the loop's own code.
@@ -42,8 +42,6 @@ def ep_aware_rng_state(
         if not (fsdp_dtensor or (torch_dist and isinstance(rng_state, ShardedObject))):  # torch's per-rank list
             return rng_state
         passed = {name: _passed(args, kwargs, name, position) for name, position in group_positions.items()}
-        if not fsdp_dtensor:
-            context.note_release_gathers(len(rng_state.data) > 1)
         if groups.size(passed, groups.EP) <= 1:
             return rng_state
         # DP with context parallel, as the loop's own replica ids count it.
@@ -119,6 +117,10 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
         decision = Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
     wrappings = [Wrapping(target, ep_aware_rng_state(signature, context, torch_dist=not every_dp_rank))]
-    if not every_dp_rank and not stack.lacks(stack.loop.resume_function):
+    if not every_dp_rank:
+        # The torch_dist fix gathers at saves only: a load is told from a save by the resume function running.
+        lacks = stack.lacks(stack.loop.resume_function)
+        if lacks:
+            return Plan.refuse(f"{lacks}, which tells a load from a save")
         wrappings.append(Wrapping(stack.loop.resume_function, resume_marked(context)))
     return Plan(decision, tuple(wrappings))

@@ -75,10 +75,9 @@ class LayoutAwareDistLoad(StoredLayoutLoad):
         self, own_states: list, stored: StoredRngLayout, request: ShardedObject, call: Mapping, fresh_by_design: bool
     ) -> RestorableRngStates:
         """The checked list the restore picks this rank's entry from."""
-        rank = RankCoordinates.of_request(request)
-        # Whether the run gathers its states itself: the save-side wrapper, where it fills the request's list, saw it.
-        noted = self._context.release_gathers
-        random_init = len(request.data) > 1 if noted is None else noted
+        # The request is the release's own (the save-side wrapper fills the list at saves only): more than one state in
+        # it means the run gathers them itself (data_parallel_random_init).
+        rank, random_init = RankCoordinates.of_request(request), len(request.data) > 1
         if fresh_by_design:
             return self._restorable([], stored, rank, FRESH, random_init, by_design=True)
         # A (pp, tp) entry holds one state, or every DP rank's (gathered by the run, or by this package's save).
