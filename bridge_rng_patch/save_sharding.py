@@ -54,14 +54,15 @@ def ep_aware_rng_state(
     return wrapper
 
 
-def resume_marked(context: ResumeContext) -> Callable[..., Any]:
+class MarkingResumes:
     """The resume function's wrapper: while it runs, ``get_rng_state`` builds a load request, and gathers nothing."""
 
-    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        with context.loading():
-            return wrapped(*args, **kwargs)
+    def __init__(self, context: ResumeContext) -> None:
+        self._context = context
 
-    return wrapper
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        with self._context.loading():
+            return wrapped(*args, **kwargs)
 
 
 def with_every_dp_rank_state(per_pp_tp: ShardedObject, passed: dict[str, Any]) -> ShardedObject:
@@ -122,5 +123,5 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
         lacks = stack.lacks(stack.loop.resume_function)
         if lacks:
             return Plan.refuse(f"{lacks}, which tells a load from a save")
-        wrappings.append(Wrapping(stack.loop.resume_function, resume_marked(context)))
+        wrappings.append(Wrapping(stack.loop.resume_function, MarkingResumes(context)))
     return Plan(decision, tuple(wrappings))

@@ -66,7 +66,8 @@ ALL_APPLIED = {
 }
 # The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
 FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}
-AUDITED_AND_CONVERTING = ["AuditAfterRestore", "ConvertingTrackerWhileLoading"]
+# Outermost first: the audit, the graph-safe restore, the save's mark of a resume (it gathers at saves only).
+AUDITED_AND_CONVERTING = ["AuditAfterRestore", "ConvertingTrackerWhileLoading", "MarkingResumes"]
 
 
 def _decide(release) -> dict:
@@ -183,7 +184,7 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
     """Its restore converts tracker states already (megatron-core 0.16 and later); nothing else is fixed."""
     decision = megatron_lm_decisions[release.core]
     assert decision["states"] == MEGATRON_LM_DECISIONS
-    assert decision["restore_wrappers"] == ["AuditAfterRestore"]
+    assert decision["restore_wrappers"] == ["AuditAfterRestore", "MarkingResumes"]
     assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
     assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")
     assert decision["reasons"]["layout_load"].endswith(
