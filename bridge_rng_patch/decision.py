@@ -40,13 +40,14 @@ class Decision(NamedTuple):
 
 
 class Wrapping(NamedTuple):
-    """One wrapper a patch puts on an attribute path of the stack's module (``targets.py``). ``outside`` names the
-    patches whose wrappers on the same path it must wrap (it sees the call before they do); the patcher checks that
-    they are applied before it."""
+    """One wrapper a patch puts on an attribute path of the stack's module (``targets.py``), or of another module of
+    the stack (``module``: wrapped when it has been imported). ``outside`` names the patches whose wrappers on the
+    same path it must wrap (it sees the call before they do); the patcher checks that they are applied before it."""
 
     path: str
     wrapper: Any
     outside: frozenset[str] = frozenset()
+    module: str | None = None
 
 
 class Plan(NamedTuple):

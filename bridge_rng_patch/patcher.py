@@ -4,9 +4,10 @@ When a stack's checkpointing module is imported (or at once if it already is), i
 resolved once (``probe.InstalledStack``) and handed, with one resume context for the stack, to every patch, which
 returns its plan: a decision and the wrappers that carry it out. The plans are carried out here, in a declared and
 checked order; a patch that cannot apply says why and leaves the module untouched, and undo puts back the exact
-original objects. ``BRIDGE_RNG_PATCH_DISABLE`` switches every patch off (1) or those it names (NAME[,NAME]). Nothing
-heavy is imported here: the patch modules, and with them wrapt, torch and megatron, are imported only when a target
-module is.
+original objects. A wrapper on another module of the stack (its set-up, its training step) goes on when that module
+has finished executing, which may be after the checkpointing module it imports. ``BRIDGE_RNG_PATCH_DISABLE``
+switches every patch off (1) or those it names (NAME[,NAME]). Nothing heavy is imported here: the patch modules, and
+with them wrapt, torch and megatron, are imported only when a target module is.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from bridge_rng_patch.decision import (
     UNDONE,
     Decision,
     Plan,
+    Wrapping,
     disabled_patches,
     report,
 )
-from bridge_rng_patch.loops import LAYOUT_LOAD, LOOPS, SAVE_SHARDING, TRACKER_RESTORE, TrainingLoop
+from bridge_rng_patch.loops import DATA_INIT_CALLBACKS, LAYOUT_LOAD, LOOPS, SAVE_SHARDING, TRACKER_RESTORE, TrainingLoop
 
-RESUME_AUDIT = "resume_audit"
+KEEP_RESTORED, RESUME_AUDIT = "keep_restored", "resume_audit"
 # name -> what it does; each name is also the module that holds the patch (its ``plan(stack, context)``): one per
 # upstream fix, then the resume audit, which checks across ranks what they restored. Applied in this order, each
 # wrapping what those before it left, and undone in the reverse one; a wrapper that must see a call before another
@@ -41,10 +43,25 @@ PATCHES = {
     SAVE_SHARDING: "get_rng_state saves every DP rank's RNG state, in the release's own layout, when EP > 1",
     TRACKER_RESTORE: "the RNG restore converts tracker states to the form the tracker in use keeps",
     LAYOUT_LOAD: "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
-    RESUME_AUDIT: "after a resume, rank 0 logs whether every rank holds the RNG state it should",
+    DATA_INIT_CALLBACKS: "data-init callbacks fired after the load leave every RNG source as they found it",
+    KEEP_RESTORED: "after a resume, building the data iterators (and re-seeds around them) leaves the restored state",
+    RESUME_AUDIT: "after a resume, and again at its first training step, rank 0 logs whether every rank holds the RNG "
+    "state it should",
 }
 _ORDER = {name: position for position, name in enumerate(PATCHES)}
 _LOOPS_BY_MODULE = {loop.module: loop for loop in LOOPS}
+# Every module a wrapper may go on besides the checkpointing modules: watched from the start, because a stack's set-up
+# module imports its checkpointing module while it executes, before its own functions exist.
+_OTHER_MODULES = frozenset(
+    target.module
+    for loop in LOOPS
+    for target in (
+        *loop.before_first_step.keeps_restored,
+        loop.before_first_step.first_step,
+        loop.before_first_step.data_init_callbacks,
+    )
+    if target is not None
+)
 
 
 class PatchStatus(NamedTuple):
@@ -63,6 +80,8 @@ def _waiting_for(loop: TrainingLoop) -> Decision:
 _lock = threading.RLock()
 _states: dict[tuple[str, str], Decision] = {(loop.name, name): _waiting_for(loop) for loop in LOOPS for name in PATCHES}
 _originals: dict[tuple[str, str], list[Any]] = {}
+# module name -> (loop, patch) and the wrapping that goes on when the module has finished executing.
+_waiting: dict[str, list[tuple[tuple[str, str], Wrapping]]] = {}
 _versions: dict[str, str] = {}
 _switched_off = False
 
@@ -76,14 +95,13 @@ class _PostImportHook:
     """
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        loop = _LOOPS_BY_MODULE.get(fullname)
-        if loop is None:
+        if fullname not in _LOOPS_BY_MODULE and fullname not in _OTHER_MODULES:
             return None
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
             spec = None if finder is self or find_spec is None else find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, loop)
+                spec.loader = _PatchingLoader(spec.loader)
                 return spec
         return None
 
@@ -92,9 +110,8 @@ class _PatchingLoader:
     """The loader found for one stack's module, wrapped: it executes the module, then patches it. The found loader
     is never edited: one loader may serve many modules (a zipimporter serves every module of its archive)."""
 
-    def __init__(self, loader: Any, loop: TrainingLoop) -> None:
+    def __init__(self, loader: Any) -> None:
         self._loader = loader
-        self._loop = loop
 
     def create_module(self, spec: Any) -> Any:
         create_module = getattr(self._loader, "create_module", None)
@@ -107,7 +124,7 @@ class _PatchingLoader:
         if getattr(getattr(module, "__spec__", None), "loader", None) is self:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        _on_checkpointing_imported(self._loop, module)
+        _on_module_imported(module)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
@@ -154,6 +171,8 @@ def undo() -> tuple[PatchStatus, ...]:
         for loop in LOOPS:
             for name in reversed(PATCHES):
                 key = (loop.name, name)
+                for waiting in _waiting.values():
+                    waiting[:] = [(waiting_key, wrapping) for waiting_key, wrapping in waiting if waiting_key != key]
                 originals = _originals.pop(key, None)
                 if originals is not None:
                     for saved in reversed(originals):
@@ -188,9 +207,45 @@ def loop_installed(loop: TrainingLoop) -> bool:
         return False
 
 
+def _on_module_imported(module: ModuleType) -> None:
+    loop = _LOOPS_BY_MODULE.get(module.__name__)
+    if loop is not None:
+        _on_checkpointing_imported(loop, module)
+    with _lock:
+        for key, wrapping in _waiting.pop(module.__name__, []):
+            _wrap_elsewhere(key, module, wrapping)
+
+
 def _on_checkpointing_imported(loop: TrainingLoop, checkpointing: ModuleType) -> None:
     if not _switched_off:
         _apply_all(loop, checkpointing)
+
+
+def _executed(name: str) -> ModuleType | None:
+    """The module ``name`` once it has finished executing; None before (or while) it does."""
+    module = sys.modules.get(name)
+    if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
+
+
+def _wrap_elsewhere(key: tuple[str, str], module: ModuleType, wrapping: Wrapping) -> None:
+    """Put a wrapper on another module of the stack; a function this release does not have there is left, said once."""
+    from bridge_rng_patch import targets
+
+    try:
+        targets.lookup(module, wrapping.path)
+    except AttributeError:
+        report(f"{key[0]} {key[1]}: {module.__name__} has no {wrapping.path} in this release; nothing to wrap there")
+        return
+    saved = targets.save(module, wrapping.path)
+    try:
+        targets.wrap(module, wrapping.path, wrapping.wrapper)
+    except Exception as error:  # the module stays as it was; the patch's other wrappers stay on
+        saved.put_back()
+        report(f"{key[0]} {key[1]}: wrapping {module.__name__}.{wrapping.path} failed, left untouched: {error!r}")
+        return
+    _originals.setdefault(key, []).append(saved)
 
 
 def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
@@ -231,13 +286,21 @@ def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> D
     originals = []
     try:
         for wrapping in plan.wrappings:
-            originals.append(targets.save(checkpointing, wrapping.path))
-            targets.wrap(checkpointing, wrapping.path, wrapping.wrapper)
+            if wrapping.module is None:
+                originals.append(targets.save(checkpointing, wrapping.path))
+                targets.wrap(checkpointing, wrapping.path, wrapping.wrapper)
     except Exception as error:
         for saved in reversed(originals):
             saved.put_back()
         return Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
     _originals[key] = originals
+    for wrapping in plan.wrappings:
+        if wrapping.module is not None:
+            elsewhere = _executed(wrapping.module)
+            if elsewhere is None:
+                _waiting.setdefault(wrapping.module, []).append((key, wrapping))
+            else:
+                _wrap_elsewhere(key, elsewhere, wrapping)
     return plan.decision
 
 
