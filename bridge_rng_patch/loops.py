@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 SAVE_SHARDING, TRACKER_RESTORE, LAYOUT_LOAD = "save_sharding", "tracker_restore", "layout_load"
+# Upstream's fix of the data-init callbacks is decided from the set-up's code alone: no release has it.
+DATA_INIT_CALLBACKS = "data_init_callbacks"
 
 
 class FixedIn(NamedTuple):
@@ -52,6 +54,31 @@ class OnDisk(NamedTuple):
     model_dir: str | None = None
 
 
+class Elsewhere(NamedTuple):
+    """A function of another module of the stack than its checkpointing module (its set-up, its training step),
+    by the module's name and its attribute path there."""
+
+    module: str
+    path: str
+
+
+class BeforeFirstStep(NamedTuple):
+    """What a stack runs between its restore and its first training step, and that step.
+
+    ``keeps_restored`` are the functions that draw from or re-seed the RNG sources on the way (the data iterators'
+    builders, a re-seed around a second iterator), which after a resume must leave every source as the restore left
+    it; ``data_init_callbacks`` is where the stack fires user callbacks before its data is built, and
+    ``preserves_callbacks`` the helper a release that already keeps the RNG state over them has there (upstream
+    Megatron-Bridge #5255), in the module ``callbacks_fired_in``; ``first_step`` is the training step.
+    """
+
+    keeps_restored: tuple[Elsewhere, ...]
+    first_step: Elsewhere | None
+    data_init_callbacks: Elsewhere | None = None
+    callbacks_fired_in: str | None = None
+    preserves_callbacks: str | None = None
+
+
 class Seeding(NamedTuple):
     """How far apart a stack's own seeding puts each rank's seed, before megatron-core's tracker adds its own
     offsets (``2718 + tp`` for the model-parallel stream, ``1024 + 100 * ep + etp`` for the expert one):
@@ -76,6 +103,7 @@ class TrainingLoop(NamedTuple):
     checkpoint without its RNG state, the remedy its messages give. ``optional_sources`` are keys of an RNG entry
     the stack may leave out (verl saves the device generator only where the process has a device).
     ``distribution`` states the release number. ``on_disk`` is how its saves look to the inspector.
+    ``before_first_step`` is what it runs between the restore and its first training step.
     """
 
     name: str
@@ -93,6 +121,7 @@ class TrainingLoop(NamedTuple):
     skip_rng_load: str
     fixed_in: dict[str, FixedIn]
     on_disk: OnDisk
+    before_first_step: BeforeFirstStep = BeforeFirstStep((), None)
     optional_sources: frozenset[str] = frozenset()
 
 
@@ -122,6 +151,14 @@ BRIDGE = TrainingLoop(
         LAYOUT_LOAD: FixedIn("0.7.0"),
     },
     on_disk=OnDisk(run_config="run_config.yaml"),
+    # ``setup()`` loads the checkpoint, fires ``on_data_init_start`` (0.5.0 and later), then builds the iterators.
+    before_first_step=BeforeFirstStep(
+        keeps_restored=(Elsewhere("megatron.bridge.training.setup", "setup_data_iterators"),),
+        first_step=Elsewhere("megatron.bridge.training.train", "train_step"),
+        data_init_callbacks=Elsewhere("megatron.bridge.training.callbacks", "CallbackManager.fire"),
+        callbacks_fired_in="megatron.bridge.training.setup",
+        preserves_callbacks="_preserve_rng_state",
+    ),
 )
 # Megatron-LM's own loop (``megatron.training``), from the megatron-core wheels or a source tree.
 MEGATRON_LM = TrainingLoop(
@@ -144,6 +181,11 @@ MEGATRON_LM = TrainingLoop(
         LAYOUT_LOAD: FixedIn("0.20.0"),
     },
     on_disk=OnDisk(),
+    # ``pretrain()`` loads in ``setup_model_and_optimizer``, then builds the iterators.
+    before_first_step=BeforeFirstStep(
+        keeps_restored=(Elsewhere("megatron.training.training", "build_train_valid_test_data_iterators"),),
+        first_step=Elsewhere("megatron.training.training", "train_step"),
+    ),
 )
 # verl's Megatron checkpoint manager: the RNG state is a method of the manager, loaded from a dist-checkpoint of its
 # own through verl's ``load_dist_checkpointing`` and restored by ``load_rng_states``; verl seeds every rank alike.
@@ -205,5 +247,15 @@ MS_SWIFT = TrainingLoop(
         LAYOUT_LOAD: FixedIn("4.7.0"),
     },
     on_disk=OnDisk(args_mark="mcore_model"),
+    # The trainer loads in its constructor; ``train()`` sets GRPO's and GKD's resampling iterator up between two
+    # re-seeds (``seed + 1``, then ``seed``), then builds the iterators.
+    before_first_step=BeforeFirstStep(
+        keeps_restored=(
+            Elsewhere("swift.megatron.trainers.base", "BaseMegatronTrainer._prepare_data_iterator"),
+            Elsewhere("swift.megatron.trainers.grpo_trainer", "MegatronGRPOTrainer._init_resample_data_iterator"),
+            Elsewhere("swift.megatron.trainers.gkd_trainer", "MegatronGKDTrainer._init_resample_data_iterator"),
+        ),
+        first_step=Elsewhere("swift.megatron.trainers.base", "BaseMegatronTrainer.train_step"),
+    ),
 )
 LOOPS = (BRIDGE, MEGATRON_LM, VERL, MS_SWIFT)

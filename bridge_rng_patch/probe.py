@@ -150,6 +150,17 @@ def source_of(function: Callable) -> str | None:
         return None
 
 
+def module_source(name: str) -> str | None:
+    """The source of module ``name``, found and read without importing it: a module that imports the checkpointing
+    module is still executing when the patches decide, so its functions may not exist yet. None where it is not
+    installed or has no source file."""
+    try:
+        spec = importlib.util.find_spec(name)
+        return None if spec is None or not spec.has_location else Path(spec.origin).read_text()
+    except (ImportError, ValueError, OSError, UnicodeDecodeError):
+        return None
+
+
 # The arguments that name the process groups the save wrapper sizes EP and DP by: Bridge's ``pg_collection``
 # (later main and the fixed releases), Megatron-LM's ``dp_cp_group`` (0.19). Without them, mpu globals.
 _GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")

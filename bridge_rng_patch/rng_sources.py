@@ -8,10 +8,11 @@ with what it was handed and with every other rank's at a few bytes per source.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,42 @@ def current_rng_state(with_device: bool = True) -> dict[str, Any]:
     if with_device:
         state["cuda_rng_state"] = torch.cuda.get_rng_state()
     return state
+
+
+@contextlib.contextmanager
+def every_source_kept() -> Iterator[None]:
+    """Leave every RNG source as it was before the block, whatever the block draws or seeds: the restored state
+    stays for the first training step. A graph-safe tracker keeps its states in generators, which its
+    ``get_states`` hands out as they are: their states are copied, and put back into the same generators."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    device = _device_state()
+    streams = {name: _copy(state) for name, state in tracker.get_states().items()}
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if device is not None:
+            torch.cuda.set_rng_state(device)
+        live = tracker.get_states()
+        for name, state in streams.items():
+            if isinstance(live.get(name), torch.Generator):
+                live[name].set_state(state)
+                streams[name] = live[name]
+        tracker.set_states(streams)
+
+
+def _device_state() -> Any:
+    try:
+        return torch.cuda.get_rng_state()
+    except (RuntimeError, AssertionError):  # no device generator in this process
+        return None
+
+
+def _copy(state: Any) -> Any:
+    return state.get_state() if isinstance(state, torch.Generator) else state.clone()
 
 
 def fingerprint(entry: Mapping[str, Any]) -> dict[str, str]:
