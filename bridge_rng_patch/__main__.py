@@ -72,13 +72,14 @@ def status_command(quiet: bool) -> int:
     versions = ", ".join(f"{name} {version}" for name, version in statuses[0].versions.items())
     print(f"bridge_rng_patch {bridge_rng_patch.__version__}; found {versions}")
     checked = []
+    width = max(len(patch.name) for patch in statuses)
     for loop in LOOPS:
         if unimportable[loop.name] is not None:
             print(f"{loop.name}: {unimportable[loop.name]}: nothing to patch")
             continue
         print(f"{loop.name} ({loop.module}):")
         for patch in (patch for patch in statuses if patch.loop == loop.name):
-            print(f"{patch.name:<16} {patch.state:<11} {patch.summary}\n{'':<29}why: {patch.reason}")
+            print(f"{patch.name:<{width}} {patch.state:<11} {patch.summary}\n{'':<{width + 13}}why: {patch.reason}")
             checked.append(patch)
     if not checked:
         return EXIT_NOT_CHECKED

@@ -9,6 +9,11 @@ the loop's restore function, which every rank enters and leaves together), gathe
 never fails a job: an error in it is logged once and swallowed. ``BRIDGE_RNG_PATCH_AUDIT=0`` switches it off. A loop
 the package does not patch calls ``audit_restored_rng()`` after its own load, on every rank, for the same line.
 
+Its second half runs at the first training step after the resume: each rank compares what it holds with what the
+restore left it (what the loop did in between, building data iterators, firing callbacks, re-seeding, may have moved
+it), in one more small collective, and rank 0 logs one line, a WARNING naming each source that moved. Every later
+step finds nothing to compare and pays one attribute read. A loop not patched calls ``check_first_step(audit)``.
+
 "Seeded apart" is Megatron's own seeding (``_set_random_seed``, ``model_parallel_cuda_manual_seed``): every source
 gets ``seed + 100 * pp`` (``+ 10 * dp`` with ``data_parallel_random_init``), the model-parallel stream ``2718 + tp``
 more, the expert-parallel stream ``1024 + 100 * ep + etp`` more. Ranks whose offsets differ must hold distinct
@@ -64,7 +69,8 @@ class Collapse(NamedTuple):
 
 @dataclass
 class ResumeAudit:
-    """What the audit found across the job; the same on every rank."""
+    """What the audit found across the job, the same on every rank, and what this rank held when audited
+    (``held_here``, what its first step is compared with)."""
 
     ranks: int
     by_kind: dict[str, list[int]] = field(default_factory=dict)
@@ -72,6 +78,7 @@ class ResumeAudit:
     unaudited: dict[int, str] = field(default_factory=dict)
     collapsed: list[Collapse] = field(default_factory=list)
     line: str = ""
+    held_here: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -90,15 +97,12 @@ def audit_restored_rng(
     Rank 0 logs one line, a WARNING where a stream collapsed; every rank gets the same result, or None where the
     audit is switched off or could not run (said once in the log).
     """
-    return _audit(None, data_parallel_random_init, seeding, skip_rng_load)
-
-
-def _audit(
-    handed: Handed | None, data_parallel_random_init: bool, seeding: Seeding, skip_rng_load: str, where: str = ""
-) -> ResumeAudit | None:
     if switched_off(AUDIT_ENV):
         return None
-    own = _this_rank(handed, data_parallel_random_init)
+    return _audit(_this_rank(None, data_parallel_random_init), seeding, skip_rng_load)
+
+
+def _audit(own: RankAudit, seeding: Seeding, skip_rng_load: str, where: str = "") -> ResumeAudit | None:
     try:
         import torch.distributed as distributed
 
@@ -107,6 +111,7 @@ def _audit(
             everyone = [None] * distributed.get_world_size()
             distributed.all_gather_object(everyone, own)
         result = judge([RankAudit(*entry) for entry in everyone], seeding, where, skip_rng_load)
+        result.held_here = own.digests
     except Exception as error:
         _warn_once(f"RNG resume audit could not run on rank {own.rank} ({error!r}); the resume itself is unaffected")
         return None
@@ -276,14 +281,115 @@ class AuditAfterRestore:
         where = f"checkpoint {context.checkpoint_dir}" if context.checkpoint_dir else "the resume"
         if context.rng_requested:
             handed = context.handed
-            random_init = handed is not None and handed.data_parallel_random_init
-            _audit(handed, random_init, self._seeding, self._skip_rng_load, where)
+            own = _this_rank(handed, handed is not None and handed.data_parallel_random_init)
+            _audit(own, self._seeding, self._skip_rng_load, where)
+            context.note_restored(own.digests)
         elif context.loads:
             report(
                 f"RNG resume audit of {where}: the loop restored no RNG state (load_rng off, finetune, a TP or PP "
                 "change, or a release checkpoint); nothing to audit"
             )
         return result
+
+
+class FirstStep(NamedTuple):
+    """What the first-step check found across the job, the same on every rank: the sources that moved since the
+    restore, with the ranks they moved on, and the ranks that could not be checked."""
+
+    ranks: int
+    moved: dict[tuple[str, ...], list[int]]
+    unchecked: list[int]
+    line: str
+
+    @property
+    def passed(self) -> bool:
+        return not (self.moved or self.unchecked)
+
+
+def check_first_step(audit: ResumeAudit | None) -> FirstStep | None:
+    """At the first training step after a resume, on every rank: compare what this rank holds with what it held when
+    ``audit_restored_rng()`` returned ``audit``. Rank 0 logs one line, a WARNING naming each source that moved;
+    None where the audit was switched off or this check could not run (said once in the log)."""
+    if audit is None or switched_off(AUDIT_ENV):
+        return None
+    return _check_first_step(audit.held_here)
+
+
+def _check_first_step(held_after_restore: dict[str, str]) -> FirstStep | None:
+    rank = global_rank()
+    try:
+        holds = _live_fingerprint() if held_after_restore else {}
+        moved = tuple(sorted(name for name, digest in held_after_restore.items() if holds.get(name) != digest))
+    except Exception:
+        holds, moved = {}, ()
+    try:
+        import torch.distributed as distributed
+
+        everyone = [(rank, moved, bool(holds))]
+        if distributed.is_initialized():
+            everyone = [None] * distributed.get_world_size()
+            distributed.all_gather_object(everyone, (rank, moved, bool(holds)))
+        result = judge_first_step(everyone)
+    except Exception as error:
+        _warn_once(f"RNG first-step check could not run on rank {rank} ({error!r}); training is unaffected")
+        return None
+    report(result.line, logging.INFO if result.passed else logging.WARNING)
+    return result
+
+
+_TORCH_ALONE = (
+    "torch's CPU generator alone: a DataLoader iterated after the load (without a generator of its own) drew its "
+    "base seed from it"
+)
+_EVERY_SOURCE = "every source: a re-seed, or a callback that draws, after the load"
+_SOME_SOURCES = "drawn from between the restore and the first step"
+
+
+def judge_first_step(ranks: Sequence[tuple[int, tuple[str, ...], bool]]) -> FirstStep:
+    """The first-step check's verdict and its line, from every rank's (rank, sources moved, whether it was checked)."""
+    moved: dict[tuple[str, ...], list[int]] = {}
+    unchecked = [rank for rank, _, checked in ranks if not checked]
+    for rank, sources, checked in ranks:
+        if checked and sources:
+            moved.setdefault(tuple(sources), []).append(rank)
+    head = f"RNG first-step check, {len(ranks)} rank{'s' * (len(ranks) != 1)}: "
+    parts = []
+    if unchecked:
+        parts.append(f"{_ranks(unchecked)} could not be checked (no RNG state read after the restore)")
+    if not moved:
+        checked = len(ranks) - len(unchecked)
+        parts.insert(0, f"{checked} started the first step with the RNG state the restore left them, every source")
+        return FirstStep(len(ranks), moved, unchecked, head + "; ".join(parts))
+    for sources, holders in moved.items():
+        parts.append(f"{', '.join(sources)} moved on {_ranks(holders)} ({_likely_cause(sources)})")
+    parts.append(
+        "the run does not continue where the uninterrupted run would have (see bridge_rng_patch's README, "
+        "'Where bit-exact holds')"
+    )
+    return FirstStep(len(ranks), moved, unchecked, head + "MOVED since the restore: " + "; ".join(parts))
+
+
+def _likely_cause(sources: tuple[str, ...]) -> str:
+    if sources == ("torch",):
+        return _TORCH_ALONE
+    if {"python", "numpy", "torch"} <= set(sources):
+        return _EVERY_SOURCE
+    return _SOME_SOURCES
+
+
+class CheckingFirstStep:
+    """The training step's wrapper: the first call after a resume that restored RNG state checks the state first;
+    every other call goes straight through."""
+
+    def __init__(self, context: ResumeContext) -> None:
+        self._context = context
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if self._context.held_after_restore is not None:
+            held = self._context.take_restored()
+            if not switched_off(AUDIT_ENV):
+                _check_first_step(held or {})
+        return wrapped(*args, **kwargs)
 
 
 class NotingLoads:
@@ -331,4 +437,8 @@ def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
     outside = frozenset({LAYOUT_LOAD})
     notes = (Wrapping(load.path, NotingLoads(load, stack, context), outside) for load in stack.loads)
     audit = AuditAfterRestore(loop.seeding, loop.skip_rng_load, context)
-    return Plan(decision, (*notes, Wrapping(loop.resume_function, audit)))
+    first_step = loop.before_first_step.first_step
+    checks = []
+    if first_step is not None:
+        checks.append(Wrapping(first_step.path, CheckingFirstStep(context), module=first_step.module))
+    return Plan(decision, (*notes, Wrapping(loop.resume_function, audit), *checks))

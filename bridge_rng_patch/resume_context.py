@@ -29,14 +29,16 @@ class Handed:
 @dataclass
 class ResumeContext:
     """One stack's resume under way, as this rank's package saw it: the loads of a checkpoint, whether one asked for
-    RNG state, where from, what the restore was handed (None where the package's load did not hand it), and how many
-    resume functions are running. The same on every rank but ``handed``."""
+    RNG state, where from, what the restore was handed (None where the package's load did not hand it), how many
+    resume functions are running, and what the rank held after the restore until its first step compares with it.
+    The same on every rank but ``handed`` and ``held_after_restore``."""
 
     loads: int = 0
     rng_requested: bool = False
     checkpoint_dir: str | None = None
     handed: Handed | None = None
     loads_under_way: int = 0
+    held_after_restore: dict[str, str] | None = None
 
     def begin(self) -> None:
         """A resume starts: nothing of an earlier one counts."""
@@ -60,3 +62,13 @@ class ResumeContext:
 
     def note_handed(self, kind: str, entry: Mapping[str, Any], data_parallel_random_init: bool) -> None:
         self.handed = Handed(kind, entry, data_parallel_random_init)
+
+    def note_restored(self, digests: dict[str, str]) -> None:
+        """What this rank held right after a resume restored RNG state (empty: it could not be read), for the check
+        at the first training step; set on every rank, so that every rank joins that check."""
+        self.held_after_restore = digests
+
+    def take_restored(self) -> dict[str, str] | None:
+        """What the first step compares with, once: every later step finds None and pays nothing."""
+        held, self.held_after_restore = self.held_after_restore, None
+        return held
