@@ -14,7 +14,14 @@ RUNNER = RELEASES["bridge-0.2.0rc6"]
 TARGETS = (
     "('get_rng_state', '_load_checkpoint_from_path', '_load_global_dist_base_checkpoint', '_load_base_checkpoint')"
 )
-PATCH_NAMES = ("save_sharding", "tracker_restore", "layout_load", "resume_audit")
+PATCH_NAMES = (
+    "save_sharding",
+    "tracker_restore",
+    "layout_load",
+    "data_init_callbacks",
+    "keep_restored",
+    "resume_audit",
+)
 # Prints the patch states and, per patched attribute of Bridge's checkpointing module, whether it is wrapped.
 PRINT_STATES_AND_WRAPPED = f"""
 import json
@@ -23,6 +30,13 @@ print(json.dumps({{
     "wrapped": [hasattr(getattr(checkpointing, name), "__wrapped__") for name in {TARGETS}],
 }}))
 """
+
+
+# Bridge 0.2.0rc6's decisions, in PATCHES order: it fires no data-init callbacks (they came in 0.5.0).
+OLD_BRIDGE_STATES = ["applied", "applied", "applied", "not needed", "applied", "applied"]
+APPLIED_ON_OLD_BRIDGE = tuple(
+    name for name, state in zip(PATCH_NAMES, OLD_BRIDGE_STATES, strict=True) if state == "applied"
+)
 
 
 def _result(process) -> dict:
@@ -42,7 +56,7 @@ def test_importing_the_package_imports_neither_torch_nor_megatron():
             """,
         )
     )
-    assert result == {"heavy": [], "states": ["pending"] * 16}  # every stack's patches wait for their imports
+    assert result == {"heavy": [], "states": ["pending"] * 24}  # every stack's patches wait for their imports
 
 
 @pytest.mark.parametrize("order", ["package first", "bridge first"])
@@ -56,7 +70,7 @@ def test_patches_apply_whichever_is_imported_first(order):
             "\n".join(imports) + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["applied"] * 4, "wrapped": [True] * 4}
+    assert result == {"states": OLD_BRIDGE_STATES, "wrapped": [True] * 4}
 
 
 def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
@@ -97,7 +111,7 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         "load_inner_is_plain_function": "function",
         "tensor_parallel_outside_loads_is_megatron_cores": True,
     }
-    for patch in PATCH_NAMES:
+    for patch in APPLIED_ON_OLD_BRIDGE:
         assert process.stderr.count(f"{patch}: applied") == 1
 
 
@@ -110,7 +124,7 @@ def test_disable_environment_variable_leaves_bridge_untouched():
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": "1"},
         )
     )
-    assert result == {"states": ["disabled"] * 4, "wrapped": [False] * 4}
+    assert result == {"states": ["disabled"] * 6, "wrapped": [False] * 4}
 
 
 def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
@@ -135,8 +149,8 @@ def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
     assert result == {
         "patched": [True] * 4,
         "restored": [True] * 4,
-        "undone": ["undone"] * 4,
-        "reapplied": ["applied"] * 4,
+        "undone": ["undone", "undone", "undone", "not needed", "undone", "undone"],
+        "reapplied": OLD_BRIDGE_STATES,
     }
 
 
@@ -148,7 +162,7 @@ def test_undo_before_bridge_is_imported_keeps_it_unpatched():
             "import megatron.bridge.training.checkpointing as checkpointing" + PRINT_STATES_AND_WRAPPED,
         )
     )
-    assert result == {"states": ["undone"] * 4, "wrapped": [False] * 4}
+    assert result == {"states": ["undone"] * 6, "wrapped": [False] * 4}
 
 
 def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
@@ -170,7 +184,8 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         }))
         """,
     )
-    assert _result(process) == {"states": ["refused"] * 4, "untouched": True}
+    refused = ["refused", "refused", "refused", "not needed", "refused", "refused"]
+    assert _result(process) == {"states": refused, "untouched": True}
     refusals = [line for line in process.stderr.splitlines() if "refused" in line]
     assert refusals == [
         "bridge_rng_patch: Megatron-Bridge save_sharding: refused: unknown signature get_rng_state(seed, layout)",
@@ -178,6 +193,8 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
         "_load_checkpoint_from_path, tensor_parallel",
         "bridge_rng_patch: Megatron-Bridge layout_load: refused: megatron.bridge.training.checkpointing lacks "
         "_load_global_dist_base_checkpoint, get_checkpoint_name",
+        "bridge_rng_patch: Megatron-Bridge keep_restored: refused: megatron.bridge.training.checkpointing lacks "
+        "_load_checkpoint_from_path, _load_global_dist_base_checkpoint",
         "bridge_rng_patch: Megatron-Bridge resume_audit: refused: megatron.bridge.training.checkpointing lacks "
         "_load_checkpoint_from_path, _load_global_dist_base_checkpoint",
     ]
@@ -186,8 +203,8 @@ def test_unknown_code_is_refused_with_one_log_line_and_left_untouched():
 @pytest.mark.parametrize(
     ("release", "expected"),
     [
-        ("bridge-0.2.0rc6", ["applied", "applied", "applied", "applied"]),
-        ("bridge-0.3.1", ["applied", "not needed", "applied", "applied"]),
+        ("bridge-0.2.0rc6", OLD_BRIDGE_STATES),
+        ("bridge-0.3.1", ["applied", "not needed", "applied", "not needed", "applied", "applied"]),
     ],
 )
 def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected):
@@ -196,8 +213,9 @@ def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected)
     assert f"megatron-bridge {release.removeprefix('bridge-')}" in lines[0]
     rows = [line for line in lines if line.startswith(PATCH_NAMES)]
     assert [row.split()[0] for row in rows] == list(PATCH_NAMES)
-    assert [row[17:28].strip() for row in rows] == expected
-    assert sum(line.strip().startswith("why: ") for line in lines) == 4
+    width = max(map(len, PATCH_NAMES))
+    assert [row[width + 1 : width + 12].strip() for row in rows] == expected
+    assert sum(line.strip().startswith("why: ") for line in lines) == len(PATCH_NAMES)
     # megatron-core before 0.17 ships no megatron.training: one line, and nothing else changes.
     assert lines[-3:] == [
         "Megatron-LM: megatron.training is not installed here: nothing to patch",
@@ -273,6 +291,15 @@ def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path)
             "upstream RNG restore already converts tracker states for the tracker in use",
         ],
         "layout_load": ["not needed", "upstream's load already asks for the RNG layout the checkpoint stores"],
+        "data_init_callbacks": [
+            "not needed",
+            "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
+        ],
+        "keep_restored": [
+            "applied",
+            "after a resume that restored RNG state, every source is put back after "
+            "megatron.bridge.training.setup.setup_data_iterators",
+        ],
         "resume_audit": [
             "applied",
             "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
@@ -341,6 +368,15 @@ def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
             "the source of _load_checkpoint_from_path is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
         ],
         "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks the fix"],
+        "data_init_callbacks": [
+            "not needed",
+            "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
+        ],
+        "keep_restored": [
+            "applied",
+            "after a resume that restored RNG state, every source is put back after "
+            "megatron.bridge.training.setup.setup_data_iterators",
+        ],
         "resume_audit": [
             "applied",
             "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
@@ -400,7 +436,7 @@ def test_a_stack_imported_from_a_zip_archive_gets_its_module_patched_and_no_othe
         """,
     )
     assert _result(process) == {
-        "states": ["applied"] * 4,
+        "states": ["applied", "applied", "applied", "not needed", "applied", "applied"],
         "loaded_by_the_zip_importer": True,
         "same_loader_for_the_sibling": True,
         "loader_edited": False,
@@ -419,15 +455,16 @@ def test_disable_names_single_patches_and_the_status_says_so():
     )
     assert process.returncode == 0, process.stderr[-4000:]
     reasons = json.loads(process.stdout.splitlines()[-2])
-    assert reasons[2:] == ["BRIDGE_RNG_PATCH_DISABLE names it"] * 2
+    assert reasons[2] == reasons[5] == "BRIDGE_RNG_PATCH_DISABLE names it"
     # get_rng_state and the restore are wrapped; neither load is.
     assert _result(process) == {
-        "states": ["applied", "applied", "disabled", "disabled"],
+        "states": ["applied", "applied", "disabled", "not needed", "applied", "disabled"],
         "wrapped": [True, True, False, False],
     }
     assert (
         "bridge_rng_patch: BRIDGE_RNG_PATCH_DISABLE names 'no_such_patch', which is no patch of bridge_rng_patch "
-        "(save_sharding, tracker_restore, layout_load, resume_audit)" in process.stderr.splitlines()
+        "(save_sharding, tracker_restore, layout_load, data_init_callbacks, keep_restored, resume_audit)"
+        in process.stderr.splitlines()
     )
 
 
@@ -441,7 +478,7 @@ def test_disable_set_to_off_disables_nothing(value):
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": value},
         )
     )
-    assert result == {"states": ["applied"] * 4, "wrapped": [True] * 4}
+    assert result == {"states": OLD_BRIDGE_STATES, "wrapped": [True] * 4}
 
 
 def test_a_wrapper_that_must_see_a_call_first_is_refused_where_the_order_would_put_it_inside():

@@ -38,6 +38,16 @@ import {module} as checkpointing
 targets = ("get_rng_state", "{restore_function}", "_load_global_dist_base_checkpoint")
 originals = {{name: getattr(checkpointing, name) for name in targets}}
 import bridge_rng_patch
+import importlib
+elsewhere = {{}}
+for module_name, path in {elsewhere}:
+    try:
+        function = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        continue
+    for part in path.split("."):
+        function = getattr(function, part)
+    elsewhere[f"{{module_name}}.{{path}}"] = wrappers(function)
 print(json.dumps({{
     "states": {{s.name: s.state for s in bridge_rng_patch.status("{name}")}},
     "reasons": {{s.name: s.reason for s in bridge_rng_patch.status("{name}")}},
@@ -45,6 +55,7 @@ print(json.dumps({{
     "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
     "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
     "restore_wrappers": wrappers(getattr(checkpointing, "{restore_function}")),
+    "elsewhere": elsewhere,
 }}))
 """
 # The wrappers around a function, outermost first (wrapt keeps each wrapper as ``_self_wrapper``).
@@ -52,7 +63,8 @@ WRAPPERS = """
 def wrappers(function):
     found = []
     while hasattr(function, "_self_wrapper"):
-        found.append(type(function._self_wrapper).__name__)
+        wrapper = function._self_wrapper
+        found.append(getattr(wrapper, "__name__", type(wrapper).__name__))
         function = function.__wrapped__
     return found
 """
@@ -62,7 +74,21 @@ ALL_APPLIED = {
     "save_sharding": "applied",
     "tracker_restore": "applied",
     "layout_load": "applied",
+    "data_init_callbacks": "not needed",
+    "keep_restored": "applied",
     "resume_audit": "applied",
+}
+# Bridge 0.5.0 and later fire on_data_init_start after the load, without keeping the RNG state over it.
+WITH_DATA_INIT_CALLBACKS = Version("0.5.0")
+# Between the restore and the first step: what each function of the set-up and the step carries, outermost first.
+BRIDGE_ELSEWHERE = {
+    "megatron.bridge.training.setup.setup_data_iterators": ["KeepingRestored"],
+    "megatron.bridge.training.train.train_step": ["CheckingFirstStep"],
+}
+CALLBACKS_FIRE = "megatron.bridge.training.callbacks.CallbackManager.fire"
+MEGATRON_LM_ELSEWHERE = {
+    "megatron.training.training.build_train_valid_test_data_iterators": ["KeepingRestored"],
+    "megatron.training.training.train_step": ["CheckingFirstStep"],
 }
 # The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
 FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}
@@ -72,7 +98,16 @@ AUDITED_AND_CONVERTING = ["AuditAfterRestore", "ConvertingTrackerWhileLoading", 
 
 def _decide(release) -> dict:
     loop = BRIDGE if release.bridge is not None else MEGATRON_LM_LOOP
-    process = run_python(release, WRAPPERS + DECIDE.format(**loop._asdict()))
+    elsewhere = [
+        (target.module, target.path)
+        for target in (
+            *loop.before_first_step.keeps_restored,
+            loop.before_first_step.first_step,
+            loop.before_first_step.data_init_callbacks,
+        )
+        if target is not None
+    ]
+    process = run_python(release, WRAPPERS + DECIDE.format(**loop._asdict(), elsewhere=elsewhere))
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.splitlines()[-1])
 
@@ -101,15 +136,24 @@ def test_old_release_gets_all_three_patches(matrix_decisions, release):
     assert decision["states"] == ALL_APPLIED
     assert decision["untouched"] == [False, False, False]
     assert decision["restore_wrappers"] == AUDITED_AND_CONVERTING
+    assert decision["elsewhere"] == BRIDGE_ELSEWHERE
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
 
 
 @pytest.mark.parametrize("release", FIXED, ids=lambda release: release.name)
 def test_fixed_release_gets_the_stored_layout_load_and_fsdp_dtensor_entries_per_rank(matrix_decisions, release):
     decision = matrix_decisions[release.bridge]
-    assert decision["states"] == FIXED_DECISIONS
+    with_callbacks = Version(release.bridge) >= WITH_DATA_INIT_CALLBACKS
+    assert decision["states"] == {
+        **FIXED_DECISIONS,
+        "data_init_callbacks": "applied" if with_callbacks else "not needed",
+    }
     assert decision["untouched"] == [False, False, False]
     assert decision["restore_wrappers"] == ["AuditAfterRestore"]  # the restore converts already
+    # Releases before 0.5.0 may have the callback manager, but fire no on_data_init_start: it is wrapped from 0.5.0.
+    fire = decision["elsewhere"].pop(CALLBACKS_FIRE, [])
+    assert decision["elsewhere"] == BRIDGE_ELSEWHERE
+    assert fire == (["keeping_rng_over_data_init"] if with_callbacks else [])
     assert (decision["bridge_version"], decision["core_version"]) == (release.bridge, release.core)
     # Bridge #5100 (0.6.0): the fsdp_dtensor load asks for no RNG state after a TP or PP change.
     fsdp_policy = "already ignores" if release.bridge.startswith("0.6.") else "restores"
@@ -185,6 +229,7 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
     decision = megatron_lm_decisions[release.core]
     assert decision["states"] == MEGATRON_LM_DECISIONS
     assert decision["restore_wrappers"] == ["AuditAfterRestore", "MarkingResumes"]
+    assert decision["elsewhere"] == MEGATRON_LM_ELSEWHERE
     assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
     assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")
     assert decision["reasons"]["layout_load"].endswith(

@@ -1,10 +1,11 @@
 """The resume audit's verdict from every rank's contribution: what Megatron seeds apart must be apart, and each rank
 must hold what it was handed. The jobs that run it on the real loops are in test_resume.py, test_megatron_lm.py and
-test_fsdp_dtensor.py; here its judgement is specified on contributions written out by hand."""
+test_fsdp_dtensor.py; here its judgement is specified on contributions written out by hand, and the first-step
+check's (on the real loops: test_first_step.py)."""
 
 from __future__ import annotations
 
-from bridge_rng_patch.resume_audit import RankAudit, judge
+from bridge_rng_patch.resume_audit import RankAudit, judge, judge_first_step
 
 EXPERT, MODEL = "expert-parallel-rng", "model-parallel-rng"
 
@@ -51,3 +52,34 @@ def test_a_line_names_eight_ranks_and_counts_the_rest():
     line = judge(ranks).line
     assert "expert-parallel-rng of ranks 1, 3, 5, 7, 9, 11, 13, 15 and 120 more is that of ranks 0, 2, 4" in line
     assert len(line) < 1000
+
+
+def test_a_first_step_where_nothing_moved_passes_in_one_line():
+    check = judge_first_step([(rank, (), True) for rank in range(4)])
+    assert check.passed
+    assert check.line == (
+        "RNG first-step check, 4 ranks: 4 started the first step with the RNG state the restore left them, every source"
+    )
+
+
+def test_torch_alone_moved_is_put_down_to_a_data_loaders_base_seed():
+    check = judge_first_step([(rank, ("torch",), True) for rank in range(4)])
+    assert not check.passed
+    assert check.moved == {("torch",): [0, 1, 2, 3]}
+    assert "MOVED since the restore: torch moved on ranks 0, 1, 2, 3 (torch's CPU generator alone: a DataLoader" in (
+        check.line
+    )
+
+
+def test_every_source_moved_is_put_down_to_a_re_seed_or_a_callback():
+    moved = ("cuda", "numpy", "python", "torch", EXPERT)
+    check = judge_first_step([(0, moved, True), (1, (), True)])
+    assert check.moved == {moved: [0]}
+    assert "moved on rank 0 (every source: a re-seed, or a callback that draws, after the load)" in check.line
+
+
+def test_a_rank_with_nothing_read_after_its_restore_is_named_as_not_checked():
+    check = judge_first_step([(0, (), True), (1, (), False)])
+    assert not check.passed
+    assert check.unchecked == [1]
+    assert "rank 1 could not be checked" in check.line

@@ -48,6 +48,7 @@ def job_setup(spec: dict) -> dict:
         "patched": patched,
         "package_first": spec.get("package_first", True),
         "audit_call": bool(spec.get("audit_call")) and not patched,
+        "first_step": bool(spec.get("first_step")),
     }
 
 

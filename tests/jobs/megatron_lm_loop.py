@@ -39,6 +39,7 @@ def configure(spec: dict) -> Any:
         *("--save", spec["checkpoint_dir"], "--load", spec["checkpoint_dir"]),
         *("--ckpt-format", spec.get("ckpt_format", "torch_dist")),
         *("--train-iters", str(STEP), "--save-interval", str(STEP), "--seed", "1234"),
+        *("--eval-interval", str(STEP), "--eval-iters", "1"),
         *("--no-save-optim", "--no-load-optim", "--no-gradient-accumulation-fusion"),
         *(("--use-megatron-fsdp",) if spec.get("ckpt_format") == "fsdp_dtensor" else ()),
         *(("--data-parallel-random-init",) if spec.get("data_parallel_random_init") else ()),
@@ -75,14 +76,22 @@ def _a_hopper_device() -> None:
 def _iteration_agreed_on_the_cpu() -> None:
     """``read_metadata`` all-reduces the iteration in a CUDA tensor (NCCL on a GPU); here it is a CPU one."""
     import torch
+
+    cpu_for_cuda_tensors(MODULE)
+    torch.cuda.empty_cache = lambda: None
+
+
+def cpu_for_cuda_tensors(module: str) -> None:
+    """The ``torch`` that ``module`` sees makes CPU tensors where it asks for CUDA ones (the flags and counts the
+    loops agree on across ranks, NCCL's on a GPU, gloo's here); nothing else of torch changes."""
+    import torch
     import wrapt
 
     class CpuForCudaTensors(wrapt.ObjectProxy):
         def tensor(self, *args: Any, device: Any = None, **kwargs: Any) -> Any:
             return self.__wrapped__.tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
-    sys.modules[MODULE].torch = CpuForCudaTensors(torch)
-    torch.cuda.empty_cache = lambda: None
+    sys.modules[module].torch = CpuForCudaTensors(torch)
 
 
 def _no_transformer_engine_version() -> None:

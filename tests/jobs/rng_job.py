@@ -49,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import first_step
 import megatron_lm_loop
 import stack_loops
 
@@ -100,6 +101,9 @@ def import_as_ordered(spec: dict) -> None:
         importlib.import_module(CHECKPOINTING_MODULES[_job_loop])
     if spec.get("patched", True):
         import bridge_rng_patch  # noqa: F401
+    if spec.get("first_step"):
+        for module in first_step.modules(_job_loop):
+            importlib.import_module(module)
 
 
 def run_ranks(spec: dict) -> None:
@@ -261,23 +265,41 @@ def _load_and_report(report: dict, state: Any, model: list, device_generator: An
         report["error"] = None
     except BaseException as error:  # the loops' own restore failure path calls sys.exit()
         report["error"] = _load_error = f"{type(error).__name__}: {error}"
-    if spec.get("audit_call"):
-        report["audit"] = _audit_called_after_the_load(spec)
+    audit = _audit_called_after_the_load(spec) if spec.get("audit_call") else None
+    if audit is not None:
+        report["audit"] = _described_audit(audit)
     report["loaded"] = rng_fingerprint(device_generator)
+    if spec.get("first_step"):
+        report.update(first_step.run_until_first_step(_job_loop, state, spec, device_generator))
+        report["at_first_step"] = rng_fingerprint(device_generator)
+        report["first_step"] = first_step.enter_first_step(_job_loop)
+        if spec.get("audit_call"):
+            report["first_step_check"] = _first_step_checked(audit)
     report["weights"] = weights_digest(model)
     report["layout_reads_from"] = layout_reads
     report["layout_reads"] = len(layout_reads)
 
 
-def _audit_called_after_the_load(spec: dict) -> dict | None:
+def _audit_called_after_the_load(spec: dict) -> Any:
     """What a loop the package does not patch gets from the two lines it adds after its load."""
     import bridge_rng_patch
 
-    audit = bridge_rng_patch.audit_restored_rng(spec.get("data_parallel_random_init", False))
-    if audit is None:
-        return None
+    return bridge_rng_patch.audit_restored_rng(spec.get("data_parallel_random_init", False))
+
+
+def _described_audit(audit: Any) -> dict:
     collapsed = {collapse.stream: [list(ranks) for ranks in collapse.ranks_by_seed] for collapse in audit.collapsed}
     return {"passed": audit.passed, "line": audit.line, "collapsed": collapsed}
+
+
+def _first_step_checked(audit: Any) -> dict | None:
+    """What a loop the package does not patch gets from the line it adds at its first step."""
+    import bridge_rng_patch
+
+    check = bridge_rng_patch.check_first_step(audit)
+    if check is None:
+        return None
+    return {"passed": check.passed, "line": check.line, "moved": {",".join(k): v for k, v in check.moved.items()}}
 
 
 def _audit_fails_here() -> None:
@@ -413,7 +435,10 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         model=model_config,
         optimizer=OptimizerConfig(),
         scheduler=SchedulerConfig(),
-        dataset=FinetuningDatasetConfig(seq_length=8),
+        # No DataLoader workers: the data iterators some jobs build need none.
+        dataset=FinetuningDatasetConfig(
+            seq_length=8, dataloader_type="single", num_workers=0, pin_memory=False, persistent_workers=False
+        ),
         logger=LoggerConfig(),
         tokenizer=TokenizerConfig(),
         checkpoint=CheckpointConfig(
