@@ -16,6 +16,9 @@ needed, then reports medians over repeated runs, as ratios where there is someth
 5. one call of ``get_rng_state`` in Megatron-LM's own loop (megatron-core 0.19.2), 4 ranks, EP 2: the package's
    share the same way, in its own jobs; and likewise verl's (0.9.1: its checkpoint manager's method) and ms-swift's
    (4.6.0: ``_get_rng_state``).
+6. a training step after the first one after a resume: the package's wrapper of ``train_step`` around a step that
+   does nothing, against that step bare (what every later step pays); and keeping every RNG source over a function
+   run between the restore and the first step (once per resume per builder).
 
 End-to-end save and load of real checkpoints: ``benchmarks/checkpoint_cost.py``.
 """
@@ -67,6 +70,34 @@ elapsed = time.perf_counter() - start
 states = [s.state for s in bridge_rng_patch.status('Megatron-Bridge')] if sys.argv[1] == 'active' else []
 print(json.dumps({'seconds': elapsed, 'states': states}))
 """
+
+
+TIME_LATER_STEPS = """
+import json, random, timeit
+import wrapt
+from bridge_rng_patch import rng_sources
+from bridge_rng_patch.resume_audit import CheckingFirstStep
+from bridge_rng_patch.resume_context import ResumeContext
+
+def step(*args):
+    return None
+
+checked = wrapt.FunctionWrapper(step, CheckingFirstStep(ResumeContext()))  # nothing pending: a step after the first
+calls = int(__import__('sys').argv[1])
+bare = [timing / calls for timing in timeit.repeat(lambda: step(1, 2, 3), number=calls, repeat=7)]
+wrapped = [timing / calls for timing in timeit.repeat(lambda: checked(1, 2, 3), number=calls, repeat=7)]
+def kept():
+    with rng_sources.every_source_kept():
+        random.random()
+keeping = [timing / 200 for timing in timeit.repeat(kept, number=200, repeat=7)]
+print(json.dumps({'bare': bare, 'wrapped': wrapped, 'keeping': keeping}))
+"""
+
+
+def later_steps(calls: int) -> dict:
+    """Microseconds per call: a step bare, through the first-step wrapper with nothing to check, and a keep."""
+    sample = _fresh_interpreter(OLD, TIME_LATER_STEPS, str(calls))
+    return {side: _microseconds(sample[side]) for side in ("bare", "wrapped", "keeping")}
 
 
 def _fresh_interpreter(env: Release, code: str, *args: str) -> dict:
@@ -187,6 +218,8 @@ def main() -> int:
                 for run in range(max(2, runs // 2))
             ]
             report[key] = _package_share(jobs)
+    print("6. a training step after the first, and keeping the restored state over a builder ...", flush=True)
+    report["later_steps"] = later_steps(calls * 100)
     print(json.dumps(report, indent=2))
     print(markdown_table(report))
     return 0
@@ -201,6 +234,7 @@ def markdown_table(report: dict) -> str:
 
     heavy = ", ".join(report["package_import"]["imported_heavy_modules"]) or "nothing heavy"
     bridge, rng, restore = report["bridge_import"], report["get_rng_state"], report["restore"]
+    later = report["later_steps"]
     low, high = bridge["no-difference band"]
     conversions = restore["conversions_per_restore"]
     return "\n".join(
@@ -230,6 +264,9 @@ def markdown_table(report: dict) -> str:
                     ("ms_swift_get_rng_state", "ms-swift 4.6.0"),
                 )
             ),
+            f"| a training step after the first (an empty step), per call | {micro(later['wrapped'])} "
+            f"| {micro(later['bare'])} | {later['wrapped']['median_us'] - later['bare']['median_us']:.2f} µs | | |",
+            f"| every RNG source kept over a builder, once per resume | {micro(later['keeping'])} | | | | |",
         ]
     )
 

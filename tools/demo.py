@@ -12,6 +12,8 @@ run would.
    data_parallel_random_init.
 2. 0.3.1, a fixed release, saved with DP 4 and resumed with DP 2.
 3. No lock-in: the checkpoint 0.2.0rc6 saved with the package in 1, resumed by 0.2.0rc6 without it.
+4. The first step: the resumes of 1 go on as Bridge's ``setup()`` goes on after its load (the real
+   ``setup_data_iterators``), into the real ``train_step``: what each rank holds there, against the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class Demo:
         return run_job(env, job_spec, self.work, name)
 
     def save_and_resume(self, env: Release, name: str, **spec) -> tuple[list[dict], list[dict]]:
+        """A save, and a resume that goes on to the first training step."""
         saved = self.job(env, f"{name}-save", "save", EP2_DP4, name, **spec)
-        return saved, self.job(env, f"{name}-resume", "load", EP2_DP4, name, **spec)
+        return saved, self.job(env, f"{name}-resume", "load", EP2_DP4, name, first_step=True, **spec)
 
     def resize(self) -> tuple[list[dict], dict[bool, list[dict]]]:
         """A fixed release's own checkpoint (the package steps aside from its save), resumed with DP 2."""
@@ -93,6 +96,26 @@ class Demo:
             same = mine["error"] is None and mine["loaded"] == theirs["loaded"]
             what = "what it resumes from the release's own checkpoint" if same else "ANOTHER state, or none"
             print(f"  rank {mine['rank']} (dp {mine['coords']['dp']}) resumed {what}{self.as_described(same)}")
+
+    def print_first_step(self, runs: dict[bool, tuple[list[dict], list[dict]]], expect_lost: set[int]) -> None:
+        """Per rank: the streams that differ at the first step from the uninterrupted run's, unpatched and patched."""
+        print(f"  {'rank':>4} {'dp':>3} {'ep':>3}   {'differ, unpatched':<40} {'differ, patched':<15}")
+        for rank in range(EP2_DP4["world"]):
+            differ = {}
+            for patched, (saved, resumed) in runs.items():
+                uninterrupted = saved_by_coordinates(saved)[coordinates(resumed[rank])]
+                differ[patched] = lost_streams(uninterrupted, resumed[rank]["at_first_step"])
+            draws = runs[False][1][rank]["torch_draws_past_restore"]
+            unpatched = f"{', '.join(differ[False])} ({draws} draws on)" if differ[False] else "nothing"
+            expected_unpatched = {"torch", *([EXPERT_STREAM] if rank in expect_lost else [])}
+            expected = set(differ[False]) == expected_unpatched and not differ[True]
+            coords = runs[True][1][rank]["coords"]
+            print(
+                f"  {rank:>4} {coords['dp']:>3} {coords['ep']:>3}   {unpatched:<40} "
+                f"{', '.join(differ[True]) or 'nothing':<15}{self.as_described(expected)}"
+            )
+        line = next((line for line in runs[True][1][0]["logs"] if "RNG first-step check" in line), "no line")
+        print(f"\n   With the package, rank 0's log at the first step:\n   {line}")
 
     def print_resize(self, saved: list[dict], resumes: dict[bool, list[dict]]) -> None:
         for patched, resumed in resumes.items():
@@ -165,6 +188,13 @@ def main() -> int:
             flush=True,
         )
         demo.print_without_the_package(old[False].result()[1], without.result())
+        print(
+            "\n4. The first step: each resume of 1 goes on as Bridge's setup() does after its load. It builds the data"
+            "\n   iterators (the real setup_data_iterators: each DataLoader's iter() draws its base seed from torch's"
+            "\n   generator), then enters the real train_step. What each rank holds there, against what the"
+            "\n   uninterrupted run holds at its step 11 (what it saved at step 10):\n"
+        )
+        demo.print_first_step({patched: run.result() for patched, run in old.items()}, EP_RANK_1)
     verdict = "as described" if demo.all_as_described else "NOT as described: see the rows marked"
     print(f"\nEvery rank, every stream: {verdict}.")
     return 0 if demo.all_as_described else 1
