@@ -106,7 +106,8 @@ class Demo:
                 uninterrupted = saved_by_coordinates(saved)[coordinates(resumed[rank])]
                 differ[patched] = lost_streams(uninterrupted, resumed[rank]["at_first_step"])
             draws = runs[False][1][rank]["torch_draws_past_restore"]
-            unpatched = f"{', '.join(differ[False])} ({draws} draws on)" if differ[False] else "nothing"
+            named = [f"torch ({draws} draws on)" if name == "torch" else name for name in differ[False]]
+            unpatched = ", ".join(named) or "nothing"
             expected_unpatched = {"torch", *([EXPERT_STREAM] if rank in expect_lost else [])}
             expected = set(differ[False]) == expected_unpatched and not differ[True]
             coords = runs[True][1][rank]["coords"]
