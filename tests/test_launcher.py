@@ -155,4 +155,4 @@ def test_check_says_what_a_python_started_by_the_command_would_do_without_runnin
 def test_disable_switch_still_switches_the_patches_off_under_run():
     code = "import json, bridge_rng_patch; print(json.dumps([s.state for s in bridge_rng_patch.status()]))"
     process = _run(OLD.python, *LAUNCH, OLD.python, "-c", code, env={"BRIDGE_RNG_PATCH_DISABLE": "1"})
-    assert json.loads(process.stdout) == ["disabled"] * 16  # the four stacks' patches
+    assert json.loads(process.stdout) == ["disabled"] * 24  # the four stacks' six patches

@@ -66,6 +66,8 @@ def test_each_patch_decides_from_the_trees_code(decisions):
         "save_sharding": "applied",
         "tracker_restore": upstream_fix,
         "layout_load": "applied",
+        "data_init_callbacks": "not needed",
+        "keep_restored": "applied",
         "resume_audit": "applied",
     }
 

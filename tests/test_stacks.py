@@ -43,8 +43,13 @@ ALL_APPLIED = {
     "save_sharding": "applied",
     "tracker_restore": "applied",
     "layout_load": "applied",
+    "data_init_callbacks": "not needed",  # Megatron-Bridge's alone
+    "keep_restored": "applied",
     "resume_audit": "applied",
 }
+# verl's trainer loads in its driver's workers and builds its data loader in the driver: nothing of the workers' set-up
+# is known to draw between the restore and the first update (the README's "Where bit-exact holds": not measured).
+VERL_DECISIONS = {**ALL_APPLIED, "keep_restored": "not needed"}
 
 # Every release of one stack on one megatron-core, decided in one interpreter: each release's own modules are imported
 # afresh (its package's modules dropped from sys.modules first), and the package decides on them as at a user's
@@ -102,7 +107,7 @@ def ms_swift_decisions() -> dict[str, dict]:
 def test_every_verl_release_gets_every_patch(verl_decisions, release):
     decision = verl_decisions[release.stack[1]]
     assert str(stack_dir(*release.stack)) in decision["from"]
-    assert decision["states"] == ALL_APPLIED
+    assert decision["states"] == VERL_DECISIONS
     assert decision["reasons"]["save_sharding"].startswith(
         "MegatronCheckpointManager.get_rng_state(use_dist_ckpt, data_parallel_random_init) with mpu globals shards by "
         "(pp, tp) only"
@@ -342,7 +347,7 @@ def test_verl_ray_workers_of_a_job_started_through_the_launcher_import_the_packa
     assert process.returncode == 0, process.stderr[-3000:]
     imported_at_start, states = json.loads(process.stdout.splitlines()[-1])
     assert imported_at_start
-    assert states == ALL_APPLIED
+    assert states == VERL_DECISIONS
 
 
 def test_ms_swift_before_4_5_3_as_released_cannot_save_under_the_tests_torch(jobs):
