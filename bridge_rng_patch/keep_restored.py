@@ -22,16 +22,29 @@ from bridge_rng_patch.resume_context import ResumeContext
 
 class KeepingRestored:
     """The wrapper of a function that runs between the restore and the first step: after a restore that handed this
-    rank an entry, every source is put back as it was when the function was called."""
+    rank an entry, and until training starts, every source is put back as it was when the function was called (once
+    training has started, the uninterrupted run draws there too)."""
 
     def __init__(self, context: ResumeContext) -> None:
         self._context = context
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if self._context.handed is None:
+        if not self._context.before_first_step:
             return wrapped(*args, **kwargs)
         with rng_sources.every_source_kept():
             return wrapped(*args, **kwargs)
+
+
+class MarkingFirstStep:
+    """The training step's wrapper: its first call ends the span in which the builders keep the restored state."""
+
+    def __init__(self, context: ResumeContext) -> None:
+        self._context = context
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if self._context.before_first_step:
+            self._context.note_first_step()
+        return wrapped(*args, **kwargs)
 
 
 def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
@@ -46,4 +59,8 @@ def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
     names = ", ".join(f"{target.module}.{target.path}" for target in targets)
     decision = Decision.apply(f"after a resume that restored RNG state, every source is put back after {names}")
     keeping = KeepingRestored(context)
-    return Plan(decision, tuple(Wrapping(target.path, keeping, module=target.module) for target in targets))
+    wrappings = [Wrapping(target.path, keeping, module=target.module) for target in targets]
+    first_step = loop.before_first_step.first_step
+    if first_step is not None:
+        wrappings.append(Wrapping(first_step.path, MarkingFirstStep(context), module=first_step.module))
+    return Plan(decision, tuple(wrappings))

@@ -30,8 +30,10 @@ class Handed:
 class ResumeContext:
     """One stack's resume under way, as this rank's package saw it: the loads of a checkpoint, whether one asked for
     RNG state, where from, what the restore was handed (None where the package's load did not hand it), how many
-    resume functions are running, and what the rank held after the restore until its first step compares with it.
-    The same on every rank but ``handed`` and ``held_after_restore``."""
+    resume functions are running, what the rank held after the restore until its first step compares with it, and
+    whether a restore handed RNG state and training has not started since (what runs then must leave it as it is:
+    a later resume that restores none, a reference model's, does not end that). The same on every rank but
+    ``handed`` and ``held_after_restore``."""
 
     loads: int = 0
     rng_requested: bool = False
@@ -39,6 +41,7 @@ class ResumeContext:
     handed: Handed | None = None
     loads_under_way: int = 0
     held_after_restore: dict[str, str] | None = None
+    before_first_step: bool = False
 
     def begin(self) -> None:
         """A resume starts: nothing of an earlier one counts."""
@@ -62,6 +65,11 @@ class ResumeContext:
 
     def note_handed(self, kind: str, entry: Mapping[str, Any], data_parallel_random_init: bool) -> None:
         self.handed = Handed(kind, entry, data_parallel_random_init)
+        self.before_first_step = True
+
+    def note_first_step(self) -> None:
+        """Training has started: from here on, what the loop draws is what the uninterrupted run draws too."""
+        self.before_first_step = False
 
     def note_restored(self, digests: dict[str, str]) -> None:
         """What this rank held right after a resume restored RNG state (empty: it could not be read), for the check

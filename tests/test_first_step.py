@@ -82,6 +82,15 @@ def test_a_run_that_restored_no_rng_state_is_left_alone(jobs):
     assert "RNG first-step check" not in rank_zero_logs(loaded)
 
 
+def test_once_training_has_started_the_builders_draw_as_without_the_package(jobs):
+    """A loop that builds iterators again mid-run draws there in the uninterrupted run too: only what runs between
+    the restore and the first step keeps the restored state."""
+    loaded = _resumed(jobs, MEGATRON_LM, "build-again", build_again=True)
+    for rank in loaded:
+        assert rank["torch_draws_past_restore"] == 0
+        assert rank["torch_draws_of_a_later_build"] == BUILD_DRAWS[MEGATRON_LM.name], f"rank {rank['rank']}"
+
+
 def test_a_data_init_callback_that_draws_moves_every_source_without_the_package(jobs):
     loaded = _resumed(jobs, CALLBACK_BRIDGE, "callback-unpatched", data_init_callback=True, **NO_PACKAGE)
     for rank in loaded:

@@ -83,12 +83,12 @@ WITH_DATA_INIT_CALLBACKS = Version("0.5.0")
 # Between the restore and the first step: what each function of the set-up and the step carries, outermost first.
 BRIDGE_ELSEWHERE = {
     "megatron.bridge.training.setup.setup_data_iterators": ["KeepingRestored"],
-    "megatron.bridge.training.train.train_step": ["CheckingFirstStep"],
+    "megatron.bridge.training.train.train_step": ["CheckingFirstStep", "MarkingFirstStep"],
 }
 CALLBACKS_FIRE = "megatron.bridge.training.callbacks.CallbackManager.fire"
 MEGATRON_LM_ELSEWHERE = {
     "megatron.training.training.build_train_valid_test_data_iterators": ["KeepingRestored"],
-    "megatron.training.training.train_step": ["CheckingFirstStep"],
+    "megatron.training.training.train_step": ["CheckingFirstStep", "MarkingFirstStep"],
 }
 # The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
 FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}

@@ -62,6 +62,19 @@ def run_until_first_step(loop: str, state: Any, spec: dict, device_generator: An
     return {"torch_draws_past_restore": _draws_between(restored_torch, torch.get_rng_state())}
 
 
+def build_again(loop: str, state: Any) -> dict:
+    """The iterators built once more, after the first step (a loop that rebuilds them mid-run): how many base-seed
+    draws that takes from torch's generator."""
+    import torch
+
+    before = torch.get_rng_state()
+    if loop == "megatron-bridge":
+        _bridge_iterators(state)
+    else:
+        _megatron_lm_iterators()
+    return {"torch_draws_of_a_later_build": _draws_between(before, torch.get_rng_state())}
+
+
 def enter_first_step(loop: str) -> str:
     """Call the release's real ``train_step`` as its loop does at the first step, with no model."""
     train_step = sys.modules[BRIDGE_TRAIN if loop == "megatron-bridge" else MEGATRON_LM_TRAINING].train_step

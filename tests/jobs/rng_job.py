@@ -6,21 +6,22 @@ seeds its RNG sources with the loop's own seeding (the tracker through megatron-
 loads a checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py, and
 megatron_lm_loop.py for Megatron-LM's loop).
 
-Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one
-registers in ``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-bridge", the default, or
-"megatron-lm": Megatron-LM's own loop, ``megatron.training``), cp (context parallel, default 1), patched
-(default true), package_first (default true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU:
-nothing faked, one device for all ranks), backend (default gloo), fully_parallel_load, data_parallel_random_init,
-graph_safe_tracker, seeding ("per-rank", the default, or "megatron"; see ``seed_every_source``), load_rng,
-finetune, module_name (a MegatronMIMO module's RNG key, Bridge 0.5 and later), ckpt_format (default torch_dist),
-strict_fsdp_dtensor_load (Bridge), iteration (the save's, default 10), async_save (see ``_asynchronously``), then
-("load": after the save, finalized, a resume in the same process; "die": the ranks and every process they started
-exit before the save is finalized), tamper ("torch_rng_state", "empty_tracker", "unknown_layout" or
-"truncated_metadata", at save), tensors (how many small parameters the model has, default 8), audit_call (after the
-load, call ``bridge_rng_patch.audit_restored_rng()`` as a loop the package does not patch would; with ``patched``
-false the package is switched off first), audit_fails_on (a rank whose part of the resume audit raises), environment
-(variables set before anything is imported), collective_timeout (seconds a collective waits for a rank that never
-joins it, default 90: shorter for a job measured to hang).
+Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one registers in
+``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-bridge", the default, or "megatron-lm": Megatron-LM's
+own loop, ``megatron.training``), cp (context parallel, default 1), patched (default true), package_first (default
+true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU: nothing faked, one device for all ranks),
+backend (default gloo), fully_parallel_load, data_parallel_random_init, graph_safe_tracker, seeding ("per-rank", the
+default, or "megatron"; see ``seed_every_source``), load_rng, finetune, module_name (a MegatronMIMO module's RNG key,
+Bridge 0.5 and later), ckpt_format (default torch_dist), strict_fsdp_dtensor_load (Bridge), iteration (the save's,
+default 10), async_save (see ``_asynchronously``), then ("load": after the save, finalized, a resume in the same
+process; "die": the ranks and every process they started exit before the save is finalized), tamper ("torch_rng_state",
+"empty_tracker", "unknown_layout" or "truncated_metadata", at save), first_step (after the load, what the loop's set-up
+runs before its first step, and that step: ``jobs/first_step.py``), data_init_callback (Bridge 0.5 and later: one that
+draws, fired first), build_again (the iterators built once more after the first step), tensors (how many small
+parameters the model has, default 8), audit_call (after the load, call ``bridge_rng_patch.audit_restored_rng()`` as a
+loop the package does not patch would; with ``patched`` false the package is switched off first), audit_fails_on (a rank
+whose part of the resume audit raises), environment (variables set before anything is imported), collective_timeout
+(seconds a collective waits for a rank that never joins it, default 90: shorter for a job measured to hang).
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ def _load_and_report(report: dict, state: Any, model: list, device_generator: An
         report.update(first_step.run_until_first_step(_job_loop, state, spec, device_generator))
         report["at_first_step"] = rng_fingerprint(device_generator)
         report["first_step"] = first_step.enter_first_step(_job_loop)
+        if spec.get("build_again"):
+            report.update(first_step.build_again(_job_loop, state))
         if spec.get("audit_call"):
             report["first_step_check"] = _first_step_checked(audit)
     report["weights"] = weights_digest(model)
