@@ -225,6 +225,26 @@ def test_cli_prints_each_patch_state_with_reason_and_versions(release, expected)
     assert process.returncode == 0
 
 
+# What the package decides beyond the three fixes on Bridge 0.2.0rc6 and 0.3.1 alike: neither fires data-init
+# callbacks, both build their iterators after the load.
+BEYOND_THE_FIXES = {
+    "data_init_callbacks": [
+        "not needed",
+        "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
+    ],
+    "keep_restored": [
+        "applied",
+        "after a resume that restored RNG state, every source is put back after "
+        "megatron.bridge.training.setup.setup_data_iterators",
+    ],
+    "resume_audit": [
+        "applied",
+        "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
+        "with what it was handed and with the other ranks'; rank 0 logs one line",
+    ],
+}
+
+
 # A checkpointing module shaped like Megatron-Bridge main after 0.6.2 (Sep 2026), which no release has yet: its
 # save shards by EP, its restore converts, and its dist load aligns the RNG request with the stored metadata.
 BRIDGE_MAIN_SHAPE = """
@@ -291,20 +311,7 @@ def test_a_release_whose_load_follows_the_stored_layout_needs_no_patch(tmp_path)
             "upstream RNG restore already converts tracker states for the tracker in use",
         ],
         "layout_load": ["not needed", "upstream's load already asks for the RNG layout the checkpoint stores"],
-        "data_init_callbacks": [
-            "not needed",
-            "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
-        ],
-        "keep_restored": [
-            "applied",
-            "after a resume that restored RNG state, every source is put back after "
-            "megatron.bridge.training.setup.setup_data_iterators",
-        ],
-        "resume_audit": [
-            "applied",
-            "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
-            "with what it was handed and with the other ranks'; rank 0 logs one line",
-        ],
+        **BEYOND_THE_FIXES,
     }
 
 
@@ -368,20 +375,7 @@ def test_code_whose_source_cannot_be_read_is_decided_by_the_release_number():
             "the source of _load_checkpoint_from_path is unavailable; Megatron-Bridge < 0.3.0 lacks the fix",
         ],
         "layout_load": ["applied", "the load's source is unavailable; Megatron-Bridge < 0.7.0 lacks the fix"],
-        "data_init_callbacks": [
-            "not needed",
-            "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
-        ],
-        "keep_restored": [
-            "applied",
-            "after a resume that restored RNG state, every source is put back after "
-            "megatron.bridge.training.setup.setup_data_iterators",
-        ],
-        "resume_audit": [
-            "applied",
-            "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
-            "with what it was handed and with the other ranks'; rank 0 logs one line",
-        ],
+        **BEYOND_THE_FIXES,
     }
 
 
