@@ -104,19 +104,24 @@ def audit_restored_rng(
 
 def _audit(own: RankAudit, seeding: Seeding, skip_rng_load: str, where: str = "") -> ResumeAudit | None:
     try:
-        import torch.distributed as distributed
-
-        everyone = [own]
-        if distributed.is_initialized():
-            everyone = [None] * distributed.get_world_size()
-            distributed.all_gather_object(everyone, own)
-        result = judge([RankAudit(*entry) for entry in everyone], seeding, where, skip_rng_load)
+        result = judge([RankAudit(*entry) for entry in _from_every_rank(own)], seeding, where, skip_rng_load)
         result.held_here = own.digests
     except Exception as error:
         _warn_once(f"RNG resume audit could not run on rank {own.rank} ({error!r}); the resume itself is unaffected")
         return None
     report(result.line, logging.INFO if result.passed else logging.WARNING)
     return result
+
+
+def _from_every_rank(own: Any) -> list[Any]:
+    """Every rank's ``own``, by rank, in one small collective (this rank's alone outside a distributed job)."""
+    import torch.distributed as distributed
+
+    if not distributed.is_initialized():
+        return [own]
+    everyone: list[Any] = [None] * distributed.get_world_size()
+    distributed.all_gather_object(everyone, own)
+    return everyone
 
 
 def _this_rank(handed: Handed | None, data_parallel_random_init: bool) -> RankAudit:
@@ -323,13 +328,7 @@ def _check_first_step(held_after_restore: dict[str, str]) -> FirstStep | None:
     except Exception:
         holds, moved = {}, ()
     try:
-        import torch.distributed as distributed
-
-        everyone = [(rank, moved, bool(holds))]
-        if distributed.is_initialized():
-            everyone = [None] * distributed.get_world_size()
-            distributed.all_gather_object(everyone, (rank, moved, bool(holds)))
-        result = judge_first_step(everyone)
+        result = judge_first_step(_from_every_rank((rank, moved, bool(holds))))
     except Exception as error:
         _warn_once(f"RNG first-step check could not run on rank {rank} ({error!r}); training is unaffected")
         return None
