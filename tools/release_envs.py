@@ -57,14 +57,19 @@ BASE_REQUIREMENTS = (
     "nvidia-modelopt",
     "ruff",
 )
+# The local CPU wheel; every other torch the environments take is a CUDA build of several GB.
+CPU_TORCH = "torch==2.13.0"
 PYTHON_LINES = {
-    "3.11": ("torch==2.13.0",),
+    "3.11": (CPU_TORCH,),
     "3.12": ("torch==2.14.1", "pyarrow", "megatron-energon"),
 }
 # megatron-core before 0.13 writes checkpoints with torch's private _write_item as torch 2.6 has it (later torch
 # adds a parameter): a Megatron-LM tree that old runs in a Python 3.11 environment of its own with torch 2.6.0 (the
 # registry's CUDA build, run on CPU), built only when the tests are pointed at such a tree.
 OLD_TREE_TORCH = "2.6.0"
+# Free disk a base environment needs while pip installs it, in GB: what it holds once built (2.7 GB with the
+# CPU torch, 6.2 GB with a CUDA build) and room for pip to unpack the largest wheels beside it.
+BASE_DISK_NEEDED_GB = {"cpu": 4, "cuda": 10}
 
 
 def base_dir(python_line: str, torch: str | None = None) -> Path:
@@ -373,6 +378,17 @@ def _pip(*args: str, python: Path) -> None:
     subprocess.run(command, check=True)
 
 
+def _check_disk(directory: Path, needed_gb: int) -> None:
+    """Fail before pip starts, naming the space, rather than with pip's ENOSPC halfway through a torch install."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(directory).free / 2**30
+    if free_gb < needed_gb:
+        raise SystemExit(
+            f"{directory}: {free_gb:.1f} GB free, and building this environment needs about {needed_gb} GB; "
+            "free some disk (old clones' .venvs folders are the usual culprits) and run again"
+        )
+
+
 def _is_current(directory: Path, spec: list[str]) -> bool:
     marker = directory / ".bridge-rng-patch-env"
     return marker.exists() and marker.read_text() == _digest(spec)
@@ -403,6 +419,7 @@ def ensure_base(python_line: str = "3.11", torch: str | None = None) -> None:
         raise RuntimeError(f"no Python {python_line} on this machine (pyenv's, or python{python_line} on PATH)")
     print(f"building {directory}: Python {python_line}, {requirements[0]} and what Bridge imports", flush=True)
     shutil.rmtree(directory, ignore_errors=True)
+    _check_disk(ENVS_DIR, BASE_DISK_NEEDED_GB["cpu" if requirements[0] == CPU_TORCH else "cuda"])
     subprocess.run([str(interpreter), "-m", "venv", str(directory)], check=True)
     constraints_file = directory / "constraints.txt"
     constraints_file.write_text(constraints)
