@@ -9,8 +9,8 @@ needed, then reports medians over repeated runs, as ratios where there is someth
    (``sides.py``).
 3. one call of ``get_rng_state``, 4 ranks, EP 2: patched 0.2.0rc6 vs the same release unpatched, in one
    process with the package applied and undone between blocks in balanced orders, beside an A/A control
-   (the package's own share, target <= 3 us), and the fixed upstream one on 0.3.1, for information; the jobs
-   on the two releases run in ABBA order.
+   (the package's own share: one gather over DP per save, see ``SAVE_GATHER``), and the fixed upstream one on
+   0.3.1, for information; the jobs on the two releases run in ABBA order.
 4. the RNG restore, tracker with 3 states, the same way (the package's share, target <= 5 us), and
    upstream's fixed restore (0.3.1), with the number of conversions per restore.
 5. one call of ``get_rng_state`` in Megatron-LM's own loop (megatron-core 0.19.2), 4 ranks, EP 2: the package's
@@ -50,6 +50,9 @@ OTHER_LOOPS = {
     "ms_swift_get_rng_state": RELEASES["ms-swift-4.6.0"],
 }
 EP2 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
+# No per-call target for get_rng_state: under EP > 1 each save gathers every DP rank's state (the release's own
+# layout, readable without the package), milliseconds per save; the end-to-end save is what answers for it.
+SAVE_GATHER = "one gather per save; see checkpoint_cost.py"
 
 TIME_PACKAGE_IMPORT = """
 import json, sys, time
@@ -248,7 +251,7 @@ def markdown_table(report: dict) -> str:
             f"| ratio {bridge['A/B']:.3f}; A/A control: {bridge['A/A']:.3f}; no-difference band: {low:.3f} to "
             f"{high:.3f} | | |",
             f"| `get_rng_state`, 4 ranks, EP 2, per call | {micro(rng['patched old'])} | {micro(rng['unpatched old'])} "
-            f"| {micro(rng['package share'])}; A/A control: {micro(rng['A/A control'])} | <= 3 µs "
+            f"| {micro(rng['package share'])}; A/A control: {micro(rng['A/A control'])} | {SAVE_GATHER} "
             f"| {micro(rng['fixed upstream'])} |",
             f"| RNG restore, tracker with {restore['tracker_states']} states | {micro(restore['patched old'])}, "
             f"{conversions['patched old']} conversions | {micro(restore['unpatched old'])} "
@@ -257,7 +260,7 @@ def markdown_table(report: dict) -> str:
             *(
                 f"| {what}: `get_rng_state`, 4 ranks, EP 2, per call | {micro(report[key]['patched'])} "
                 f"| {micro(report[key]['unpatched'])} | {micro(report[key]['package share'])}; A/A control: "
-                f"{micro(report[key]['A/A control'])} | <= 3 µs | |"
+                f"{micro(report[key]['A/A control'])} | {SAVE_GATHER} | |"
                 for key, what in (
                     ("megatron_lm_get_rng_state", "Megatron-LM's loop (megatron-core 0.19.2)"),
                     ("verl_get_rng_state", "verl 0.9.1's checkpoint manager"),
