@@ -154,11 +154,7 @@ def _expert_tensor_parallel_rank(mpu: ModuleType) -> int:
 
 
 def _live_fingerprint() -> dict[str, str]:
-    try:
-        state = rng_sources.current_rng_state()
-    except (RuntimeError, AssertionError):  # no device generator to read in this process
-        state = rng_sources.current_rng_state(with_device=False)
-    return rng_sources.fingerprint(state)
+    return rng_sources.fingerprint(rng_sources.live_rng_state())
 
 
 _warned = False

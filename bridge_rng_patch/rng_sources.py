@@ -43,36 +43,37 @@ def current_rng_state(with_device: bool = True) -> dict[str, Any]:
     return state
 
 
+def live_rng_state() -> dict[str, Any]:
+    """This rank's live RNG state in the checkpoint's format, the device generator included where this process has
+    one (a reader, a CPU-only job, has none)."""
+    state = current_rng_state(with_device=False)
+    with contextlib.suppress(RuntimeError, AssertionError):  # no device generator in this process
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
 @contextlib.contextmanager
 def every_source_kept() -> Iterator[None]:
     """Leave every RNG source as it was before the block, whatever the block draws or seeds: the restored state
     stays for the first training step. A graph-safe tracker keeps its states in generators, which its
     ``get_states`` hands out as they are: their states are copied, and put back into the same generators."""
     tracker = tensor_parallel.get_cuda_rng_tracker()
-    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    device = _device_state()
-    streams = {name: _copy(state) for name, state in tracker.get_states().items()}
+    kept = live_rng_state()
+    streams = {name: _copy(state) for name, state in kept[TRACKER_KEY].items()}
     try:
         yield
     finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
-        torch.set_rng_state(cpu)
-        if device is not None:
-            torch.cuda.set_rng_state(device)
+        random.setstate(kept["random_rng_state"])
+        np.random.set_state(kept["np_rng_state"])
+        torch.set_rng_state(kept["torch_rng_state"])
+        if "cuda_rng_state" in kept:
+            torch.cuda.set_rng_state(kept["cuda_rng_state"])
         live = tracker.get_states()
         for name, state in streams.items():
             if isinstance(live.get(name), torch.Generator):
                 live[name].set_state(state)
                 streams[name] = live[name]
         tracker.set_states(streams)
-
-
-def _device_state() -> Any:
-    try:
-        return torch.cuda.get_rng_state()
-    except (RuntimeError, AssertionError):  # no device generator in this process
-        return None
 
 
 def _copy(state: Any) -> Any:
