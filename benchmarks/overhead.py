@@ -79,13 +79,14 @@ TIME_LATER_STEPS = """
 import json, random, timeit
 import wrapt
 from bridge_rng_patch import rng_sources
-from bridge_rng_patch.resume_audit import CheckingFirstStep
-from bridge_rng_patch.resume_context import ResumeContext
+from bridge_rng_patch.loops import MEGATRON_SEEDING
+from bridge_rng_patch.resume_audit import ResumeAuditing
 
 def step(*args):
     return None
 
-checked = wrapt.FunctionWrapper(step, CheckingFirstStep(ResumeContext()))  # nothing pending: a step after the first
+# Nothing pending: a step after the first.
+checked = wrapt.FunctionWrapper(step, ResumeAuditing(MEGATRON_SEEDING, "", None).at_first_step)
 calls = int(__import__('sys').argv[1])
 bare = [timing / calls for timing in timeit.repeat(lambda: step(1, 2, 3), number=calls, repeat=7)]
 wrapped = [timing / calls for timing in timeit.repeat(lambda: checked(1, 2, 3), number=calls, repeat=7)]

@@ -72,19 +72,21 @@ def _time_restore(spec: dict, state: Any) -> dict:
         convert = tensor_parallel.convert_cuda_rng_state
         timings = _per_call_timings(spec, restore)
     else:
-        from bridge_rng_patch import compat
-        from bridge_rng_patch.restorable import RestorableRngStates
-        from bridge_rng_patch.resume_context import ResumeContext
-        from bridge_rng_patch.rng_layout import OWN, RankCoordinates
+        from bridge_rng_patch import compat, loops
+        from bridge_rng_patch.probe import InstalledStack
+        from bridge_rng_patch.restorable import RestorableRngStates, StoredLayoutLoad
+        from bridge_rng_patch.resume import ResumeWatch
+        from bridge_rng_patch.rng_layout import OWN, Restore, ResumingRank
 
-        rank, context = RankCoordinates(0, 0, 0), ResumeContext()
+        stack = InstalledStack(loops.BRIDGE, checkpointing)
+        load, rank = StoredLayoutLoad(stack, loops.BRIDGE.dist_load, ResumeWatch(stack)), ResumingRank(0, 0, 0, (1, 1))
 
         def restore_with_package() -> None:
             # Inside the package's _load_checkpoint_from_path wrapper, where the converting tensor_parallel is.
             checkpointing._load_checkpoint_from_path._self_wrapper(restore_from_checked_list, None, (), {})
 
         def restore_from_checked_list() -> None:
-            rng_state = RestorableRngStates([entry], "benchmark", rank, OWN, context, "no RNG state was restored")[0]
+            rng_state = RestorableRngStates([entry], load, "benchmark", rank, Restore(OWN), by_design=False)[0]
             set_sources(rng_state)
             checkpointing.tensor_parallel.get_cuda_rng_tracker().set_states(rng_state["rng_tracker_states"])
 
@@ -267,8 +269,7 @@ def _time_package_in_load(spec: dict) -> Any:
     if not spec.get("patched", True):
         return lambda: 0.0
 
-    from bridge_rng_patch.fsdp_dtensor_load import LayoutAwareFsdpLoad
-    from bridge_rng_patch.torch_dist_load import LayoutAwareDistLoad
+    from bridge_rng_patch.layout_load import LayoutAwareDistLoad, LayoutAwareFsdpLoad
 
     spent: list[float] = []
     for wrapper in (LayoutAwareDistLoad, LayoutAwareFsdpLoad):

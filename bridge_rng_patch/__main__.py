@@ -3,8 +3,9 @@ checkpoint on disk holds of its ranks' RNG state.
 
   python -m bridge_rng_patch
       Says which patches apply to each stack installed here (Megatron-Bridge,
-      Megatron-LM, verl, ms-swift). Exit 0: each applied or not needed; 1: one
-      refused; 2: no stack's checkpointing module can be imported.
+      Megatron-LM, verl, ms-swift), its modules imported as a training process
+      imports them. Exit 0: none refused; 1: one refused; 2: no stack's
+      checkpointing module can be imported.
 
   python -m bridge_rng_patch inspect CHECKPOINT
       Per saved iteration (Megatron's iter_*, verl's global_step_*): the RNG
@@ -23,6 +24,7 @@ bridge-rng-patch is the same command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -87,7 +89,8 @@ def status_command(quiet: bool) -> int:
 
 
 def _why_not_importable(loop: TrainingLoop) -> str | None:
-    """Why the loop's checkpointing module cannot be imported here, in one line; None when it imports."""
+    """Why the loop's checkpointing module cannot be imported here, in one line; None when it imports. Its set-up
+    modules, where other patches' wrappers go, are imported too, as a training process does, where they can be."""
     from bridge_rng_patch.patcher import loop_installed
 
     if not loop_installed(loop):
@@ -97,6 +100,9 @@ def _why_not_importable(loop: TrainingLoop) -> str | None:
     except Exception as error:  # whatever an image lacks (Bridge, megatron-core, torch), say it in one line
         detail = f"{type(error).__name__}: {error}".splitlines()[0]
         return f"{loop.module} cannot be imported here ({detail})"
+    for module in loop.before_first_step.modules:
+        with contextlib.suppress(Exception):  # a patch waiting for it says so
+            importlib.import_module(module)
     return None
 
 

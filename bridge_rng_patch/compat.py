@@ -1,8 +1,5 @@
-"""CUDA RNG tracker helpers for megatron-core releases that predate them (Megatron-LM PR #2641).
-
-megatron-core's own ``convert_cuda_rng_state`` and ``is_graph_safe_cuda_rng_tracker`` are used wherever the
-installed release has them; the equivalents here are used only where it does not.
-"""
+"""megatron-core 0.16's CUDA RNG tracker helpers (Megatron-LM PR #2641), for older megatron-core: its own are used
+wherever the installed release has them."""
 
 from __future__ import annotations
 

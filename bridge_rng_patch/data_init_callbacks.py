@@ -1,10 +1,5 @@
-"""Data-init callbacks: the RNG state is the same after a stack's ``on_data_init_start`` callbacks as before them.
-
-Megatron-Bridge 0.5.0 to 0.6.2 fire ``on_data_init_start`` in ``setup()`` after the checkpoint was loaded, for JIT
-warm-up with mock data and the like, and such a callback draws from every RNG source: a resumed run then starts its
-first step from a state the uninterrupted run never held. Upstream keeps the state over them (#5255,
-``setup._preserve_rng_state``, in no release up to 0.6.2); the same is done here, around the callbacks of that event
-alone, with or without a resume, as upstream does.
+"""Data-init callbacks: Megatron-Bridge 0.5.0 to 0.6.2 fire ``on_data_init_start`` after the load, and a callback
+that draws moves every source; as upstream's #5255 (no release), every source is kept over that event's callbacks.
 """
 
 from __future__ import annotations
@@ -14,7 +9,7 @@ from typing import Any
 from bridge_rng_patch import rng_sources
 from bridge_rng_patch.decision import Decision, Plan, Wrapping
 from bridge_rng_patch.probe import InstalledStack, module_source
-from bridge_rng_patch.resume_context import ResumeContext
+from bridge_rng_patch.resume import ResumeWatch
 
 DATA_INIT_EVENT = "on_data_init_start"
 
@@ -28,7 +23,7 @@ def keeping_rng_over_data_init(wrapped: Any, instance: Any, args: tuple, kwargs:
         return wrapped(*args, **kwargs)
 
 
-def plan(stack: InstalledStack, context: ResumeContext) -> Plan:
+def plan(stack: InstalledStack, watch: ResumeWatch) -> Plan:
     before = stack.loop.before_first_step
     if before.data_init_callbacks is None or before.callbacks_fired_in is None:
         return Plan.not_needed(f"{stack.loop.name} fires no data-init callbacks")

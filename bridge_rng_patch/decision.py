@@ -1,8 +1,5 @@
-"""What every patch module needs and nothing else: the plan a patch returns (its decision and its wrappers), the
-one-line log, the job's rank and the environment switches.
-
-It sits below the patches and the registry that applies them (``patcher``), so that dependencies point down.
-"""
+"""What every patch module needs, below the patches and the patcher that applies them: the plan a patch returns,
+the one-line log, the job's rank and the environment switches."""
 
 from __future__ import annotations
 
@@ -12,12 +9,8 @@ from typing import Any, NamedTuple
 
 LOGGER_NAME = "bridge_rng_patch"
 
-PENDING = "pending"
-APPLIED = "applied"
-NOT_NEEDED = "not needed"
-DISABLED = "disabled"
-REFUSED = "refused"
-UNDONE = "undone"
+PENDING, APPLIED, NOT_NEEDED = "pending", "applied", "not needed"
+DISABLED, REFUSED, UNDONE = "disabled", "refused", "undone"
 
 
 class Decision(NamedTuple):
@@ -40,21 +33,22 @@ class Decision(NamedTuple):
 
 
 class Wrapping(NamedTuple):
-    """One wrapper a patch puts on an attribute path of the stack's module (``targets.py``), or of another module of
-    the stack (``module``: wrapped when it has been imported). ``outside`` names the patches whose wrappers on the
-    same path it must wrap (it sees the call before they do); the patcher checks that they are applied before it."""
+    """One wrapper on an attribute path of the stack's checkpointing module (``targets.py``), or of another module of
+    the stack (``module``), put on once that module has finished executing."""
 
     path: str
     wrapper: Any
-    outside: frozenset[str] = frozenset()
     module: str | None = None
 
 
 class Plan(NamedTuple):
-    """What a patch decided for one stack, and the wrappers that carry it out where it applies."""
+    """What a patch decided for one stack, and the wrappers that carry it out where it applies. ``watched``: the
+    wrappers act on what the stack's resume watch notes (``resume.ResumeWatch``), so the patch applies only where the
+    watch's own wrappers are on."""
 
     decision: Decision
     wrappings: tuple[Wrapping, ...] = ()
+    watched: bool = False
 
     @classmethod
     def refuse(cls, reason: str) -> Plan:
@@ -97,7 +91,7 @@ def switched_off(variable: str) -> bool:
 
 def disabled_patches(names: tuple[str, ...]) -> frozenset[str]:
     """The patches ``BRIDGE_RNG_PATCH_DISABLE`` switches off: all of them for 1 (true, yes, on, all), those it names
-    for NAME[,NAME], none when it is unset or says off; a name that is no patch's is reported once by the caller."""
+    for NAME[,NAME], none when it is unset or says off."""
     value = os.environ.get(DISABLE_ENV, "").strip().lower()
     if value in _OFF:
         return frozenset()

@@ -1,9 +1,6 @@
-"""``bridge-rng-patch run -- COMMAND``: patch a job without editing its training script.
-
-COMMAND runs with the package's bootstrap folder (a ``sitecustomize`` that imports bridge_rng_patch, then the
-one that was there before) first on ``PYTHONPATH``, so every Python process it starts, the workers torchrun
-starts included, is patched before the training code runs. The launcher replaces itself with COMMAND (exec):
-the job keeps its process id, its signals and its exit code, as without the launcher. Nothing is installed.
+"""``bridge-rng-patch run -- COMMAND``: patch a job without editing its training script. COMMAND runs, exec'd in place
+(its process id, signals and exit code), with the package's ``sitecustomize`` first on ``PYTHONPATH``, which imports
+the package and then the ``sitecustomize`` that was there: every Python process it starts, torchrun's workers too.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from pathlib import Path
 
 BOOTSTRAP = Path(__file__).resolve().parent / "bootstrap"
 USAGE = "bridge-rng-patch run [--check] -- COMMAND [ARGS...]"
-EXIT_USAGE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 2, 126, 127  # the shell's codes for the last two
+EXIT_USAGE, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = (2, 126, 127)  # the shell's codes for the last two
 
 # Run by the Python that COMMAND would start, under the same environment: did the bootstrap import the package
 # before any code of the process ran, and what does it decide there.

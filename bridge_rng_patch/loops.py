@@ -1,35 +1,39 @@
-"""The training stacks whose checkpointing the package patches, and the upstream facts each patch decides by.
-
-Like an OpenTelemetry instrumentor's ``instruments``, this only declares: where each stack keeps its checkpointing
-code (a function of its module, a method of one of its classes, or a function it calls through another module it
-imported, each named by its attribute path in the stack's module: ``targets.py`` resolves them all alike),
-how its functions are known, how it seeds, and which release numbers have each fix (the second signal, after the
-code itself). Importing it costs nothing: ``import bridge_rng_patch`` needs it for its import hook.
+"""The training stacks the package patches, the patches' names, and the upstream facts each patch decides by: where
+each stack keeps what a patch wraps, how its functions are known, how it seeds, which releases have each fix, how its
+saves look on disk. It only declares, like an OpenTelemetry instrumentor's ``instruments``, and costs nothing.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+# Each patch's name is also the module that holds it (its ``plan(stack, watch)``); the first three are the fixes the
+# release tables show. Applied in this order, each wrapping what those before it left, and undone in the reverse one.
 SAVE_SHARDING, TRACKER_RESTORE, LAYOUT_LOAD = "save_sharding", "tracker_restore", "layout_load"
-# Upstream's fix of the data-init callbacks is decided from the set-up's code alone: no release has it.
-DATA_INIT_CALLBACKS = "data_init_callbacks"
+DATA_INIT_CALLBACKS, KEEP_RESTORED, RESUME_AUDIT = "data_init_callbacks", "keep_restored", "resume_audit"
+PATCHES = {
+    SAVE_SHARDING: "get_rng_state saves every DP rank's RNG state, in the release's own layout, when EP > 1",
+    TRACKER_RESTORE: "the RNG restore converts tracker states to the form the tracker in use keeps",
+    LAYOUT_LOAD: "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
+    DATA_INIT_CALLBACKS: "data-init callbacks fired after the load leave every RNG source as they found it",
+    KEEP_RESTORED: "after a resume, building the data iterators (and re-seeds around them) leaves the restored state",
+    RESUME_AUDIT: "after a resume, and again at its first training step, rank 0 logs whether every rank holds the RNG "
+    "state it should",
+}
 
 
 class FixedIn(NamedTuple):
-    """Which releases have one fix, by their version number alone: releases before ``possibly`` lack it;
-    ``known`` and later have it (None: no release is known to)."""
+    """Which releases have one fix, by number: before ``possibly`` none; from ``known`` on all (None: none yet)."""
 
     possibly: str
     known: str | None = None
 
 
 class LoadFunction(NamedTuple):
-    """A function a stack loads checkpoint state through, the RNG request among it, known by what it binds by name:
-    the request (``request``) and what names the checkpoint (``named_by``). ``checkpoint`` is the argument that names
-    the checkpoint directory; None: the loop's ``get_checkpoint_name(load_dir, iteration, release)`` for a torch_dist
-    load, the result for an fsdp_dtensor one. ``returns_tuple``: it returns ``(state_dict, checkpoint_name, release,
-    checkpoint_type)``, as Megatron-Bridge's and Megatron-LM's loads do; else the state dict itself."""
+    """A function a stack loads checkpoint state (the RNG request among it) through, known by what it binds by name:
+    its ``request`` and what names the checkpoint (``named_by``; ``checkpoint``, the argument that is its directory,
+    else ``get_checkpoint_name`` or the result says). ``returns_tuple``: it returns ``(state_dict, checkpoint_name,
+    release, checkpoint_type)``, as the Megatron loops' loads do; else the state dict."""
 
     path: str
     named_by: tuple[str, ...]
@@ -39,15 +43,14 @@ class LoadFunction(NamedTuple):
 
 
 class OnDisk(NamedTuple):
-    """How one save of a stack sits on disk, for the inspector: its directory (``{iteration_prefix}{n}``); the file
-    beside it that records the run's parallel sizes (``run_config``: ``.yaml`` with them under ``model``, or ``.json``
-    at its top level; None: the ``args`` in its common state, this stack's where they have the attribute
-    ``args_mark``); where its RNG dist-checkpoint sits inside it, newest layout first (none: the save itself); and
-    what counts its DP ranks where the RNG layout does not (a JSON ``manifest`` with ``world_size``, the writers of
-    ``model_dir``)."""
+    """How one save of a stack sits on disk, for the inspector: its directory; the file that records the run's sizes
+    (``run_config``: YAML under ``model``, or JSON; None: the ``args`` in its ``common_state``, this stack's where they
+    have ``args_mark``); its RNG dist-checkpoint inside it, newest first (none: the save itself); what counts its DP
+    ranks where the RNG layout does not (a ``manifest``'s ``world_size``, the writers of ``model_dir``)."""
 
-    iteration_prefix: str = "iter_"
+    iteration_dir: str = "iter_{:07d}"
     run_config: str | None = None
+    common_state: str = "common.pt"
     args_mark: str | None = None
     rng_dirs: tuple[str, ...] = ()
     manifest: str | None = None
@@ -55,22 +58,17 @@ class OnDisk(NamedTuple):
 
 
 class Elsewhere(NamedTuple):
-    """A function of another module of the stack than its checkpointing module (its set-up, its training step),
-    by the module's name and its attribute path there."""
+    """A function of another module of the stack (its set-up, its training step): the module and the path there."""
 
     module: str
     path: str
 
 
 class BeforeFirstStep(NamedTuple):
-    """What a stack runs between its restore and its first training step, and that step.
-
-    ``keeps_restored`` are the functions that draw from or re-seed the RNG sources on the way (the data iterators'
-    builders, a re-seed around a second iterator), which after a resume must leave every source as the restore left
-    it; ``data_init_callbacks`` is where the stack fires user callbacks before its data is built, and
-    ``preserves_callbacks`` the helper a release that already keeps the RNG state over them has there (upstream
-    Megatron-Bridge #5255), in the module ``callbacks_fired_in``; ``first_step`` is the training step.
-    """
+    """What a stack runs between its restore and its first training ``first_step``: ``keeps_restored``, functions that
+    draw from or re-seed the RNG sources (the iterators' builders); ``data_init_callbacks``, where it fires user
+    callbacks before its data is built (in ``callbacks_fired_in``, which has ``preserves_callbacks`` where a release
+    keeps the RNG state over them itself, upstream #5255)."""
 
     keeps_restored: tuple[Elsewhere, ...]
     first_step: Elsewhere | None
@@ -78,11 +76,16 @@ class BeforeFirstStep(NamedTuple):
     callbacks_fired_in: str | None = None
     preserves_callbacks: str | None = None
 
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules those functions are in."""
+        targets = (*self.keeps_restored, self.first_step, self.data_init_callbacks)
+        return tuple(dict.fromkeys(target.module for target in targets if target is not None))
+
 
 class Seeding(NamedTuple):
-    """How far apart a stack's own seeding puts each rank's seed, before megatron-core's tracker adds its own
-    offsets (``2718 + tp`` for the model-parallel stream, ``1024 + 100 * ep + etp`` for the expert one):
-    ``pipeline`` per PP rank, and ``data_parallel`` per DP rank with ``data_parallel_random_init``."""
+    """How far apart a stack's own seeding puts each rank's seed: per PP rank, and per DP rank with
+    ``data_parallel_random_init`` (megatron-core's tracker adds its own offsets)."""
 
     pipeline: int
     data_parallel: int
@@ -95,15 +98,13 @@ MEGATRON_SEEDING = Seeding(pipeline=100, data_parallel=10)
 class TrainingLoop(NamedTuple):
     """A training stack whose checkpointing module the package patches.
 
-    ``package`` is what must be importable for there to be anything to patch. ``get_rng_state`` builds the RNG
-    state a save writes; ``rng_state_first`` are the parameters it may take first (one per family of releases;
-    some take none), ``rng_state_optional`` those its releases add after it. ``resume_function`` runs a resume from
-    start to end; ``restore_function`` sets the loaded RNG state; ``dist_load`` and ``fsdp_load`` load a torch_dist
-    and an fsdp_dtensor checkpoint with the RNG request. ``skip_rng_load`` is the stack's own switch that resumes a
-    checkpoint without its RNG state, the remedy its messages give. ``optional_sources`` are keys of an RNG entry
-    the stack may leave out (verl saves the device generator only where the process has a device).
-    ``distribution`` states the release number. ``on_disk`` is how its saves look to the inspector.
-    ``before_first_step`` is what it runs between the restore and its first training step.
+    ``package`` must be importable for there to be anything to patch. ``get_rng_state`` builds the RNG state a save
+    writes, taking one of ``rng_state_first`` first (or nothing), then any of ``rng_state_optional``.
+    ``resume_function`` runs a resume, ``restore_function`` sets the loaded RNG state, ``dist_load`` and ``fsdp_load``
+    load a torch_dist and an fsdp_dtensor checkpoint. ``skip_rng_load`` is the stack's switch that resumes without RNG
+    state, the remedy its messages give; ``optional_sources``, keys an RNG entry may lack (verl saves the device
+    generator where there is one). ``distribution`` states the release, which ``version_from``'s ``package_info``
+    states in the code itself (for sources on ``PYTHONPATH``).
     """
 
     name: str
@@ -123,6 +124,7 @@ class TrainingLoop(NamedTuple):
     on_disk: OnDisk
     before_first_step: BeforeFirstStep = BeforeFirstStep((), None)
     optional_sources: frozenset[str] = frozenset()
+    version_from: str | None = None
 
 
 # The load of every format both Megatron loops have: fsdp_dtensor's is inside it (Megatron-LM) or below it (Bridge).
@@ -136,6 +138,7 @@ BRIDGE = TrainingLoop(
     module="megatron.bridge.training.checkpointing",
     package="megatron.bridge",
     distribution="megatron-bridge",
+    version_from="megatron.bridge",
     get_rng_state="get_rng_state",
     rng_state_first=frozenset({"data_parallel_random_init"}),
     rng_state_optional=frozenset({"ckpt_format", "pg_collection", "module_name"}),
@@ -166,6 +169,7 @@ MEGATRON_LM = TrainingLoop(
     module="megatron.training.checkpointing",
     package="megatron.training",
     distribution="megatron-core",
+    version_from="megatron.core",
     get_rng_state="get_rng_state",
     rng_state_first=frozenset({"ckpt_format", "use_dist_ckpt"}),
     rng_state_optional=frozenset({"tp_group", "pp_group", "dp_cp_group", "dp_group", "key_prefix"}),
@@ -203,13 +207,9 @@ VERL = TrainingLoop(
     fsdp_load=None,
     seeding=Seeding(pipeline=0, data_parallel=0),
     skip_rng_load="checkpoint.load_contents without 'extra' (verl 0.4 and 0.5: save_contents too)",
-    fixed_in={
-        SAVE_SHARDING: FixedIn("0.9.2"),
-        TRACKER_RESTORE: FixedIn("0.9.2"),
-        LAYOUT_LOAD: FixedIn("0.9.2"),
-    },
+    fixed_in={SAVE_SHARDING: FixedIn("0.9.2"), TRACKER_RESTORE: FixedIn("0.9.2"), LAYOUT_LOAD: FixedIn("0.9.2")},
     on_disk=OnDisk(
-        iteration_prefix="global_step_",
+        iteration_dir="global_step_{}",
         run_config="transformer_config.json",
         rng_dirs=("extra/dist_ckpt", "dist_ckpt"),
         manifest="ckpt_contents.json",
@@ -241,11 +241,7 @@ MS_SWIFT = TrainingLoop(
     ),
     seeding=Seeding(pipeline=1009, data_parallel=11),
     skip_rng_load="--no_load_rng true",
-    fixed_in={
-        SAVE_SHARDING: FixedIn("4.7.0"),
-        TRACKER_RESTORE: FixedIn("4.7.0"),
-        LAYOUT_LOAD: FixedIn("4.7.0"),
-    },
+    fixed_in={SAVE_SHARDING: FixedIn("4.7.0"), TRACKER_RESTORE: FixedIn("4.7.0"), LAYOUT_LOAD: FixedIn("4.7.0")},
     on_disk=OnDisk(args_mark="mcore_model"),
     # The trainer loads in its constructor; ``train()`` sets GRPO's and GKD's resampling iterator up between two
     # re-seeds (``seed + 1``, then ``seed``), then builds the iterators.

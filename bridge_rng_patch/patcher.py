@@ -1,13 +1,8 @@
 """The one place that applies and undoes the patches and keeps their status.
 
-When a stack's checkpointing module is imported (or at once if it already is), its declaration (``loops.LOOPS``) is
-resolved once (``probe.InstalledStack``) and handed, with one resume context for the stack, to every patch, which
-returns its plan: a decision and the wrappers that carry it out. The plans are carried out here, in a declared and
-checked order; a patch that cannot apply says why and leaves the module untouched, and undo puts back the exact
-original objects. A wrapper on another module of the stack (its set-up, its training step) goes on when that module
-has finished executing, which may be after the checkpointing module it imports. ``BRIDGE_RNG_PATCH_DISABLE``
-switches every patch off (1) or those it names (NAME[,NAME]). Nothing heavy is imported here: the patch modules, and
-with them wrapt, torch and megatron, are imported only when a target module is.
+When a stack's checkpointing module is imported, every patch gets the stack resolved once and its resume watch, and
+returns a plan; the plans are carried out in ``PATCHES`` order, then the watch goes on, outermost, where a plan acts
+on it. Nothing heavy is imported here: the patches, with wrapt, torch and megatron, come with a stack's module.
 """
 
 from __future__ import annotations
@@ -22,9 +17,9 @@ from typing import Any, NamedTuple
 
 from bridge_rng_patch.decision import (
     APPLIED,
-    DISABLE_ENV,
     DISABLED,
     PENDING,
+    REFUSED,
     UNDONE,
     Decision,
     Plan,
@@ -32,36 +27,13 @@ from bridge_rng_patch.decision import (
     disabled_patches,
     report,
 )
-from bridge_rng_patch.loops import DATA_INIT_CALLBACKS, LAYOUT_LOAD, LOOPS, SAVE_SHARDING, TRACKER_RESTORE, TrainingLoop
+from bridge_rng_patch.decision import DISABLE_ENV as _DISABLE
+from bridge_rng_patch.loops import LOOPS, PATCHES, TrainingLoop
 
-KEEP_RESTORED, RESUME_AUDIT = "keep_restored", "resume_audit"
-# name -> what it does; each name is also the module that holds the patch (its ``plan(stack, context)``): one per
-# upstream fix, then the resume audit, which checks across ranks what they restored. Applied in this order, each
-# wrapping what those before it left, and undone in the reverse one; a wrapper that must see a call before another
-# patch's says so (``Wrapping.outside``), and applying checks it against this order.
-PATCHES = {
-    SAVE_SHARDING: "get_rng_state saves every DP rank's RNG state, in the release's own layout, when EP > 1",
-    TRACKER_RESTORE: "the RNG restore converts tracker states to the form the tracker in use keeps",
-    LAYOUT_LOAD: "the RNG load asks for the layout the checkpoint stores; the entry restored is checked first",
-    DATA_INIT_CALLBACKS: "data-init callbacks fired after the load leave every RNG source as they found it",
-    KEEP_RESTORED: "after a resume, building the data iterators (and re-seeds around them) leaves the restored state",
-    RESUME_AUDIT: "after a resume, and again at its first training step, rank 0 logs whether every rank holds the RNG "
-    "state it should",
-}
-_ORDER = {name: position for position, name in enumerate(PATCHES)}
+_WATCH = "resume watch"  # the key of a stack's watch among what undo puts back, undone before its patches
 _LOOPS_BY_MODULE = {loop.module: loop for loop in LOOPS}
-# Every module a wrapper may go on besides the checkpointing modules: watched from the start, because a stack's set-up
-# module imports its checkpointing module while it executes, before its own functions exist.
-_OTHER_MODULES = frozenset(
-    target.module
-    for loop in LOOPS
-    for target in (
-        *loop.before_first_step.keeps_restored,
-        loop.before_first_step.first_step,
-        loop.before_first_step.data_init_callbacks,
-    )
-    if target is not None
-)
+# Watched from the start: a stack's set-up module imports its checkpointing module before its own functions exist.
+_OTHER_MODULES = frozenset(module for loop in LOOPS for module in loop.before_first_step.modules)
 
 
 class PatchStatus(NamedTuple):
@@ -73,26 +45,30 @@ class PatchStatus(NamedTuple):
     loop: str
 
 
+class _Placed(NamedTuple):
+    """A wrapper put on (``proxy``), and what stood there before (``targets.Saved``)."""
+
+    saved: Any
+    proxy: Any
+
+
 def _waiting_for(loop: TrainingLoop) -> Decision:
     return Decision(PENDING, f"waiting for {loop.module} to be imported")
 
 
 _lock = threading.RLock()
 _states: dict[tuple[str, str], Decision] = {(loop.name, name): _waiting_for(loop) for loop in LOOPS for name in PATCHES}
-_originals: dict[tuple[str, str], list[Any]] = {}
-# module name -> (loop, patch) and the wrapping that goes on when the module has finished executing.
+_placed: dict[tuple[str, str], list[_Placed]] = {}  # per (loop, patch or watch), in the order put on
+# A patch whose wrappers await other modules: its decision once they are on; the wrappings each module awaits.
+_awaiting: dict[tuple[str, str], Decision] = {}
 _waiting: dict[str, list[tuple[tuple[str, str], Wrapping]]] = {}
 _versions: dict[str, str] = {}
 _switched_off = False
 
 
 class _PostImportHook:
-    """Patches a stack's checkpointing module right after it has executed, like wrapt's
-    ``register_post_import_hook``: the spec found for it gets a loader that wraps the one found.
-
-    wrapt's own hook would import wrapt at ``import bridge_rng_patch``, which costs 40-60 ms with wrapt 2
-    (it imports asyncio); wrapt is imported only when patching, after Megatron's seconds-long import.
-    """
+    """Patches a stack's module once it has executed, as wrapt's post-import hook would (importing wrapt, and asyncio,
+    at ``import bridge_rng_patch``): the spec found gets a loader wrapping the one found, never edited."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in _LOOPS_BY_MODULE and fullname not in _OTHER_MODULES:
@@ -107,9 +83,6 @@ class _PostImportHook:
 
 
 class _PatchingLoader:
-    """The loader found for one stack's module, wrapped: it executes the module, then patches it. The found loader
-    is never edited: one loader may serve many modules (a zipimporter serves every module of its archive)."""
-
     def __init__(self, loader: Any) -> None:
         self._loader = loader
 
@@ -137,18 +110,19 @@ def install() -> None:
     """Arrange for the patches to apply when a training loop's checkpointing module is imported."""
     global _switched_off
     with _lock:
-        if disabled_patches(tuple(PATCHES)) >= PATCHES.keys():
-            for key, decision in _states.items():
-                if decision.state in (PENDING, UNDONE):
-                    _record(key, Decision(DISABLED, f"{DISABLE_ENV} is set"))
+        disabled = disabled_patches(tuple(PATCHES))
+        if disabled >= PATCHES.keys():
+            for key, decided in _states.items():
+                if decided.state in (PENDING, UNDONE) and key not in _placed:
+                    _record(key, Decision(DISABLED, f"{_DISABLE} is set"))
             return
         _switched_off = False
-        for name in sorted(disabled_patches(tuple(PATCHES)) - PATCHES.keys()):
-            report(f"{DISABLE_ENV} names {name!r}, which is no patch of bridge_rng_patch ({', '.join(PATCHES)})")
+        for name in sorted(disabled - PATCHES.keys()):
+            report(f"{_DISABLE} names {name!r}, which is no patch of bridge_rng_patch ({', '.join(PATCHES)})")
         for loop in LOOPS:
             checkpointing = sys.modules.get(loop.module)
             if checkpointing is not None:
-                _on_checkpointing_imported(loop, checkpointing)
+                _apply_all(loop, checkpointing)
             else:  # switched on again before the import: its patches wait for it
                 for name in PATCHES:
                     if _states[(loop.name, name)].state == UNDONE:
@@ -168,15 +142,18 @@ def undo() -> tuple[PatchStatus, ...]:
     global _switched_off
     with _lock:
         _switched_off = True
+        _waiting.clear()
+        _awaiting.clear()
         for loop in LOOPS:
-            for name in reversed(PATCHES):
+            for name in (_WATCH, *reversed(PATCHES)):
                 key = (loop.name, name)
-                for waiting in _waiting.values():
-                    waiting[:] = [(waiting_key, wrapping) for waiting_key, wrapping in waiting if waiting_key != key]
-                originals = _originals.pop(key, None)
-                if originals is not None:
-                    for saved in reversed(originals):
-                        saved.put_back()
+                placed = _placed.pop(key, None)
+                if placed is not None:
+                    for wrapper in reversed(placed):
+                        wrapper.saved.put_back()
+                if name == _WATCH:
+                    continue
+                if placed is not None:
                     _record(key, Decision(UNDONE, "original functions restored"))
                 elif _states[key].state == PENDING:
                     _record(key, Decision(UNDONE, f"switched off before {loop.module} was imported"))
@@ -184,8 +161,8 @@ def undo() -> tuple[PatchStatus, ...]:
 
 
 def status(loop: str | None = None) -> tuple[PatchStatus, ...]:
-    """Per loop and patch: applied / not needed / disabled / refused / pending / undone, why, and the versions
-    found; only ``loop``'s ("Megatron-Bridge", "Megatron-LM", "verl", "ms-swift") where it is given."""
+    """Per loop (or ``loop``'s alone) and patch: applied / not needed / disabled / refused / pending / undone, why,
+    and the versions found."""
     with _lock:
         if not _versions:
             from bridge_rng_patch.probe import installed_versions
@@ -208,17 +185,119 @@ def loop_installed(loop: TrainingLoop) -> bool:
 
 
 def _on_module_imported(module: ModuleType) -> None:
-    loop = _LOOPS_BY_MODULE.get(module.__name__)
-    if loop is not None:
-        _on_checkpointing_imported(loop, module)
     with _lock:
-        for key, wrapping in _waiting.pop(module.__name__, []):
-            _wrap_elsewhere(key, module, wrapping)
+        loop = _LOOPS_BY_MODULE.get(module.__name__)
+        if loop is not None and not _switched_off:
+            _apply_all(loop, module)
+        _wrap_awaited(module)
 
 
-def _on_checkpointing_imported(loop: TrainingLoop, checkpointing: ModuleType) -> None:
-    if not _switched_off:
-        _apply_all(loop, checkpointing)
+def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
+    """Every patch's plan from the stack resolved once and its watch, carried out; then the watch, where acted on."""
+    names = [name for name in PATCHES if _states[(loop.name, name)].state in (PENDING, UNDONE)]
+    if not (names := [name for name in names if (loop.name, name) not in _placed]):
+        return
+    from bridge_rng_patch.probe import InstalledStack
+    from bridge_rng_patch.resume import ResumeWatch
+
+    stack = InstalledStack(loop, checkpointing)
+    watch = ResumeWatch(stack)
+    disabled = disabled_patches(tuple(PATCHES))
+    why_disabled = f"{_DISABLE} is set" if disabled >= PATCHES.keys() else f"{_DISABLE} names it"
+    watched = []
+    for name in names:
+        key = (loop.name, name)
+        if name in disabled:
+            _record(key, Decision(DISABLED, why_disabled))
+            continue
+        try:
+            plan: Plan = importlib.import_module(f"bridge_rng_patch.{name}").plan(stack, watch)
+        except Exception as error:  # a probe that breaks must leave the loop as it is
+            _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
+            continue
+        if plan.decision.state != APPLIED:
+            _record(key, plan.decision)
+        elif plan.watched and watch.lacks():  # the patch acts on what the watch notes: no watch, no patch
+            _record(key, Decision.refuse(watch.lacks()))
+        else:
+            watched += [key] if plan.watched else []
+            _carry_out(key, checkpointing, plan)
+    if any(_states[key].state != REFUSED for key in watched):
+        try:
+            _put_on((loop.name, _WATCH), checkpointing, watch.wrappings())
+        except Exception as error:
+            for key in watched:
+                _refuse_carried(key, f"the resume watch it acts on could not go on: {error!r}")
+
+
+def _put_on(key: tuple[str, str], module: ModuleType, wrappings: tuple[Wrapping, ...]) -> None:
+    """Put ``wrappings`` on ``module``, all or none; what each replaces is kept for undo."""
+    from bridge_rng_patch import targets
+
+    placed = []
+    try:
+        for wrapping in wrappings:
+            saved = targets.save(module, wrapping.path)
+            targets.wrap(module, wrapping.path, wrapping.wrapper)
+            placed.append(_Placed(saved, targets.lookup(module, wrapping.path)))
+    except Exception:
+        for wrapper in reversed(placed):
+            wrapper.saved.put_back()
+        raise
+    _placed.setdefault(key, []).extend(placed)
+
+
+def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> None:
+    """Put the plan's wrappers on the checkpointing module, all or none, and those on other modules now or once the
+    module has finished executing: until then the patch waits, and says for which modules."""
+    try:
+        _put_on(key, checkpointing, tuple(wrapping for wrapping in plan.wrappings if wrapping.module is None))
+    except Exception as error:
+        _record(key, Decision.refuse(f"instrumenting failed, module left untouched: {error!r}"))
+        return
+    _awaiting[key] = plan.decision
+    for wrapping in plan.wrappings:
+        if wrapping.module is not None:
+            _waiting.setdefault(wrapping.module, []).append((key, wrapping))
+    for name in sorted({wrapping.module for wrapping in plan.wrappings if wrapping.module is not None}):
+        module = _executed(name)
+        if module is not None:
+            _wrap_awaited(module, record=False)
+    if key in _awaiting:
+        _record(key, _awaited_state(key))
+
+
+def _wrap_awaited(module: ModuleType, record: bool = True) -> None:
+    """Put on the wrappers that await ``module``; a patch the release lacks a function of there is refused, and its
+    wrappers taken off."""
+    from bridge_rng_patch import targets
+
+    touched = []
+    for key, wrapping in _waiting.pop(module.__name__, []):
+        if key not in _awaiting:  # refused meanwhile
+            continue
+        touched.append(key)
+        try:
+            targets.lookup(module, wrapping.path)
+        except AttributeError:
+            _refuse_carried(key, f"{module.__name__} has no {wrapping.path} in this release")
+            continue
+        try:
+            _put_on(key, module, (wrapping,))
+        except Exception as error:
+            _refuse_carried(key, f"wrapping {module.__name__}.{wrapping.path} failed: {error!r}")
+    for key in dict.fromkeys(touched):
+        if record and key in _awaiting:
+            decided = _awaited_state(key)
+            _record(key, decided, quiet=decided.state == PENDING)
+
+
+def _awaited_state(key: tuple[str, str]) -> Decision:
+    """A carried-out plan's state: its decision once every wrapper is on, else the modules it waits for."""
+    modules = sorted({wrapping.module for waiting in _waiting.values() for k, wrapping in waiting if k == key})
+    if not modules:
+        return _awaiting.pop(key)
+    return Decision(PENDING, f"waiting for {', '.join(modules)} to be imported; then: {_awaiting[key].reason}")
 
 
 def _executed(name: str) -> ModuleType | None:
@@ -229,82 +308,28 @@ def _executed(name: str) -> ModuleType | None:
     return module
 
 
-def _wrap_elsewhere(key: tuple[str, str], module: ModuleType, wrapping: Wrapping) -> None:
-    """Put a wrapper on another module of the stack; a function this release does not have there is left, said once."""
+def _refuse_carried(key: tuple[str, str], reason: str) -> None:
+    """Refuse a patch already carried out: each of its wrappers comes off, and any put on since over the same function
+    stay, so that undo later puts back, through them, what stood there first."""
     from bridge_rng_patch import targets
 
-    try:
-        targets.lookup(module, wrapping.path)
-    except AttributeError:
-        report(f"{key[0]} {key[1]}: {module.__name__} has no {wrapping.path} in this release; nothing to wrap there")
+    _awaiting.pop(key, None)
+    for waiting in _waiting.values():
+        waiting[:] = [(waiting_key, wrapping) for waiting_key, wrapping in waiting if waiting_key != key]
+    for placed in reversed(_placed.pop(key, [])):
+        above = targets.take_out(placed.saved, placed.proxy)
+        if above is not None:
+            for others in _placed.values():
+                others[:] = [other._replace(saved=placed.saved) if other.proxy is above else other for other in others]
+    _record(key, Decision.refuse(reason))
+
+
+def _record(key: tuple[str, str], decided: Decision, quiet: bool = False) -> None:
+    """The state of a patch, and its log line (none where ``quiet``: a patch still waiting, for fewer modules)."""
+    if _states.get(key) == decided:
         return
-    saved = targets.save(module, wrapping.path)
-    try:
-        targets.wrap(module, wrapping.path, wrapping.wrapper)
-    except Exception as error:  # the module stays as it was; the patch's other wrappers stay on
-        saved.put_back()
-        report(f"{key[0]} {key[1]}: wrapping {module.__name__}.{wrapping.path} failed, left untouched: {error!r}")
+    _states[key] = decided
+    if quiet:
         return
-    _originals.setdefault(key, []).append(saved)
-
-
-def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
-    """Resolve the stack once, hand it and one resume context to every patch's plan, and carry out each plan."""
-    with _lock:
-        waiting = [name for name in PATCHES if _states[(loop.name, name)].state in (PENDING, UNDONE)]
-        if not waiting:
-            return
-        from bridge_rng_patch.probe import InstalledStack
-        from bridge_rng_patch.resume_context import ResumeContext
-
-        stack, context = InstalledStack(loop, checkpointing), ResumeContext()
-        disabled = disabled_patches(tuple(PATCHES))
-        why_disabled = f"{DISABLE_ENV} is set" if disabled >= PATCHES.keys() else f"{DISABLE_ENV} names it"
-        for name in waiting:
-            key = (loop.name, name)
-            if name in disabled:
-                _record(key, Decision(DISABLED, why_disabled))
-                continue
-            try:
-                plan: Plan = importlib.import_module(f"bridge_rng_patch.{name}").plan(stack, context)
-            except Exception as error:  # a probe that breaks must leave the loop as it is
-                _record(key, Decision.refuse(f"probing the installed code failed: {error!r}"))
-                continue
-            _record(key, _carry_out(key, checkpointing, plan) if plan.decision.state == APPLIED else plan.decision)
-
-
-def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> Decision:
-    """Put the plan's wrappers on, or none of them; what each replaces is kept for undo."""
-    from bridge_rng_patch import targets
-
-    name = key[1]
-    applied_after = sorted(
-        {other for wrapping in plan.wrappings for other in wrapping.outside if _ORDER[other] > _ORDER[name]}
-    )
-    if applied_after:
-        return Decision.refuse(f"its wrappers must wrap those of {', '.join(applied_after)}, applied after it")
-    originals = []
-    try:
-        for wrapping in plan.wrappings:
-            if wrapping.module is None:
-                originals.append(targets.save(checkpointing, wrapping.path))
-                targets.wrap(checkpointing, wrapping.path, wrapping.wrapper)
-    except Exception as error:
-        for saved in reversed(originals):
-            saved.put_back()
-        return Decision.refuse(f"instrumenting failed, module left untouched: {error!r}")
-    _originals[key] = originals
-    for wrapping in plan.wrappings:
-        if wrapping.module is not None:
-            elsewhere = _executed(wrapping.module)
-            if elsewhere is None:
-                _waiting.setdefault(wrapping.module, []).append((key, wrapping))
-            else:
-                _wrap_elsewhere(key, elsewhere, wrapping)
-    return plan.decision
-
-
-def _record(key: tuple[str, str], decision: Decision) -> None:
-    _states[key] = decision
     loop, name = key
-    report(f"{loop} {name}: {decision.state}: {decision.reason}")
+    report(f"{loop} {name}: {decided.state}: {decided.reason}")

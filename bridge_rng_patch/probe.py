@@ -1,14 +1,9 @@
-"""Find out what is installed: which training loops, their versions, and the features (signatures, source,
-helpers) of the code actually loaded.
-
-When a stack's checkpointing module is imported, ``InstalledStack`` resolves what its declaration names there and
-keeps what the probes find, so that each patch decides from one view and no fact is worked out twice. Patches decide
-by the features (signatures, what a function's source does, which helpers exist); the release number is only a
-second signal, reported beside them.
-"""
+"""What is installed: versions, signatures, and what the code of a stack's checkpointing module does, resolved once
+per stack (``InstalledStack``). The code decides; the release number is a second signal."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -27,10 +22,8 @@ from bridge_rng_patch import targets
 from bridge_rng_patch.decision import Decision
 from bridge_rng_patch.loops import LOOPS, LoadFunction, TrainingLoop
 
-BRIDGE_DISTRIBUTION = "megatron-bridge"
-CORE_DISTRIBUTION = "megatron-core"
-# Where each Megatron package states its version in its own code, for sources on PYTHONPATH without metadata.
-_PACKAGE_INFO = {BRIDGE_DISTRIBUTION: "megatron.bridge", CORE_DISTRIBUTION: "megatron.core"}
+# Where each distribution states its version in its own code, for sources on PYTHONPATH without metadata.
+_VERSION_FROM = {loop.distribution: loop.version_from for loop in LOOPS if loop.version_from}
 UNKNOWN = "unknown"
 NOT_INSTALLED = "not installed"
 
@@ -46,15 +39,14 @@ _FSDP_LOAD_BRANCH = re.compile(
 )
 _COMPARES_MODEL_PARALLEL = re.compile(r"mismatch|tp_pp")
 _READS_STORED_METADATA = re.compile(r"load_sharded_metadata|load_tensors_metadata|read_metadata\(|state_dict_metadata")
+# The arguments that name the groups the save wrapper sizes EP and DP by; without them, mpu globals.
+_GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")
 
 
 def installed_version(distribution: str) -> str | None:
-    """The version of ``distribution`` as the code that gets imported states it, else its package metadata.
-
-    Training images that put Megatron sources on ``PYTHONPATH`` have no metadata, or metadata of another copy,
-    so the code's own ``package_info`` comes first. "unknown" for code that states none; None when absent.
-    """
-    package = _PACKAGE_INFO.get(distribution)
+    """The version of ``distribution`` as the imported code states it, else its metadata: images that put sources on
+    ``PYTHONPATH`` have none, or another copy's. "unknown" for code that states none; None when absent."""
+    package = _VERSION_FROM.get(distribution)
     present, version = _code_version(package) if package else (False, None)
     if version is not None:
         return version
@@ -65,67 +57,32 @@ def installed_version(distribution: str) -> str | None:
 
 
 def _code_version(package: str) -> tuple[bool, str | None]:
-    """Whether ``package`` is importable, and its ``package_info.__version__``, read without importing it.
-
-    Importing Megatron-Bridge takes seconds; its ``package_info`` holds constants only.
-    """
+    """Whether ``package`` is importable, and its ``package_info.__version__``, read without importing it."""
     loaded = sys.modules.get(f"{package}.package_info")
     if loaded is not None:
         return True, getattr(loaded, "__version__", None)
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
-        return False, None
+        spec = None
     if spec is None:
         return False, None
-    for location in spec.submodule_search_locations or ():
-        path = Path(location) / "package_info.py"
+    namespace: dict = {}
+    for path in (Path(location) / "package_info.py" for location in spec.submodule_search_locations or ()):
         if path.is_file():
-            namespace: dict = {}
-            try:
+            with contextlib.suppress(Exception):
                 exec(compile(path.read_text(), str(path), "exec"), namespace)
-            except Exception:
-                return True, None
-            version = namespace.get("__version__")
-            return True, version if isinstance(version, str) else None
-    return True, None
+            break
+    version = namespace.get("__version__")
+    return True, version if isinstance(version, str) else None
 
 
 def installed_versions() -> dict[str, str]:
-    """Megatron-Bridge's and megatron-core's versions (or that they are not installed), each other stack's where it is
-    installed, torch's and wrapt's."""
-    versions = {name: installed_version(name) or NOT_INSTALLED for name in (BRIDGE_DISTRIBUTION, CORE_DISTRIBUTION)}
-    for name in (*(loop.distribution for loop in LOOPS if loop.distribution not in versions), "torch", "wrapt"):
-        version = installed_version(name)
-        if version is not None or name in ("torch", "wrapt"):
-            versions[name] = version or NOT_INSTALLED
-    return versions
-
-
-def _release(loop: TrainingLoop) -> Version | None:
-    try:
-        return Version(installed_version(loop.distribution) or "")
-    except InvalidVersion:
-        return None
-
-
-def release_claims_fix(loop: TrainingLoop, patch: str) -> bool:
-    """Whether the loop's version number says it has the fix ``patch`` carries (the second signal)."""
-    release, known = _release(loop), loop.fixed_in[patch].known
-    return release is not None and known is not None and release >= Version(known)
-
-
-def decide_by_release(loop: TrainingLoop, patch: str, unavailable: str) -> Decision:
-    """The version number alone decides, for code whose features cannot be read."""
-    release, fixed_in = _release(loop), loop.fixed_in[patch]
-    product = "megatron-core" if loop.distribution == CORE_DISTRIBUTION else loop.name
-    if release is None:
-        return Decision.refuse(f"{unavailable} is unavailable and the {product} version unknown")
-    if release_claims_fix(loop, patch):
-        return Decision.not_needed(f"{unavailable} is unavailable; {product} >= {fixed_in.known} has the fix")
-    if release < Version(fixed_in.possibly):
-        return Decision.apply(f"{unavailable} is unavailable; {product} < {fixed_in.possibly} lacks the fix")
-    return Decision.refuse(f"{unavailable} is unavailable, and whether {product} {release} has the fix is not known")
+    """The versions of the Megatron packages (or "not installed"), of each other stack there, of torch and wrapt."""
+    always = (*_VERSION_FROM, "torch", "wrapt")
+    names = dict.fromkeys((*_VERSION_FROM, *(loop.distribution for loop in LOOPS), "torch", "wrapt"))
+    versions = {name: installed_version(name) for name in names}
+    return {name: version or NOT_INSTALLED for name, version in versions.items() if version or name in always}
 
 
 def describe_signature(function: Callable) -> str:
@@ -134,10 +91,7 @@ def describe_signature(function: Callable) -> str:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
         return "(?)"
-    bare = [
-        parameter.replace(annotation=parameter.empty, default=parameter.empty)
-        for parameter in signature.parameters.values()
-    ]
+    bare = [each.replace(annotation=each.empty, default=each.empty) for each in signature.parameters.values()]
     return str(signature.replace(parameters=bare, return_annotation=signature.empty))
 
 
@@ -151,9 +105,7 @@ def source_of(function: Callable) -> str | None:
 
 
 def module_source(name: str) -> str | None:
-    """The source of module ``name``, found and read without importing it: a module that imports the checkpointing
-    module is still executing when the patches decide, so its functions may not exist yet. None where it is not
-    installed or has no source file."""
+    """The source of module ``name``, read without importing it (it may be importing the checkpointing module)."""
     try:
         spec = importlib.util.find_spec(name)
         return None if spec is None or not spec.has_location else Path(spec.origin).read_text()
@@ -161,17 +113,9 @@ def module_source(name: str) -> str | None:
         return None
 
 
-# The arguments that name the process groups the save wrapper sizes EP and DP by: Bridge's ``pg_collection``
-# (later main and the fixed releases), Megatron-LM's ``dp_cp_group`` (0.19). Without them, mpu globals.
-_GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")
-
-
 @dataclass(frozen=True)
 class RngStateSignature:
-    """How a ``get_rng_state`` takes what the save wrapper needs, known by the parameters it binds: one of the
-    stack's first parameters, then any of its optional ones, positional or keyword-only (``loops.TrainingLoop``).
-    Process groups come from those arguments where given, else from mpu globals.
-    """
+    """How a ``get_rng_state`` takes what the save wrapper needs, positional or keyword-only."""
 
     names: tuple[str, ...]
     keyword_only: frozenset[str]
@@ -208,11 +152,9 @@ def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop, method: boo
 
 
 def fsdp_load_ignores_rng_after_model_parallel_change(restore: Callable) -> bool | None:
-    """Whether the loop's fsdp_dtensor load compares the stored TP and PP with the running ones before it asks for
-    RNG state, as every loop's torch_dist load does; None when the restore's source is unavailable or has no
-    fsdp_dtensor branch."""
-    source = source_of(restore)
-    branch = _FSDP_LOAD_BRANCH.search(source or "")
+    """Whether the loop's fsdp_dtensor load compares the stored TP and PP with the running ones, as every torch_dist
+    load does; None without source or such a branch."""
+    branch = _FSDP_LOAD_BRANCH.search(source_of(restore) or "")
     return None if branch is None else bool(_COMPARES_MODEL_PARALLEL.search(branch.group(1)))
 
 
@@ -226,12 +168,8 @@ def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
 
 
 class InstalledStack:
-    """A stack's checkpointing module as installed: what its declaration names there, and what the probes found.
-
-    Made once when the module is imported and handed to every patch; each fact is worked out on first use and kept,
-    so that a patch that decides and the wrapper it plans ask no second time, and a fact that cannot be worked out
-    fails the patch that needs it only.
-    """
+    """A stack's checkpointing module as installed: what its declaration names there, and what the probes found, each
+    worked out on first use and kept, so that a fact that cannot be worked out fails only the patch that needs it."""
 
     def __init__(self, loop: TrainingLoop, module: ModuleType) -> None:
         self.loop = loop
@@ -274,16 +212,14 @@ class InstalledStack:
 
     @functools.cached_property
     def shards_every_dp_rank(self) -> bool | None:
-        """Whether ``get_rng_state`` already writes every DP rank's state (the upstream fix); None when its source is
-        unavailable."""
+        """Whether ``get_rng_state`` already writes every DP rank's state (the upstream fix); None without source."""
         source = source_of(self.get_rng_state)
         return None if source is None else bool(_EVERY_DP_RANK_SHARDED.search(source))
 
     @functools.cached_property
     def keys_fsdp_rng_by_pp_tp(self) -> bool | None:
-        """Whether ``get_rng_state`` keys fsdp_dtensor's RNG state by (pp, tp) alone, in its own code or in a function
-        it calls through a module global (ms-swift's ``fsdp_checkpoint.build_rng_state``); None when its source is
-        unavailable."""
+        """Whether ``get_rng_state``, or a function it calls through a module global (ms-swift's
+        ``fsdp_checkpoint.build_rng_state``), keys fsdp_dtensor's RNG state by (pp, tp) alone; None without source."""
         source = source_of(self.get_rng_state)
         if source is None:
             return None
@@ -300,26 +236,14 @@ class InstalledStack:
         return None if source is None else "ShardedObject(" in source and "replica_id=" in source
 
     @functools.cached_property
-    def restore_converts_tracker_states(self) -> bool | None:
-        """Whether the loop's RNG restore already converts tracker states (the upstream fix)."""
-        source = source_of(self.function(self.loop.restore_function))
-        return None if source is None else "convert_cuda_rng_state" in source
-
-    @functools.cached_property
-    def restore_sets_tracker_states(self) -> bool | None:
-        """Whether the loop's RNG restore has the shape this package patches: tracker states set from the checkpoint's
-        ``rng_tracker_states``."""
-        source = source_of(self.function(self.loop.restore_function))
-        return None if source is None else ".set_states(" in source and "rng_tracker_states" in source
+    def restore_source(self) -> str | None:
+        return source_of(self.function(self.loop.restore_function))
 
     @functools.cached_property
     def load_follows_stored_rng_layout(self) -> bool | None:
-        """Whether the loop's own load path already asks for the RNG shards the checkpoint stores.
-
-        True when its resume function or its torch_dist load calls a function of the module that is about RNG state
-        and about the checkpoint's metadata (upstream's ``_align_rng_state_sharded_metadata``): by its name, or by a
-        source that reads the stored metadata. None when none of their sources can be read.
-        """
+        """Whether the loop's own load already asks for the RNG shards the checkpoint stores: its resume or torch_dist
+        load calls a helper about RNG state and metadata (upstream's ``_align_rng_state_sharded_metadata``), by name
+        or by a source that reads the metadata. None without source."""
         paths = (self.loop.resume_function, self.loop.dist_load.path)
         sources = [source for path in paths if (source := source_of(self.function(path)))]
         if not sources:
@@ -334,22 +258,45 @@ class InstalledStack:
 
     @functools.cached_property
     def loads_fsdp_dtensor(self) -> bool:
-        """Whether the stack writes fsdp_dtensor RNG entries by (pp, tp) and loads them through a load that binds what
-        the package needs."""
+        """Whether the stack writes fsdp_dtensor RNG entries by (pp, tp), through a load that binds what is needed."""
         load = self.loop.fsdp_load
         if load is None or load not in self.loads or self.get_rng_state is None or not self.keys_fsdp_rng_by_pp_tp:
             return False
         return self.unbound(load, (load.request, *load.named_by)) is None
 
     @functools.cached_property
-    def fsdp_load_ignores_rng_after_model_parallel_change(self) -> bool:
-        """Whether the stack's fsdp_dtensor load already leaves RNG state alone after a TP or PP change; where its
-        source cannot be read, taken as not, so that the package's own check applies."""
-        restore = self.function(self.loop.resume_function)
-        return bool(fsdp_load_ignores_rng_after_model_parallel_change(restore))
+    def fsdp_load_keeps_fresh_state_after_model_parallel_change(self) -> bool:
+        """Whether the loop's fsdp_dtensor load leaves RNG state alone after a TP or PP change itself (Bridge #5100)."""
+        return bool(fsdp_load_ignores_rng_after_model_parallel_change(self.function(self.loop.resume_function)))
 
     @functools.cached_property
     def names_base_dir(self) -> bool:
-        """Whether ``get_checkpoint_name`` names the iteration's directory when asked (``return_base_dir``), where
-        otherwise it names a rank's file."""
+        """Whether ``get_checkpoint_name`` names the iteration's directory when asked (``return_base_dir``)."""
         return not missing_parameters(self.module.get_checkpoint_name, ("return_base_dir",))
+
+    @functools.cached_property
+    def release(self) -> Version | None:
+        """The release number the installed code states (read once: it may execute ``package_info.py``)."""
+        try:
+            return Version(installed_version(self.loop.distribution) or "")
+        except InvalidVersion:
+            return None
+
+    def claims_fix(self, patch: str) -> bool:
+        """Whether the release number says the release has the fix ``patch`` carries (the second signal)."""
+        known = self.loop.fixed_in[patch].known
+        return self.release is not None and known is not None and self.release >= Version(known)
+
+    def decide_by_release(self, patch: str, unavailable: str) -> Decision:
+        """The release number alone decides, for code whose features cannot be read."""
+        release, fixed_in = self.release, self.loop.fixed_in[patch]
+        product = self.loop.distribution if self.loop.version_from == "megatron.core" else self.loop.name
+        if release is None:
+            return Decision.refuse(f"{unavailable} is unavailable and the {product} version unknown")
+        if self.claims_fix(patch):
+            return Decision.not_needed(f"{unavailable} is unavailable; {product} >= {fixed_in.known} has the fix")
+        if release < Version(fixed_in.possibly):
+            return Decision.apply(f"{unavailable} is unavailable; {product} < {fixed_in.possibly} lacks the fix")
+        return Decision.refuse(
+            f"{unavailable} is unavailable, and whether {product} {release} has the fix is not known"
+        )

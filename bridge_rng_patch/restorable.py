@@ -1,15 +1,11 @@
-"""What the stored-layout load hands a loop's restore, in either format: the stored layouts read once per job, the
-states a rank restores as a checked list, and the lines that say what a resume does.
-
-The restore (every stack's alike) indexes the list it is handed (``[dp_rank]`` or ``[0]``) and then sets python,
-numpy, torch, the device generator and the tracker's states one after another; checking the entry it picks first
-makes that restore all or nothing.
+"""What the stored-layout load of either format hands a loop's restore: the layouts read once per job, the rank as
+the restore rule sees it, the states as a list checked when the restore picks one (so that a restore, which sets one
+source after another, is all or nothing), and the lines that say what a resume does.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import operator
 from collections.abc import Mapping
@@ -17,20 +13,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bridge_rng_patch import groups
 from bridge_rng_patch.decision import global_rank, report
 from bridge_rng_patch.loops import LoadFunction
-from bridge_rng_patch.resume_context import ResumeContext
+from bridge_rng_patch.resume import Handed, LoadCall, ResumeWatch
 from bridge_rng_patch.rng_layout import (
     FRESH,
     RNG_STATE_KEY,
-    RankCoordinates,
+    Restore,
+    ResumingRank,
     RngCheckpointError,
     StoredRngLayout,
     UnknownRngLayout,
     nothing_restored,
     read_stored_layouts,
 )
-from bridge_rng_patch.rng_sources import current_rng_state
+from bridge_rng_patch.rng_sources import live_rng_state
 from bridge_rng_patch.storage import MSC_SCHEME, scheme_of, unknown_scheme
 
 if TYPE_CHECKING:
@@ -64,12 +62,8 @@ _LEFT_OUT = object()  # an optional source the entry does not hold
 
 
 def rng_entry_problem(entry: Any, optional: frozenset[str] = frozenset()) -> str | None:
-    """What keeps ``entry`` from being restored whole, said after the entry's name; None when nothing does. A key in
-    ``optional`` may be left out (the stack's restore sets that source only where it is there).
-
-    Runs at every restore, so it is one function with no loop over keys, and a message is only built for an
-    entry that fails.
-    """
+    """What keeps ``entry`` from being restored whole (a key in ``optional`` may be left out); None when nothing does.
+    It runs at every restore: no loop over keys, a message built only on failure."""
     if not isinstance(entry, Mapping):
         return f" is a {type(entry).__name__}, expected a dict of RNG states"
     try:
@@ -90,143 +84,103 @@ def rng_entry_problem(entry: Any, optional: frozenset[str] = frozenset()) -> str
     if all(valid):
         return None
     key = next(key for key, key_valid in zip(_EXPECTED, valid, strict=True) if not key_valid)
-    return f"['{key}'] is {_describe(entry[key])}, expected {_EXPECTED[key]}"
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+    value = entry[key]
+    shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else None
+    return f"['{key}'] is {shown or f'a {type(value).__name__}'}, expected {_EXPECTED[key]}"
 
 
 class RestorableRngStates(list):
-    """A rank's loaded RNG states, checked when the loop's restore picks one.
-
-    A rank the checkpoint holds no state for gets its own current state, so it keeps its fresh RNG, and says so
-    unless that is ``by_design`` (said once for the whole job). An entry that cannot be restored fails the load with
-    the stack's own ``remedy``. ``own_index``, where given, is the entry this rank
-    saved, whatever index the restore asks for. What the restore is handed (``kind``: whose state the stored entry
-    is, ``rng_layout.OWN`` or ``SHARED``) is noted in the resume's ``context`` for the audit.
-    """
+    """A rank's loaded RNG states, checked when the restore picks one: the one the rule found (``restore.index``,
+    whatever index is asked). A rank with none stored keeps its current state, and says so unless ``by_design``; an
+    entry that cannot be restored fails the load with the stack's remedy. What is handed is noted in the watch."""
 
     def __init__(
-        self,
-        states: list,
-        where: str,
-        rank: RankCoordinates,
-        kind: str,
-        context: ResumeContext,
-        remedy: str,
-        *,
-        own_index: int | None = None,
-        data_parallel_random_init: bool = False,
-        by_design: bool = False,
-        optional: frozenset[str] = frozenset(),
+        self, states: list, load: StoredLayoutLoad, where: str, rank: ResumingRank, restore: Restore, by_design: bool
     ) -> None:
         super().__init__(states)
+        self.load = load
         self.where = where
         self.rank = rank
-        self.kind = kind
-        self.context = context
-        self.remedy = remedy
-        self.own_index = own_index
-        self.data_parallel_random_init = data_parallel_random_init
+        self.restore = restore
         self.by_design = by_design
-        self.optional = optional
 
     def __getitem__(self, index: Any) -> Any:
         if not isinstance(index, int):
             return list.__getitem__(self, index)
-        if self.own_index is not None:
-            index = self.own_index
+        index = index if self.restore.index is None else self.restore.index
         try:
             entry = list.__getitem__(self, index)
         except IndexError:
-            return self._fresh_state()
-        problem = rng_entry_problem(entry, self.optional)
+            if not self.by_design:
+                report(
+                    f"rank {global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
+                    f"{self.where} holds no RNG state for it; it keeps its fresh RNG state",
+                    logging.WARNING,
+                    every_rank=True,
+                )
+            return self._handed(FRESH, live_rng_state())
+        problem = rng_entry_problem(entry, self.load.stack.loop.optional_sources)
         if problem is not None:
-            raise RngCheckpointError(f"{self.where}: '{RNG_STATE_KEY}'[{index}]{problem}; {self.remedy}")
-        self.context.note_handed(self.kind, entry, self.data_parallel_random_init)
-        return entry
+            raise RngCheckpointError(f"{self.where}: '{RNG_STATE_KEY}'[{index}]{problem}; {self.load.remedy}")
+        return self._handed(self.restore.kind, entry)
 
-    def _fresh_state(self) -> dict[str, Any]:
-        if not self.by_design:
-            report(
-                f"rank {global_rank()} (pp {self.rank.pp_rank}, tp {self.rank.tp_rank}, dp {self.rank.dp_rank}): "
-                f"{self.where} holds no RNG state for it; it keeps its fresh RNG state",
-                logging.WARNING,
-                every_rank=True,
-            )
-        fresh = current_rng_state()
-        self.context.note_handed(FRESH, fresh, self.data_parallel_random_init)
-        return fresh
+    def _handed(self, kind: str, entry: Mapping[str, Any]) -> Mapping[str, Any]:
+        self.load.watch.note_handed(Handed(kind, entry, self.rank.gathers))
+        return entry
 
 
 class StoredLayoutLoad:
-    """What the wrappers of a stack's loads share, in either format: the load they wrap, known by what its call binds;
-    the RNG request in it; storage the package cannot judge, left alone; and the checked list the restore gets."""
+    """What the wrappers of a stack's loads share: the load, the stack's resume watch, the stored layouts, storage the
+    package cannot judge (left alone), and the checked list the restore gets."""
 
-    def __init__(self, stack: InstalledStack, load: LoadFunction, context: ResumeContext) -> None:
-        self._stack = stack
-        self._load = load
-        self._context = context
-        self._signature = inspect.signature(stack.function(load.path))
-        self._nothing_restored = nothing_restored(stack.loop.skip_rng_load)
+    def __init__(self, stack: InstalledStack, load: LoadFunction, watch: ResumeWatch) -> None:
+        self.stack = stack
+        self.load = load
+        self.watch = watch
+        self.remedy = nothing_restored(stack.loop.skip_rng_load)
 
-    def _stored_layouts(self, checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-        """The RNG layouts ``checkpoint_dir`` stores, read once per job; where they fit none known, the error says how
-        this stack resumes without them."""
+    def bind(self, args: tuple, kwargs: dict) -> LoadCall | None:
+        return LoadCall.bind(self.stack, self.load, args, kwargs)
+
+    def stored_layouts(self, checkpoint_dir: str) -> dict[str, StoredRngLayout]:
+        """The layouts ``checkpoint_dir`` stores, read once per job; an unknown one fails with the stack's remedy."""
         try:
             return stored_layouts_read_once_per_job(checkpoint_dir)
         except UnknownRngLayout as error:
-            raise RngCheckpointError(f"{error}; {self._nothing_restored}") from None
+            raise RngCheckpointError(f"{error}; {self.remedy}") from None
 
-    def _bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, Any]:
-        """What the call binds by name, its state-dict request, and the RNG request in it (None where there is none)."""
-        call = self._signature.bind(*args, **kwargs).arguments
-        sharded_state_dict = call.get(self._load.request)
-        request = sharded_state_dict.get(RNG_STATE_KEY) if isinstance(sharded_state_dict, dict) else None
-        return call, sharded_state_dict, request
-
-    def _left_alone(self, checkpoint_dir: str, as_released: str) -> bool:
-        """Whether the checkpoint is where the package cannot judge how the release reads it (the same on every rank:
-        it depends on the path and the process's set-up only), said in one line."""
+    def left_alone(self, checkpoint_dir: str, as_released: str) -> bool:
+        """Whether the checkpoint is where the package cannot judge how the release reads it (the same on every
+        rank), said in one line."""
         unjudged = storage_not_judged(checkpoint_dir)
         if unjudged is not None:
             report(f"checkpoint {checkpoint_dir}: {unjudged}; {as_released}")
         return unjudged is not None
 
-    def _restorable(
-        self, states: list, stored: StoredRngLayout, rank: RankCoordinates, kind: str, gathered: bool, **more: Any
-    ) -> RestorableRngStates:
-        where, optional = f"checkpoint {stored.checkpoint_dir}", self._stack.loop.optional_sources
-        return RestorableRngStates(
-            states,
-            where,
-            rank,
-            kind,
-            self._context,
-            self._nothing_restored,
-            data_parallel_random_init=gathered,
-            optional=optional,
-            **more,
-        )
+    def restorable(
+        self, states: list, stored: StoredRngLayout, rank: ResumingRank, restore: Restore, by_design: bool = False
+    ) -> list:
+        return RestorableRngStates(states, self, f"checkpoint {stored.checkpoint_dir}", rank, restore, by_design)
 
 
-def report_dp_resize(where: str, what: str, stored_dp: int, dp_size: int) -> None:
-    if dp_size > stored_dp:
-        consequence = f"DP ranks {stored_dp}..{dp_size - 1} keep fresh RNG state"
-    else:
-        consequence = f"the states stored for DP ranks {dp_size}..{stored_dp - 1} go unused"
-    report(f"{where} stores {what} for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
+def resuming_rank(
+    call: LoadCall, coordinates: tuple[int, int, int], model_parallel: tuple[int, int], states_asked: int
+) -> ResumingRank:
+    """The resuming rank as the restore rule sees it, from the call's groups (else mpu's): a request of more than one
+    state is the run's own gather, over DP with context parallel where it lists that many (indexed by DP rank)."""
+    dp_cp_size, dp_size = (groups.size(call.arguments, groups.DP_CP), groups.size(call.arguments, groups.DP))
+    return ResumingRank(
+        *coordinates,
+        model_parallel=model_parallel,
+        gathers=states_asked > 1,
+        indexes_as_gathered=not states_asked == dp_cp_size != dp_size,
+        ranks_alike=groups.size(call.arguments, groups.EP) <= 1,
+    )
 
 
 def stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-    """Rank 0 reads the stored layouts and every rank receives them, or the same error.
-
-    One read per checkpoint load, not one per rank of the same file on shared storage; every rank leaves the
-    broadcast, whatever rank 0 met, so none is left waiting in a collective.
-    """
+    """Rank 0 reads the stored layouts and every rank receives them, or the same error: one read per load, and no
+    rank left waiting in the collective."""
     distributed = torch.distributed
     if not distributed.is_initialized() or distributed.get_world_size() == 1:
         return read_stored_layouts(checkpoint_dir)
@@ -245,11 +199,8 @@ def stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRng
 
 
 def storage_not_judged(checkpoint_dir: str) -> str | None:
-    """Why the stored layout cannot be read where the release reads this checkpoint, or None when it can.
-
-    A scheme the package does not know, or an ``msc://`` path where megatron-core does not read through the
-    Multi-Storage Client: the package cannot tell how the release reads those, so it must not fail the load.
-    """
+    """Why the package cannot read the layout where the release does (an unknown scheme, or ``msc://`` where
+    megatron-core does not read through the Multi-Storage Client), so must not fail the load."""
     unknown = unknown_scheme(checkpoint_dir)
     if unknown is not None:
         return unknown
@@ -259,18 +210,19 @@ def storage_not_judged(checkpoint_dir: str) -> str | None:
 
 
 def _reads_through_multi_storage_client() -> bool:
-    """Whether megatron-core reads checkpoints through the Multi-Storage Client; megatron-core before 0.13 has no
-    ``msc_utils`` and reads none so."""
-    try:
+    try:  # megatron-core before 0.13 has no msc_utils and reads no checkpoint through it
         from megatron.core.msc_utils import MultiStorageClientFeature
     except ImportError:
         return False
     return MultiStorageClientFeature.is_enabled()
 
 
-def state_dict_of(result: Any, load: LoadFunction) -> Any:
-    """The loaded state dict in what a load returned."""
-    return result[0] if load.returns_tuple else result
+def report_dp_resize(where: str, what: str, stored_dp: int, dp_size: int) -> None:
+    if dp_size > stored_dp:
+        consequence = f"DP ranks {stored_dp}..{dp_size - 1} keep fresh RNG state"
+    else:
+        consequence = f"the states stored for DP ranks {dp_size}..{stored_dp - 1} go unused"
+    report(f"{where} stores {what} for DP size {stored_dp}, this job runs DP size {dp_size}: {consequence}")
 
 
 def report_shared_state(stored: StoredRngLayout) -> None:
@@ -288,11 +240,10 @@ def report_shared_state(stored: StoredRngLayout) -> None:
 
 
 def report_per_rank_layout(stored: StoredRngLayout, expert_parallel: bool, dp_size: int) -> None:
-    """One line on rank 0 where a checkpoint of per-rank state is resumed with EP 1 (not ``expert_parallel``), and
-    one where it was written for another DP size."""
-    where = f"checkpoint {stored.checkpoint_dir}"
+    """A line where a checkpoint of per-rank state is resumed with EP 1, and one where its DP size was another."""
     if not stored.per_dp_rank:
         return
+    where = f"checkpoint {stored.checkpoint_dir}"
     if not expert_parallel and not stored.fsdp_dtensor:
         report(
             f"{where} stores RNG state {stored.describe()} while this job shards it by (pp, tp) (EP == 1): each "
@@ -303,8 +254,7 @@ def report_per_rank_layout(stored: StoredRngLayout, expert_parallel: bool, dp_si
 
 
 def report_model_parallel_change(checkpoint_dir: str, stored: tuple[int, ...], running: tuple[int, int]) -> None:
-    """Upstream's own line for a TP or PP change (Megatron-LM's torch_dist load, Bridge #5100), with (TP, PP) in its
-    order and what follows for the job."""
+    """Upstream's own line for a TP or PP change (Megatron-LM, Bridge #5100), and what follows for the job."""
     (stored_pp, stored_tp), (running_pp, running_tp) = stored, running
     report(
         f"checkpoint {checkpoint_dir}: (TP, PP) mismatch after resume (({running_tp}, {running_pp}) vs "

@@ -1,28 +1,14 @@
-"""The two layouts of the ``rng_state`` ShardedObject in a torch_dist checkpoint, and how to read one back.
-
-- per (pp, tp): global shape ``(pp, tp)``, the DP rank as ``replica_id``; one list per (pp, tp) is written (by DP
-  rank 0). A save without the EP-aware fix writes it always; one with it, when EP == 1. The list holds the writer's
-  state alone, or every DP rank's: with ``data_parallel_random_init`` (in DP order), and under EP > 1 with this
-  package (in the order of DP with context parallel). Its first entry is the writer's either way.
-- per (pp, tp, dp): global shape ``(pp, tp, dp)``, ``replica_id`` 0; every DP rank's state is written.
-  A save with the fix writes it when EP > 1 (Megatron-Bridge 0.3.0 and later), and so did earlier saves with this
-  package.
-
-MegatronMIMO checkpoints keep one such object per module, keyed ``rng_state.{module_name}``, and Megatron-LM can
-prefix the key (``{key_prefix}rng_state``); each key has a layout of its own. A checkpoint's stored layout, not the
-running configuration, decides which shard a rank can read back.
-
-fsdp_dtensor checkpoints (torch DCP) keep the RNG state as a dict of lists instead, which DCP stores leaf by leaf
-(``rng_state.{entry}.{index}.{source}``) with one writer per leaf: the entry ``(pp, tp)`` that every release
-writes keeps one rank's leaves, mixed across ranks; this package adds each rank's own entry ``(pp, tp, dp)`` beside
-it under EP > 1. The same layouts describe both: entries by (pp, tp) or by (pp, tp, dp).
+"""The stored layouts of a checkpoint's RNG state, how to read them, and what a rank restores from one. torch_dist
+keeps a ``rng_state`` ShardedObject (one per MIMO module, Megatron-LM's prefixed) sharded by (pp, tp), one list written
+per (pp, tp), or by (pp, tp, dp); fsdp_dtensor keeps lists under ``(pp, tp)`` or ``(pp, tp, dp)`` entries, stored by
+torch DCP leaf by leaf. The stored layout, not the running configuration, decides what a rank can read back.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bridge_rng_patch.storage import StorageUnavailable, checkpoint_path, dcp_metadata_reader
 
@@ -33,8 +19,7 @@ RNG_STATE_KEY = "rng_state"
 
 
 def nothing_restored(skip_rng_load: str) -> str:
-    """What a load that fails on RNG state adds: nothing of it was restored, and the stack's own switch (``loops``
-    declares it) that resumes without it."""
+    """What a load that fails on RNG state adds: nothing was restored, and the stack's switch that resumes without."""
     return f"no RNG state was restored; resume with {skip_rng_load} to start from fresh RNG state"
 
 
@@ -48,8 +33,7 @@ class RngCheckpointError(RuntimeError):
 
 
 class UnknownRngLayout(RngCheckpointError):
-    """A checkpoint's RNG shards fit no layout this package knows; a load adds the stack's switch to resume without
-    them."""
+    """A checkpoint's RNG shards fit no layout this package knows."""
 
 
 def fsdp_entry(*coordinates: int) -> str:
@@ -64,12 +48,9 @@ def fsdp_entry_coordinates(entry: object) -> tuple[int, ...] | None:
 
 
 def with_own_fsdp_entry(by_pp_tp: dict, dp_rank: int) -> dict:
-    """fsdp_dtensor's RNG dict with this rank's states also under an entry of its own, ``(pp, tp, dp)``.
-
-    DCP keeps one writer per leaf of the shared ``(pp, tp)`` entry; a key per rank has one writer, the rank
-    itself. The shared entry stays, so a release without this package reads the checkpoint as it reads its
-    own. A list gathered with data_parallel_random_init already holds every DP rank's state and is left alone.
-    """
+    """fsdp_dtensor's RNG dict with this rank's states also under an entry of its own, ``(pp, tp, dp)``, which has
+    one writer where DCP keeps one per leaf of the shared ``(pp, tp)`` entry; that stays, for releases without the
+    package. A list gathered with data_parallel_random_init already holds every DP rank's state."""
     if len(by_pp_tp) != 1:
         return by_pp_tp
     ((entry, states),) = by_pp_tp.items()
@@ -80,20 +61,35 @@ def with_own_fsdp_entry(by_pp_tp: dict, dp_rank: int) -> dict:
     return by_pp_tp
 
 
-@dataclass(frozen=True)
-class RankCoordinates:
-    """Where a rank sits for RNG purposes, as its own load request tells."""
+def coordinates_of(request: ShardedObject) -> tuple[int, int, int]:
+    """(pp, tp, dp) of the rank whose load request this is; a (pp, tp) request carries the DP rank as replica id."""
+    pp_rank, tp_rank = request.global_offset[:2]
+    dp_rank = request.global_offset[2] if len(request.global_offset) == 3 else request.replica_id
+    return int(pp_rank), int(tp_rank), int(dp_rank)
+
+
+class ResumingRank(NamedTuple):
+    """A rank of a resuming job as the restore rule needs it: where it sits (DP with context parallel, as the layouts
+    count it), the job's (PP, TP) sizes, whether the run gathers its states over DP itself
+    (``data_parallel_random_init``) and whether its restore indexes that list as it was gathered (not where it
+    gathers over DP with context parallel and indexes by DP rank alone), and whether the DP ranks of a (pp, tp) held
+    one state (EP 1)."""
 
     pp_rank: int
     tp_rank: int
     dp_rank: int
+    model_parallel: tuple[int, int]
+    gathers: bool = False
+    indexes_as_gathered: bool = True
+    ranks_alike: bool = False
 
-    @classmethod
-    def of_request(cls, request: ShardedObject) -> RankCoordinates:
-        pp_rank, tp_rank = request.global_offset[:2]
-        # A (pp, tp) request carries the DP rank (with context parallel) as its replica id.
-        dp_rank = request.global_offset[2] if len(request.global_offset) == 3 else request.replica_id
-        return cls(int(pp_rank), int(tp_rank), int(dp_rank))
+
+class Restore(NamedTuple):
+    """Whose state a rank restores (``OWN``, ``SHARED``, ``FRESH``), and the index of that state in the list its
+    load hands the restore (None: the one the restore picks itself)."""
+
+    kind: str
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,45 +115,36 @@ class StoredRngLayout:
             return f"in fsdp_dtensor entries by {self.axes}, spanning {self.global_shape}"
         return f"sharded by {self.axes}, global shape {self.global_shape}"
 
-    def stored_offset(self, pp_rank: int, tp_rank: int, dp_rank: int) -> tuple[int, ...] | None:
-        """The offset of the shard a rank at these coordinates reads; None where the checkpoint holds none."""
-        offset = (pp_rank, tp_rank, dp_rank) if self.per_dp_rank else (pp_rank, tp_rank)
+    def stored_offset(self, rank: ResumingRank, dp_rank: int | None = None) -> tuple[int, ...] | None:
+        """The offset of the shard ``rank`` (or its ``dp_rank``) reads; None where the checkpoint holds none."""
+        dp_rank = rank.dp_rank if dp_rank is None else dp_rank
+        offset = (rank.pp_rank, rank.tp_rank, dp_rank) if self.per_dp_rank else (rank.pp_rank, rank.tp_rank)
         return offset if offset in self.offsets else None
 
-    def restores(
-        self,
-        rank: RankCoordinates,
-        model_parallel: tuple[int, int],
-        gathered: int | None = None,
-        ranks_alike: bool = False,
-    ) -> str:
-        """Whose state a rank at ``rank``'s coordinates restores (``OWN``, ``SHARED`` or ``FRESH``), in a job of
-        ``model_parallel`` (PP, TP) sizes: the one rule the stored-layout load and the inspector share.
+    def restore(self, rank: ResumingRank, states: int | None = None) -> Restore:
+        """Whose state ``rank`` restores, and at which index of the list its load hands the restore (``states``: how
+        many states that list holds; None before the load): the one rule the live loads and ``inspect`` share.
 
-        After a TP or PP change no stored state belongs to a running rank (Megatron seeds the model-parallel stream
-        per TP rank, every source per PP stage): every rank keeps fresh state. A (pp, tp) entry holds the states of
-        ``gathered`` DP ranks where they were gathered (``data_parallel_random_init``, or this package's save under
-        EP > 1), each rank's own; else one
-        state, DP rank 0's in torch_dist (its writer, replica 0) and mixed from several ranks' leaves in fsdp_dtensor,
-        which is each rank's own only where the DP ranks of a (pp, tp) held one state (``ranks_alike``: EP 1).
+        After a TP or PP change no stored state is a running rank's (Megatron seeds the model-parallel stream per TP
+        rank, every source per PP stage): fresh state. A (pp, tp) list of every DP rank's state (gathered with
+        ``data_parallel_random_init``, or by this package's save under EP > 1) holds each rank's own; a list of one
+        holds DP rank 0's in torch_dist (its writer) and leaves mixed from several ranks in fsdp_dtensor, which is
+        each rank's own only where the DP ranks of a (pp, tp) held one state (``ranks_alike``: EP 1).
         """
-        if self.global_shape[:2] != tuple(model_parallel):
-            return FRESH
-        if self.stored_offset(rank.pp_rank, rank.tp_rank, rank.dp_rank) is None:
-            return FRESH
+        if self.global_shape[:2] != rank.model_parallel or self.stored_offset(rank) is None:
+            return Restore(FRESH)
         if self.per_dp_rank:
-            return OWN
-        if gathered is not None:
-            return OWN if rank.dp_rank < gathered else FRESH
-        return OWN if ranks_alike or (rank.dp_rank == 0 and not self.fsdp_dtensor) else SHARED
+            return Restore(OWN, 0 if states == 1 else None)
+        if states is not None and (states > 1 or rank.gathers):
+            index = None if rank.gathers and rank.indexes_as_gathered else rank.dp_rank
+            return Restore(OWN if rank.dp_rank < states else FRESH, index)
+        alike = rank.ranks_alike or (rank.dp_rank == 0 and not self.fsdp_dtensor)
+        return Restore(OWN if alike else SHARED)
 
-    def requests_for(self, rank: RankCoordinates, dp_size: int, data: object) -> dict[str, ShardedObject]:
-        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks, by state-dict key.
-
-        Its own stored shard (none when the checkpoint holds none for it) under ``rng_state``; after a DP
-        shrink, also the shards of DP ranks that no longer exist, since dist_checkpointing requires a load
-        to cover every stored shard of a ShardedObject. Those extra states are read and dropped.
-        """
+    def requests_for(self, rank: ResumingRank, dp_size: int, data: object) -> dict[str, ShardedObject]:
+        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks, by state-dict key: its own stored shard
+        (where there is one), and after a DP shrink those of DP ranks that no longer exist, read and dropped, since
+        a load must cover every stored shard of a ShardedObject."""
         requests = {}
         own = self._shard(rank, rank.dp_rank, data)
         if own is not None:
@@ -167,10 +154,10 @@ class StoredRngLayout:
                 requests[f"{RNG_STATE_KEY}.of_dp_rank_{orphan_dp_rank}"] = self._shard(rank, orphan_dp_rank, data)
         return requests
 
-    def _shard(self, rank: RankCoordinates, dp_rank: int, data: object) -> ShardedObject | None:
+    def _shard(self, rank: ResumingRank, dp_rank: int, data: object) -> ShardedObject | None:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        offset = self.stored_offset(rank.pp_rank, rank.tp_rank, dp_rank)
+        offset = self.stored_offset(rank, dp_rank)
         if offset is None:
             return None
         replica_id = 0 if self.per_dp_rank else dp_rank
@@ -220,9 +207,8 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
 
 
 def _pickled_key_around(data: bytes, at: int) -> str | None:
-    """The RNG shard key whose pickled short string holds position ``at``, found by walking back to its opcode
-    (a key prefix puts it further back); None where none does. A literal search finds the few RNG keys among
-    thousands of tensor keys faster than a pattern anchored at every short string's opcode."""
+    """The RNG shard key whose pickled short string holds position ``at``, found by walking back to its opcode (a
+    key prefix puts it further back); None where none does."""
     floor = max(0, at - 256)
     start = data.rfind(_SHORT_STRING, floor, at)
     while start != -1:
@@ -239,13 +225,9 @@ _FRAME = 0x95  # pickle protocol 4 and later: FRAME, then the frame's length in 
 
 
 def _is_whole_pickle(data: bytes) -> bool:
-    """Whether ``data`` is a whole pickle, told without unpickling it.
-
-    A pickle ends with STOP ("."), but a cut one may end with a "." of its own (torch's keys are full of them).
-    Protocol 4 and later (torch writes 4) put the opcodes in frames that state their length, so a walk over
-    the frame headers finds a cut anywhere; where a frame is followed by unframed data (a large object), what
-    follows is judged by its last byte only.
-    """
+    """Whether ``data`` is a whole pickle, told without unpickling it: a cut one may end with a "." of its own, but
+    protocol 4 (torch's) frames state their length, so a walk over the frame headers finds a cut anywhere (where
+    unframed data follows a frame, it is judged by its last byte)."""
     if not (data.startswith(b"\x80") and data.endswith(b".")):
         return False
     position = 2
@@ -263,12 +245,12 @@ def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:
     return {key for key in keys if _is_rng_key(key)}
 
 
-def layouts_of_keys(checkpoint_dir: str, keys: set[str]) -> dict[str, StoredRngLayout]:
-    """The layout of each RNG object the shard keys (or fsdp_dtensor leaves) describe, by its key;
-    RngCheckpointError for shards of an object that fit no known layout."""
+def read_stored_layouts(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
+    """The RNG layouts stored in ``checkpoint_dir``, by key (``rng_state``, a MIMO checkpoint's ``rng_state.{module}``);
+    empty when it stores no RNG state; UnknownRngLayout for shards of an object that fit no known layout."""
     shards_by_key: dict[str, list[tuple[str, str]]] = {}
     fsdp_entries = set()
-    for key in keys:
+    for key in stored_rng_shard_keys(checkpoint_dir):
         shard = _SHARD_KEY.fullmatch(key)
         if shard is None:
             fsdp_entries.add(fsdp_entry_coordinates(_FSDP_LEAF_KEY.fullmatch(key).group(1)))
@@ -282,8 +264,7 @@ def layouts_of_keys(checkpoint_dir: str, keys: set[str]) -> dict[str, StoredRngL
 
 
 def _fsdp_layout(checkpoint_dir: str, entries: set[tuple[int, ...]]) -> StoredRngLayout:
-    """The entries a rank can read: its own ``(pp, tp, dp)`` ones where the checkpoint has them, else the
-    shared ``(pp, tp)`` ones; the extent of each axis is what the entries span."""
+    """The entries a rank can read, its own ``(pp, tp, dp)`` ones, else the shared ``(pp, tp)`` ones, and their span."""
     own = {entry for entry in entries if len(entry) == 3}
     readable = own or entries
     shape = tuple(max(axis) + 1 for axis in zip(*readable, strict=True))
@@ -300,12 +281,6 @@ def _layout(checkpoint_dir: str, key: str, shards: list[tuple[str, str]]) -> Sto
             f"(shard shapes {sorted(shapes)}, expected one (pp, tp) or (pp, tp, dp) shape)"
         )
     return StoredRngLayout(checkpoint_dir, key, shape, offsets)
-
-
-def read_stored_layouts(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-    """The RNG layouts stored in ``checkpoint_dir``, by key: ``rng_state``, and a MIMO checkpoint's
-    ``rng_state.{module}`` keys; empty when it stores no RNG state."""
-    return layouts_of_keys(checkpoint_dir, stored_rng_shard_keys(checkpoint_dir))
 
 
 def _indices(text: str) -> tuple[int, ...]:

@@ -1,12 +1,9 @@
-"""Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, so every DP rank's is written.
+"""Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, in the release's own layout.
 
-A ``get_rng_state`` without the fix shards it by (pp, tp) with the DP rank as ``replica_id``, so only one DP rank's
-state is saved while ranks in different expert-parallel groups hold different expert RNG streams. The wrapper keeps
-the release's own object (key, shape, writer) and fills its list with every DP rank's state, as the release itself
-does with ``data_parallel_random_init``: the first entry stays the writer's, which a release without this package
-restores on every rank, as it does from a checkpoint of its own; with the package each rank restores its own entry.
-fsdp_dtensor's ``{"(pp, tp)": states}`` loses the same streams (torch DCP keeps one writer per leaf): there the
-wrapper adds the rank's own ``(pp, tp, dp)`` entry, and the shared one stays.
+Without the fix one DP rank's state is saved per (pp, tp), while EP ranks hold different expert streams. The release's
+own object keeps its key, shape and writer, its list filled with every DP rank's state (as with
+``data_parallel_random_init``): entry 0 stays the writer's, for releases without the package. fsdp_dtensor's
+``{"(pp, tp)": states}`` gets the rank's own ``(pp, tp, dp)`` entry beside it.
 """
 
 from __future__ import annotations
@@ -20,20 +17,17 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from bridge_rng_patch import groups, probe
 from bridge_rng_patch.decision import Decision, Plan, Wrapping
 from bridge_rng_patch.loops import SAVE_SHARDING
-from bridge_rng_patch.resume_context import ResumeContext
+from bridge_rng_patch.resume import ResumeWatch
 from bridge_rng_patch.rng_layout import with_own_fsdp_entry
 
 
 def ep_aware_rng_state(
-    signature: probe.RngStateSignature, context: ResumeContext, torch_dist: bool = True
+    signature: probe.RngStateSignature, watch: ResumeWatch, torch_dist: bool = True
 ) -> Callable[..., Any]:
     """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it fills
-    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and for a save only
-    (``context``: no resume function running), so that a load's request stays the release's own.
-
-    A plain function and cheap checks, the argument positions found once: it runs at every checkpoint save,
-    next to the loop's own code.
-    """
+    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and at a save only (no
+    resume running, as ``watch`` sees it), so that a load's request stays the release's own. A plain function with
+    the argument positions found once: it runs at every save."""
     group_positions = {name: signature.position(name) for name in signature.names if name in groups.ARGUMENTS}
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -47,31 +41,19 @@ def ep_aware_rng_state(
         # DP with context parallel, as the loop's own replica ids count it.
         if fsdp_dtensor:
             return with_own_fsdp_entry(rng_state, groups.rank(passed, groups.DP_CP))
-        if context.loads_under_way:  # a load request: what it asks for is the stored layout, not this list
+        if watch.resumes_running:  # a load request: what it asks for is the stored layout, not this list
             return rng_state
         return with_every_dp_rank_state(rng_state, passed)
 
     return wrapper
 
 
-class MarkingResumes:
-    """The resume function's wrapper: while it runs, ``get_rng_state`` builds a load request, and gathers nothing."""
-
-    def __init__(self, context: ResumeContext) -> None:
-        self._context = context
-
-    def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        with self._context.loading():
-            return wrapped(*args, **kwargs)
-
-
 def with_every_dp_rank_state(per_pp_tp: ShardedObject, passed: dict[str, Any]) -> ShardedObject:
     """The release's (pp, tp) object with every DP rank's state in its list, in the order of their DP ranks (with
     context parallel, as its replica ids count them); a list the release gathered itself stays as it is.
 
-    One small collective over DP, which the release itself makes with ``data_parallel_random_init``; the list is
-    filled in place, in the object ``get_rng_state`` has just built for its caller alone.
-    """
+    One small collective over DP, which the release makes itself with ``data_parallel_random_init``; the list is
+    filled in place, in the object ``get_rng_state`` has just built for its caller alone."""
     group = groups.dp_cp_group(passed)
     if len(per_pp_tp.data) != 1 or group is None or group.size() <= 1:
         return per_pp_tp
@@ -88,23 +70,23 @@ def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     return args[position] if position is not None and position < len(args) else None
 
 
-def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
+def plan(stack: probe.InstalledStack, watch: ResumeWatch) -> Plan:
     target = stack.loop.get_rng_state
     if stack.get_rng_state is None:
         return Plan.refuse(f"{stack.module.__name__} has no {target}")
     # Is the fix already there? Asked first: fixed releases change the signature too (module_name, ...).
-    every_dp_rank, fsdp_by_pp_tp = stack.shards_every_dp_rank, stack.keys_fsdp_rng_by_pp_tp
+    every_dp_rank, fsdp_by_pp_tp = (stack.shards_every_dp_rank, stack.keys_fsdp_rng_by_pp_tp)
     if every_dp_rank and not fsdp_by_pp_tp:
         shown = probe.describe_signature(stack.get_rng_state)
         return Plan.not_needed(f"upstream {target}{shown} already writes every DP rank's RNG state")
     unavailable = f"the source of {target}"
-    if every_dp_rank is None and probe.release_claims_fix(stack.loop, SAVE_SHARDING):
-        return Plan(probe.decide_by_release(stack.loop, SAVE_SHARDING, unavailable))
+    if every_dp_rank is None and stack.claims_fix(SAVE_SHARDING):
+        return Plan(stack.decide_by_release(SAVE_SHARDING, unavailable))
     signature = stack.rng_state_signature
     if signature is None:
         return Plan.refuse(f"unknown signature {target}{probe.describe_signature(stack.get_rng_state)}")
     if every_dp_rank is None:
-        decision = probe.decide_by_release(stack.loop, SAVE_SHARDING, unavailable)
+        decision = stack.decide_by_release(SAVE_SHARDING, unavailable)
     elif every_dp_rank:
         decision = Decision.apply(
             f"{signature.describe()} writes every DP rank's RNG state for torch_dist, but one rank's per (pp, tp) "
@@ -113,15 +95,11 @@ def plan(stack: probe.InstalledStack, context: ResumeContext) -> Plan:
     elif not stack.builds_rng_sharded_object:
         return Plan.refuse(f"unexpected {target}: its source builds no ShardedObject with a replica_id")
     else:
-        claims = probe.release_claims_fix(stack.loop, SAVE_SHARDING)
-        note = "; its version number claims the fix, its code does not have it" if claims else ""
+        note = (
+            "; its version number claims the fix, its code does not have it" if stack.claims_fix(SAVE_SHARDING) else ""
+        )
         formats = "torch_dist and fsdp_dtensor" if fsdp_by_pp_tp else "torch_dist"
         decision = Decision.apply(f"{signature.describe()} shards by (pp, tp) only ({formats}){note}")
-    wrappings = [Wrapping(target, ep_aware_rng_state(signature, context, torch_dist=not every_dp_rank))]
-    if not every_dp_rank:
-        # The torch_dist fix gathers at saves only: a load is told from a save by the resume function running.
-        lacks = stack.lacks(stack.loop.resume_function)
-        if lacks:
-            return Plan.refuse(f"{lacks}, which tells a load from a save")
-        wrappings.append(Wrapping(stack.loop.resume_function, MarkingResumes(context)))
-    return Plan(decision, tuple(wrappings))
+    wrapping = Wrapping(target, ep_aware_rng_state(signature, watch, torch_dist=not every_dp_rank))
+    # The torch_dist fix gathers at saves only: the watch tells a load from a save by a resume running.
+    return Plan(decision, (wrapping,), watched=not every_dp_rank)

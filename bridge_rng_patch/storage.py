@@ -1,9 +1,6 @@
-"""Where a release keeps its checkpoints: a local or shared file system, or object storage through the
-Multi-Storage Client (``msc://``), which megatron-core and Bridge read wherever a path has that scheme.
-
-The layout read and the inspector open a checkpoint's files where the release would: an ``msc://`` path
-through ``multistorageclient`` (its ``Path`` is pathlib's shape), a path without a scheme on the file system.
-Nothing here imports torch or megatron-core: the inspector runs without them.
+"""Where a release keeps its checkpoints: a file system, or object storage through the Multi-Storage Client
+(``msc://``). The layout read and the inspector open a checkpoint's files where the release would; nothing here
+imports torch or megatron-core.
 """
 
 from __future__ import annotations

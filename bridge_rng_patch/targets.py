@@ -1,11 +1,6 @@
-"""Where a patch puts its wrapper: an attribute path in a stack's checkpointing module, the same way for every stack.
-
-A path names a function of the module (``get_rng_state``), a method of one of its classes
-(``MegatronCheckpointManager.get_rng_state``), or a function of a module it imported and calls through its own
-global (ms-swift calls megatron-core's ``dist_checkpointing.load`` and its own ``fsdp_checkpoint.load_checkpoint``).
-Such a module is shared by everyone who imports it, so the stack's global is given a view of it instead, and the
-wrapper goes on the view: the calls the stack makes through that global are wrapped, and nothing changes for anyone
-else. What a patch replaces is saved so that undo puts back exactly what was there.
+"""Where a patch puts its wrapper: an attribute path in a stack's module, resolved alike for every stack: a function, a
+method of one of its classes, or a function of a module it calls through its own global (ms-swift's
+``dist_checkpointing.load``), wrapped on a view of that shared module for this stack alone. Undo puts back exactly.
 """
 
 from __future__ import annotations
@@ -79,3 +74,18 @@ def wrap(module: ModuleType, path: str, wrapper: Any) -> None:
         wrapt.wrap_function_wrapper(through, rest, wrapper)
         return
     wrapt.wrap_function_wrapper(module, path, wrapper)
+
+
+def take_out(saved: Saved, proxy: Any) -> Any:
+    """Take the wrapper ``proxy``, put on where ``saved`` was taken, out of the wrappers there, leaving those put on
+    over it (wrapt lets a proxy's wrapped object be replaced); returns the one directly over it, whose saved value is
+    now ``saved``'s, or None where it was outermost."""
+    current = vars(saved.owner).get(saved.name)
+    if current is proxy:
+        saved.put_back()
+        return None
+    above = current
+    while above.__wrapped__ is not proxy:
+        above = above.__wrapped__
+    above.__wrapped__ = proxy.__wrapped__
+    return above

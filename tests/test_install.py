@@ -156,6 +156,7 @@ def test_versions_come_from_the_code_where_there_is_no_metadata(image_with_sourc
     image, _ = image_with_sources_on_pythonpath
     code = (
         "import json, bridge_rng_patch, megatron.bridge.training.checkpointing\n"
+        "import megatron.bridge.training.setup, megatron.bridge.training.train\n"  # as a training script does
         "status = bridge_rng_patch.status('Megatron-Bridge')\n"
         "print(json.dumps([bridge_rng_patch.__file__, status[0].versions, [s.state for s in status]]))"
     )

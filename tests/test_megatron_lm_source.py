@@ -67,8 +67,9 @@ def test_each_patch_decides_from_the_trees_code(decisions):
         "tracker_restore": upstream_fix,
         "layout_load": "applied",
         "data_init_callbacks": "not needed",
-        "keep_restored": "applied",
-        "resume_audit": "applied",
+        # Their wrappers wait for megatron.training.training, which the tree's status import leaves out.
+        "keep_restored": "pending",
+        "resume_audit": "pending",
     }
 
 

@@ -108,8 +108,8 @@ import megatron.bridge.training.checkpointing as checkpointing
 import bridge_rng_patch
 from bridge_rng_patch.loops import BRIDGE
 from bridge_rng_patch.probe import InstalledStack
-from bridge_rng_patch.resume_context import ResumeContext
-from bridge_rng_patch.torch_dist_load import LayoutAwareDistLoad
+from bridge_rng_patch.resume import ResumeWatch
+from bridge_rng_patch.layout_load import LayoutAwareDistLoad
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.msc_utils import MultiStorageClientFeature
 if {disable_msc}:
@@ -119,7 +119,8 @@ loaded = []
 def load(**call):
     loaded.append(call["sharded_state_dict"]["rng_state"] is request)
     return ({{"rng_state": ["as the release loaded it"]}}, "", False, None)
-wrapper = LayoutAwareDistLoad(InstalledStack(BRIDGE, checkpointing), ResumeContext())
+stack = InstalledStack(BRIDGE, checkpointing)
+wrapper = LayoutAwareDistLoad(stack, ResumeWatch(stack))
 result = wrapper(load, None, (), dict(
     load_dir={load_dir!r}, ckpt_cfg=None, rank0=False, sharded_state_dict={{"rng_state": request}},
     iteration=10, release=False,

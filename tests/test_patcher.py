@@ -37,6 +37,9 @@ OLD_BRIDGE_STATES = ["applied", "applied", "applied", "not needed", "applied", "
 APPLIED_ON_OLD_BRIDGE = tuple(
     name for name, state in zip(PATCH_NAMES, OLD_BRIDGE_STATES, strict=True) if state == "applied"
 )
+# With its checkpointing module alone imported: the patches whose wrappers go on its set-up and training step wait.
+CHECKPOINTING_ONLY_STATES = [*OLD_BRIDGE_STATES[:4], "pending", "pending"]
+SET_UP_MODULES = "import megatron.bridge.training.setup, megatron.bridge.training.train\n"
 
 
 def _result(process) -> dict:
@@ -64,13 +67,8 @@ def test_patches_apply_whichever_is_imported_first(order):
     imports = ["import bridge_rng_patch", "import megatron.bridge.training.checkpointing as checkpointing"]
     if order == "bridge first":
         imports.reverse()
-    result = _result(
-        run_python(
-            RUNNER,
-            "\n".join(imports) + PRINT_STATES_AND_WRAPPED,
-        )
-    )
-    assert result == {"states": OLD_BRIDGE_STATES, "wrapped": [True] * 4}
+    result = _result(run_python(RUNNER, "\n".join(imports) + PRINT_STATES_AND_WRAPPED))
+    assert result == {"states": CHECKPOINTING_ONLY_STATES, "wrapped": [True] * 4}
 
 
 def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
@@ -88,6 +86,7 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         threads = [threading.Thread(target=race) for _ in range(8)]
         [thread.start() for thread in threads]
         [thread.join() for thread in threads]
+        import megatron.bridge.training.setup, megatron.bridge.training.train
         importlib.reload(bridge_rng_patch)
         bridge_rng_patch.apply()
         import megatron.bridge.training.checkpointing as checkpointing
@@ -96,7 +95,7 @@ def test_repeated_imports_and_concurrent_threads_apply_each_patch_once():
         print(json.dumps({
             "inner": checkpointing.get_rng_state.__wrapped__.__module__,
             "inner_is_plain_function": type(checkpointing.get_rng_state.__wrapped__).__name__,
-            # Three patches wrap the resume: the save's mark of a load, the graph-safe restore, the audit around both.
+            # Three wrappers on the resume: the graph-safe restore, the audit around it, the resume watch outermost.
             "load_inner_is_plain_function": type(
                 checkpointing._load_checkpoint_from_path.__wrapped__.__wrapped__.__wrapped__
             ).__name__,
@@ -150,7 +149,7 @@ def test_undo_restores_the_exact_original_objects_and_apply_reapplies():
         "patched": [True] * 4,
         "restored": [True] * 4,
         "undone": ["undone", "undone", "undone", "not needed", "undone", "undone"],
-        "reapplied": OLD_BRIDGE_STATES,
+        "reapplied": CHECKPOINTING_ONLY_STATES,
     }
 
 
@@ -233,14 +232,16 @@ BEYOND_THE_FIXES = {
         "megatron.bridge.training.setup fires no on_data_init_start callbacks in this release",
     ],
     "keep_restored": [
-        "applied",
-        "after a resume that restored RNG state, every source is put back after "
+        "pending",
+        "waiting for megatron.bridge.training.setup, megatron.bridge.training.train to be imported; then: after a "
+        "resume that restored RNG state, every source is put back after "
         "megatron.bridge.training.setup.setup_data_iterators",
     ],
     "resume_audit": [
-        "applied",
-        "after _load_checkpoint_from_path resumes RNG state, one small collective compares each rank's streams "
-        "with what it was handed and with the other ranks'; rank 0 logs one line",
+        "pending",
+        "waiting for megatron.bridge.training.train to be imported; then: after _load_checkpoint_from_path resumes RNG "
+        "state, one small collective compares each rank's streams with what it was handed and with the other ranks'; "
+        "rank 0 logs one line",
     ],
 }
 
@@ -430,7 +431,7 @@ def test_a_stack_imported_from_a_zip_archive_gets_its_module_patched_and_no_othe
         """,
     )
     assert _result(process) == {
-        "states": ["applied", "applied", "applied", "not needed", "applied", "applied"],
+        "states": ["applied", "applied", "applied", "not needed", "pending", "pending"],
         "loaded_by_the_zip_importer": True,
         "same_loader_for_the_sibling": True,
         "loader_edited": False,
@@ -450,10 +451,10 @@ def test_disable_names_single_patches_and_the_status_says_so():
     assert process.returncode == 0, process.stderr[-4000:]
     reasons = json.loads(process.stdout.splitlines()[-2])
     assert reasons[2] == reasons[5] == "BRIDGE_RNG_PATCH_DISABLE names it"
-    # get_rng_state and the restore are wrapped; neither load is.
+    # Both loads are wrapped by the resume watch alone, which the save and the keep act on.
     assert _result(process) == {
-        "states": ["applied", "applied", "disabled", "not needed", "applied", "disabled"],
-        "wrapped": [True, True, False, False],
+        "states": ["applied", "applied", "disabled", "not needed", "pending", "disabled"],
+        "wrapped": [True, True, True, True],
     }
     assert (
         "bridge_rng_patch: BRIDGE_RNG_PATCH_DISABLE names 'no_such_patch', which is no patch of bridge_rng_patch "
@@ -472,40 +473,43 @@ def test_disable_set_to_off_disables_nothing(value):
             extra_env={"BRIDGE_RNG_PATCH_DISABLE": value},
         )
     )
-    assert result == {"states": OLD_BRIDGE_STATES, "wrapped": [True] * 4}
+    assert result == {"states": CHECKPOINTING_ONLY_STATES, "wrapped": [True] * 4}
 
 
-def test_a_wrapper_that_must_see_a_call_first_is_refused_where_the_order_would_put_it_inside():
-    """The audit notes the request the loop built, before the stored-layout load rewrites it: applied before that
-    load's patch, its wrappers would sit inside, and the order check refuses it, leaving the module untouched."""
-    process = run_python(
-        RUNNER,
-        """
-        import json
-        from bridge_rng_patch import patcher
-        order = ("save_sharding", "tracker_restore", "resume_audit", "layout_load")
-        summaries = dict(patcher.PATCHES)
-        patcher.PATCHES.clear()
-        patcher.PATCHES.update({name: summaries[name] for name in order})
-        patcher._ORDER.update({name: position for position, name in enumerate(order)})
-        import bridge_rng_patch
-        import megatron.bridge.training.checkpointing as checkpointing
-        statuses = {s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}
-        # How many wrappers each load has: those of the patches applied, none of the refused one's.
-        def wrappers(function):
-            return 0 if not hasattr(function, "__wrapped__") else 1 + wrappers(function.__wrapped__)
-        statuses["wrappers"] = [
-            wrappers(getattr(checkpointing, name))
-            for name in ("_load_global_dist_base_checkpoint", "_load_base_checkpoint", "_load_checkpoint_from_path")
-        ]
-        print(json.dumps(statuses))
-        """,
-    )
+# Wrappers on the training step, outermost first, and the states, after a set-up module without the function the keep
+# wraps there is imported (a fork that renamed it): the keep is refused and its wrappers come off, the audit's stay.
+SET_UP_WITHOUT_THE_BUILDER = """
+import importlib, json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+import bridge_rng_patch
+import megatron.bridge.training.checkpointing, megatron.bridge.training.train as train
+original = train.train_step.__wrapped__.__wrapped__
+def wrappers(function):
+    found = []
+    while hasattr(function, "_self_wrapper"):
+        found.append(getattr(function._self_wrapper, "__name__", type(function._self_wrapper).__name__))
+        function = function.__wrapped__
+    return found
+before = wrappers(train.train_step)
+sys.modules["megatron.bridge.training"].__path__.insert(0, {fork!r})
+importlib.import_module("megatron.bridge.training.setup")
+statuses = {{s.name: [s.state, s.reason] for s in bridge_rng_patch.status("Megatron-Bridge")}}
+after = wrappers(train.train_step)
+bridge_rng_patch.undo()
+print(json.dumps({{"before": before, "after": after, "statuses": statuses, "undone": train.train_step is original}}))
+"""
+
+
+def test_a_set_up_module_without_the_function_a_patch_wraps_there_refuses_it_and_takes_its_wrappers_off(tmp_path):
+    (tmp_path / "setup.py").write_text("def setup():\n    pass\n")
+    process = run_python(RUNNER, SET_UP_WITHOUT_THE_BUILDER.format(fork=str(tmp_path)))
     result = _result(process)
-    # layout_load on each format's load; the save's mark of a load and the graph-safe restore on the resume.
-    assert result["wrappers"] == [1, 1, 2]
-    assert result["resume_audit"] == [
+    assert result["before"] == ["at_first_step", "MarkingFirstStep"]
+    assert result["statuses"]["keep_restored"] == [
         "refused",
-        "its wrappers must wrap those of layout_load, applied after it",
+        "megatron.bridge.training.setup has no setup_data_iterators in this release",
     ]
-    assert result["layout_load"][0] == "applied"
+    assert result["statuses"]["resume_audit"][0] == "applied"
+    assert result["after"] == ["at_first_step"]  # taken out from under the audit's wrapper
+    assert result["undone"]
+    assert "keep_restored: refused: megatron.bridge.training.setup has no setup_data_iterators" in process.stderr

@@ -83,17 +83,17 @@ WITH_DATA_INIT_CALLBACKS = Version("0.5.0")
 # Between the restore and the first step: what each function of the set-up and the step carries, outermost first.
 BRIDGE_ELSEWHERE = {
     "megatron.bridge.training.setup.setup_data_iterators": ["KeepingRestored"],
-    "megatron.bridge.training.train.train_step": ["CheckingFirstStep", "MarkingFirstStep"],
+    "megatron.bridge.training.train.train_step": ["at_first_step", "MarkingFirstStep"],
 }
 CALLBACKS_FIRE = "megatron.bridge.training.callbacks.CallbackManager.fire"
 MEGATRON_LM_ELSEWHERE = {
     "megatron.training.training.build_train_valid_test_data_iterators": ["KeepingRestored"],
-    "megatron.training.training.train_step": ["CheckingFirstStep", "MarkingFirstStep"],
+    "megatron.training.training.train_step": ["at_first_step", "MarkingFirstStep"],
 }
 # The fixed releases write every DP rank's torch_dist RNG state, but fsdp_dtensor's one per (pp, tp) still.
 FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}
-# Outermost first: the audit, the graph-safe restore, the save's mark of a resume (it gathers at saves only).
-AUDITED_AND_CONVERTING = ["AuditAfterRestore", "ConvertingTrackerWhileLoading", "MarkingResumes"]
+# Outermost first: the resume watch (what the save, the keep and the audit act on), the audit, the graph-safe restore.
+AUDITED_AND_CONVERTING = ["noting_resume", "after_resume", "ConvertingTrackerWhileLoading"]
 
 
 def _decide(release) -> dict:
@@ -149,7 +149,7 @@ def test_fixed_release_gets_the_stored_layout_load_and_fsdp_dtensor_entries_per_
         "data_init_callbacks": "applied" if with_callbacks else "not needed",
     }
     assert decision["untouched"] == [False, False, False]
-    assert decision["restore_wrappers"] == ["AuditAfterRestore"]  # the restore converts already
+    assert decision["restore_wrappers"] == ["noting_resume", "after_resume"]  # the restore converts already
     # Releases before 0.5.0 may have the callback manager, but fire no on_data_init_start: it is wrapped from 0.5.0.
     fire = decision["elsewhere"].pop(CALLBACKS_FIRE, [])
     assert decision["elsewhere"] == BRIDGE_ELSEWHERE
@@ -228,7 +228,7 @@ def test_megatron_lm_loop_gets_the_save_sharding_and_the_stored_layout_load(mega
     """Its restore converts tracker states already (megatron-core 0.16 and later); nothing else is fixed."""
     decision = megatron_lm_decisions[release.core]
     assert decision["states"] == MEGATRON_LM_DECISIONS
-    assert decision["restore_wrappers"] == ["AuditAfterRestore", "MarkingResumes"]
+    assert decision["restore_wrappers"] == ["noting_resume", "after_resume"]
     assert decision["elsewhere"] == MEGATRON_LM_ELSEWHERE
     assert (decision["bridge_version"], decision["core_version"]) == ("not installed", release.core)
     assert decision["reasons"]["save_sharding"].startswith("get_rng_state(ckpt_format, tp_group, pp_group")

@@ -5,7 +5,9 @@ check's (on the real loops: test_first_step.py)."""
 
 from __future__ import annotations
 
-from bridge_rng_patch.resume_audit import RankAudit, judge, judge_first_step
+import dataclasses
+
+from bridge_rng_patch.resume_audit import RankAtFirstStep, RankAudit, judge, judge_first_step
 
 EXPERT, MODEL = "expert-parallel-rng", "model-parallel-rng"
 
@@ -13,7 +15,7 @@ EXPERT, MODEL = "expert-parallel-rng", "model-parallel-rng"
 def _rank(rank: int, pp: int = 0, tp: int = 0, dp: int = 0, ep: int = 0, **digests: str) -> RankAudit:
     streams = {"python": f"python-of-rank-{rank}", EXPERT: f"expert-of-rank-{rank}"}
     streams.update({name.replace("_", "-"): digest for name, digest in digests.items()})
-    return RankAudit(rank, pp, tp, dp, ep, 0, "own", False, True, streams)
+    return RankAudit(rank, pp, tp, dp, ep, handed="own", holds_what_it_was_handed=True, digests=streams)
 
 
 def test_ranks_of_different_ep_ranks_with_one_expert_state_are_named_as_collapsed():
@@ -36,12 +38,12 @@ def test_model_parallel_streams_must_differ_by_tp_rank():
 def test_with_data_parallel_random_init_every_stream_must_differ_by_dp_rank():
     alike = [_rank(rank, dp=rank, python="one") for rank in range(2)]
     assert judge(alike).collapsed == []  # without it the DP ranks are seeded alike
-    random_init = [rank._replace(data_parallel_random_init=True) for rank in alike]
+    random_init = [dataclasses.replace(rank, data_parallel_random_init=True) for rank in alike]
     assert [collapse.stream for collapse in judge(random_init).collapsed] == ["python"]
 
 
 def test_a_rank_that_holds_another_state_than_it_was_handed_is_named():
-    ranks = [_rank(0), _rank(1, dp=1)._replace(holds_what_it_was_handed=False)]
+    ranks = [_rank(0), dataclasses.replace(_rank(1, dp=1), holds_what_it_was_handed=False)]
     result = judge(ranks)
     assert (result.passed, result.not_as_handed) == (False, [1])
     assert "rank 1 holds another state than the one restored to it" in result.line
@@ -55,7 +57,7 @@ def test_a_line_names_eight_ranks_and_counts_the_rest():
 
 
 def test_a_first_step_where_nothing_moved_passes_in_one_line():
-    check = judge_first_step([(rank, (), True) for rank in range(4)])
+    check = judge_first_step([RankAtFirstStep(rank) for rank in range(4)])
     assert check.passed
     assert check.line == (
         "RNG first-step check, 4 ranks: 4 started the first step with the RNG state the restore left them, every source"
@@ -63,7 +65,7 @@ def test_a_first_step_where_nothing_moved_passes_in_one_line():
 
 
 def test_torch_alone_moved_is_put_down_to_a_data_loaders_base_seed():
-    check = judge_first_step([(rank, ("torch",), True) for rank in range(4)])
+    check = judge_first_step([RankAtFirstStep(rank, ("torch",)) for rank in range(4)])
     assert not check.passed
     assert check.moved == {("torch",): [0, 1, 2, 3]}
     assert "MOVED since the restore: torch moved on ranks 0, 1, 2, 3 (torch's CPU generator alone: a DataLoader" in (
@@ -73,13 +75,13 @@ def test_torch_alone_moved_is_put_down_to_a_data_loaders_base_seed():
 
 def test_every_source_moved_is_put_down_to_a_re_seed_or_a_callback():
     moved = ("cuda", "numpy", "python", "torch", EXPERT)
-    check = judge_first_step([(0, moved, True), (1, (), True)])
+    check = judge_first_step([RankAtFirstStep(0, moved), RankAtFirstStep(1)])
     assert check.moved == {moved: [0]}
     assert "moved on rank 0 (every source: a re-seed, or a callback that draws, after the load)" in check.line
 
 
 def test_a_rank_with_nothing_read_after_its_restore_is_named_as_not_checked():
-    check = judge_first_step([(0, (), True), (1, (), False)])
+    check = judge_first_step([RankAtFirstStep(0), RankAtFirstStep(1, checked=False)])
     assert not check.passed
     assert check.unchecked == [1]
     assert "rank 1 could not be checked" in check.line

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 
-def install(seed: int) -> torch.Generator:
-    device_generator = torch.Generator()
+def install(seed: int, device_generator: torch.Generator | None = None) -> torch.Generator:
+    """The stand-ins, with ``device_generator`` (a CPU generator of its own by default) as the device's, seeded."""
+    device_generator = torch.Generator() if device_generator is None else device_generator
     device_generator.manual_seed(seed)
     torch.cuda.get_rng_state = lambda device="cuda": device_generator.get_state()
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # the same function, as megatron-core calls it
@@ -29,3 +30,22 @@ def install(seed: int) -> torch.Generator:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.default_generators = {"cpu": device_generator}
     return device_generator
+
+
+class _NoStream:
+    """A CUDA stream or event where work runs in order, as on the CPU: waiting and recording do nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
+
+
+def install_streams() -> None:
+    """Streams and events that megatron-core's DDP and MoE dispatchers order their work by, doing nothing."""
+    import contextlib
+
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.Stream = torch.cuda.Event = _NoStream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()

@@ -40,11 +40,13 @@ def configure(spec: dict) -> Any:
         *("--ckpt-format", spec.get("ckpt_format", "torch_dist")),
         *("--train-iters", str(STEP), "--save-interval", str(STEP), "--seed", "1234"),
         *("--eval-interval", str(STEP), "--eval-iters", "1"),
-        *("--no-save-optim", "--no-load-optim", "--no-gradient-accumulation-fusion"),
+        *(() if spec.get("extra_arguments") else ("--no-save-optim", "--no-load-optim")),
+        "--no-gradient-accumulation-fusion",
         *(("--use-megatron-fsdp",) if spec.get("ckpt_format") == "fsdp_dtensor" else ()),
         *(("--data-parallel-random-init",) if spec.get("data_parallel_random_init") else ()),
         *(("--no-load-rng",) if spec.get("load_rng") is False else ()),
         *(("--finetune",) if spec.get("finetune") else ()),
+        *spec.get("extra_arguments", ()),  # a model of the job's own, its optimizer saved and loaded (trajectory.py)
     ]
     _a_hopper_device()
     if spec.get("ckpt_format") != "fsdp_dtensor":  # as Megatron-LM's launch scripts export it, except for FSDP
@@ -122,8 +124,8 @@ def _key_prefix(spec: dict) -> dict:
     return {"rng_state_key_prefix": spec["key_prefix"]} if "key_prefix" in spec else {}
 
 
-def save(model: list, spec: dict) -> None:
-    sys.modules[MODULE].save_checkpoint(spec.get("iteration", STEP), model, None, None, 0, **_key_prefix(spec))
+def save(model: list, spec: dict, optimizer: Any = None) -> None:
+    sys.modules[MODULE].save_checkpoint(spec.get("iteration", STEP), model, optimizer, None, 0, **_key_prefix(spec))
 
 
 def finalize_async_save() -> None:
@@ -133,8 +135,8 @@ def finalize_async_save() -> None:
     maybe_finalize_async_save(blocking=True)
 
 
-def load(model: list, spec: dict) -> None:
-    sys.modules[MODULE].load_checkpoint(model, None, None, **_key_prefix(spec))
+def load(model: list, spec: dict, optimizer: Any = None) -> None:
+    sys.modules[MODULE].load_checkpoint(model, optimizer, None, **_key_prefix(spec))
 
 
 def get_rng_state(data_parallel_random_init: bool, spec: dict | None) -> Any:

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import first_step
 import megatron_lm_loop
 import stack_loops
+import trajectory
 
 SAVE_SEED = 1000
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -198,12 +199,21 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         expert_model_parallel_size=spec["ep"],
         context_parallel_size=spec.get("cp", 1),
     )
+    training = spec["action"] == "train"
     if spec.get("real_cuda"):
         torch.cuda.set_device(0)
         device_generator = torch.cuda.default_generators[0]
+    elif training:  # see trajectory.py: what the model draws on "the device" draws from torch's own generator
+        device_generator = fake_cuda.install(seed=rank, device_generator=torch.default_generator)
+        trajectory.on_the_cpu()
     else:
         device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
+    if training:
+        report = {"rank": rank, "coords": _coordinates(), **_train(spec, device_generator), "logs": logs}
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return report
     if _job_loop == BRIDGE:
         state, model = _build_state_and_model(spec)
     elif _job_loop == MEGATRON_LM:
@@ -211,15 +221,7 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     else:
         model = [small_weights(_model_config(spec), spec)]
         state = stack_loops.build(_job_loop, spec, model)
-    report = {
-        "rank": rank,
-        "coords": {
-            "pp": mpu.get_pipeline_model_parallel_rank(),
-            "tp": mpu.get_tensor_model_parallel_rank(),
-            "dp": mpu.get_data_parallel_rank(with_context_parallel=True),
-            "ep": mpu.get_expert_model_parallel_rank(),
-        },
-    }
+    report = {"rank": rank, "coords": _coordinates()}
     if spec["action"] == "signatures":
         report["by_signature"] = _requests_for_each_signature()
     elif spec["action"] in EXTRA_ACTIONS:
@@ -251,6 +253,56 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return report
+
+
+def _coordinates() -> dict:
+    from megatron.core import parallel_state as mpu
+
+    return {
+        "pp": mpu.get_pipeline_model_parallel_rank(),
+        "tp": mpu.get_tensor_model_parallel_rank(),
+        "dp": mpu.get_data_parallel_rank(with_context_parallel=True),
+        "ep": mpu.get_expert_model_parallel_rank(),
+    }
+
+
+def _train(spec: dict, device_generator: Any) -> dict:
+    """The action "train" (trajectory.py): a run of the tiny MoE model that saves after ``save_after`` (its
+    ``iteration``), or, with ``resume``, that run resumed from its checkpoint in new processes."""
+    _loop_seed(trajectory.SEED, spec)
+    state, model, optimizer = _trajectory_state(spec)
+    steps, save_after = spec["steps"], spec["iteration"]
+    if not spec.get("resume"):
+        save = lambda step: save_checkpoint(state, model, spec, optimizer)  # noqa: E731
+        return trajectory.trained(model, optimizer, range(1, steps + 1), save, save_after)
+    with trajectory.sabotaged(spec.get("sabotage")):
+        load_checkpoint(state, model, spec, optimizer)
+    if _job_loop in (BRIDGE, MEGATRON_LM):  # what its set-up runs after the load, then its real training step
+        first_step.run_until_first_step(_job_loop, state, spec, device_generator)
+        first_step.enter_first_step(_job_loop)
+    return trajectory.trained(model, optimizer, range(save_after + 1, steps + 1))
+
+
+def _trajectory_state(spec: dict) -> tuple[Any, list, Any]:
+    """What the loop saves and loads with, around the tiny MoE model and its optimizer."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if _job_loop == BRIDGE:
+        state, _ = _build_state_and_model(spec, trajectory.model_config(spec))
+        state.cfg.model.finalize()  # what Bridge's set-up does to its model configuration before building
+        return (state, *trajectory.build(state.cfg.model))
+    if _job_loop == MEGATRON_LM:
+        megatron_lm_loop.configure({**spec, "extra_arguments": trajectory.MEGATRON_LM_ARGUMENTS})
+    # verl 0.9.1 cannot load a megatron-core optimizer's state here (its load builds the optimizer's request from the
+    # model's sharded state dict after megatron-core's load consumed it: "Param id 0 does not match any model sharded
+    # param", with the package or without): its runs train with SGD without momentum, whose state is empty.
+    stateless = _job_loop == stack_loops.VERL
+    model, optimizer = trajectory.build(
+        TransformerConfig(**trajectory.model_config(spec)), "sgd" if stateless else "adam"
+    )
+    saved_optimizer = None if stateless else optimizer
+    state = None if _job_loop == MEGATRON_LM else stack_loops.build(_job_loop, spec, model, saved_optimizer)
+    return state, model, optimizer
 
 
 def _load_and_report(report: dict, state: Any, model: list, device_generator: Any, spec: dict) -> None:
@@ -324,24 +376,24 @@ def finalize_async_save(state: Any) -> None:
         megatron_lm_loop.finalize_async_save()
 
 
-def save_checkpoint(state: Any, model: list, spec: dict) -> None:
+def save_checkpoint(state: Any, model: list, spec: dict, optimizer: Any = None) -> None:
     """The loop's real save_checkpoint, called as its training loop calls it at STEP."""
     if _job_loop == BRIDGE:
-        loop_checkpointing().save_checkpoint(state, model, None, None, 0, **_module_name(spec))
+        loop_checkpointing().save_checkpoint(state, model, optimizer, None, 0, **_module_name(spec))
     elif _job_loop == MEGATRON_LM:
-        megatron_lm_loop.save(model, spec)
+        megatron_lm_loop.save(model, spec, optimizer)
     else:
-        stack_loops.save(_job_loop, state, model, spec)
+        stack_loops.save(_job_loop, state, model, spec, optimizer)
 
 
-def load_checkpoint(state: Any, model: list, spec: dict) -> None:
+def load_checkpoint(state: Any, model: list, spec: dict, optimizer: Any = None) -> None:
     """The loop's real load_checkpoint, called as its training loop calls it on a resume."""
     if _job_loop == BRIDGE:
-        loop_checkpointing().load_checkpoint(state, model, None, None, **_module_name(spec))
+        loop_checkpointing().load_checkpoint(state, model, optimizer, None, **_module_name(spec))
     elif _job_loop == MEGATRON_LM:
-        megatron_lm_loop.load(model, spec)
+        megatron_lm_loop.load(model, spec, optimizer)
     else:
-        stack_loops.load(_job_loop, state, model, spec)
+        stack_loops.load(_job_loop, state, model, spec, optimizer)
 
 
 def _module_name(spec: dict) -> dict:
@@ -412,8 +464,9 @@ def _capture_package_logs() -> list[str]:
     return messages
 
 
-def _build_state_and_model(spec: dict) -> tuple[Any, list]:
-    """A real GlobalState with a real ConfigContainer, and the small model."""
+def _build_state_and_model(spec: dict, model_config: dict | None = None) -> tuple[Any, list]:
+    """A real GlobalState with a real ConfigContainer, and the small model (or the model ``model_config`` configures,
+    which the caller builds, with its optimizer saved and loaded)."""
     import torch
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.training.config import (
@@ -431,7 +484,10 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
-    model_config = GPTModelProvider(num_layers=1, hidden_size=8, num_attention_heads=1, **model_parallelism(spec))
+    with_optimizer = model_config is not None
+    model_config = GPTModelProvider(
+        **(model_config or {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 1, **model_parallelism(spec)})
+    )
     data_parallel_size = mpu.get_data_parallel_world_size()
     config = ConfigContainer(
         train=TrainingConfig(micro_batch_size=1, global_batch_size=data_parallel_size, train_iters=STEP),
@@ -451,8 +507,8 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
             save_rng=True,
             load_rng=spec.get("load_rng", True),
             finetune=spec.get("finetune", False),
-            save_optim=False,
-            load_optim=False,
+            save_optim=with_optimizer,
+            load_optim=with_optimizer,
             async_save=spec.get("async_save", False),
             fully_parallel_load=spec.get("fully_parallel_load", False),
             **({"strict_fsdp_dtensor_load": True} if spec.get("strict_fsdp_dtensor_load") else {}),
@@ -468,7 +524,7 @@ def _build_state_and_model(spec: dict) -> tuple[Any, list]:
         torch.distributed.get_rank(), None, config.train.global_batch_size, 1, data_parallel_size
     )
 
-    return state, [small_weights(model_config, spec)]
+    return state, [] if with_optimizer else [small_weights(model_config, spec)]
 
 
 def _asynchronously(spec: dict) -> Any:
@@ -558,12 +614,7 @@ def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -
     import numpy as np
     import torch
 
-    if _job_loop == BRIDGE:
-        _set_bridge_random_seed(seed, spec)
-    elif _job_loop == MEGATRON_LM:
-        megatron_lm_loop.set_random_seed(seed, spec)
-    else:
-        stack_loops.set_random_seed(_job_loop, seed, spec)
+    _loop_seed(seed, spec)
     if spec.get("graph_safe_tracker"):
         _switch_to_graph_safe_tracker(device_generator.device)
     if spec.get("seeding", "per-rank") == "megatron":
@@ -574,6 +625,16 @@ def seed_every_source(seed: int, rank: int, device_generator: Any, spec: dict) -
         np.random.random(draws)
         torch.rand(draws)
         torch.rand(draws, generator=device_generator, device=device_generator.device)
+
+
+def _loop_seed(seed: int, spec: dict) -> None:
+    """The loop's own seeding at training start."""
+    if _job_loop == BRIDGE:
+        _set_bridge_random_seed(seed, spec)
+    elif _job_loop == MEGATRON_LM:
+        megatron_lm_loop.set_random_seed(seed, spec)
+    else:
+        stack_loops.set_random_seed(_job_loop, seed, spec)
 
 
 # A training step's draws in a small MoE model: tokens routed, and experts.
@@ -673,10 +734,11 @@ def _requests_for_each_signature() -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from bridge_rng_patch import loops, probe
-    from bridge_rng_patch.resume_context import ResumeContext
+    from bridge_rng_patch.resume import ResumeWatch
     from bridge_rng_patch.save_sharding import ep_aware_rng_state
 
     checkpointing = loop_checkpointing()
+    watch = ResumeWatch(probe.InstalledStack(loops.BRIDGE, checkpointing))
     release_own = checkpointing.get_rng_state.__wrapped__
 
     def positional(data_parallel_random_init, ckpt_format="torch_dist", pg_collection=None):
@@ -687,7 +749,7 @@ def _requests_for_each_signature() -> dict:
 
     def patched(function: Any) -> Any:
         signature = probe.rng_state_signature(function, loops.BRIDGE)
-        return wrapt.FunctionWrapper(function, ep_aware_rng_state(signature, ResumeContext()))
+        return wrapt.FunctionWrapper(function, ep_aware_rng_state(signature, watch))
 
     groups = ProcessGroupCollection.use_mpu_process_groups()
     without_ep = ProcessGroupCollection.use_mpu_process_groups()

@@ -87,12 +87,13 @@ def set_random_seed(loop: str, seed: int, spec: dict) -> None:
         checkpointing(loop).set_random_seed(seed, spec.get("data_parallel_random_init", False))
 
 
-def build(loop: str, spec: dict, model: list) -> Any:
-    """What the stack's save and load are called with: verl's manager, or ms-swift's args."""
-    return _verl_manager(spec, model) if loop == VERL else _ms_swift_args(spec)
+def build(loop: str, spec: dict, model: list, optimizer: Any = None) -> Any:
+    """What the stack's save and load are called with: verl's manager, or ms-swift's args (and the optimizer, which
+    they save and load where there is one)."""
+    return _verl_manager(spec, model, optimizer) if loop == VERL else _ms_swift_args(spec, optimizer)
 
 
-def _verl_manager(spec: dict, model: list) -> Any:
+def _verl_manager(spec: dict, model: list, optimizer: Any) -> Any:
     from omegaconf import OmegaConf
     from tokenizers import Tokenizer, models
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -100,7 +101,8 @@ def _verl_manager(spec: dict, model: list) -> Any:
     module = checkpointing(VERL)
     _verl_sees_a_gpu_host(module)
     _fully_parallel_load_on_the_cpu()
-    contents = {"save_contents": ["model", "extra"], "load_contents": ["model", "extra"], "async_save": False}
+    saved = ["model", "extra", *(["optimizer"] if optimizer is not None else [])]
+    contents = {"save_contents": saved, "load_contents": saved, "async_save": False}
     # Its save writes the Hugging Face config and tokenizer next to the model (up to 0.7): small real ones.
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")))
     offered = {
@@ -115,7 +117,7 @@ def _verl_manager(spec: dict, model: list) -> Any:
         "param_dtype": None,
         "share_embeddings_and_output_weights": False,
         "processing_class": tokenizer,
-        "optimizer": None,
+        "optimizer": optimizer,
         "optimizer_scheduler": None,
         "use_distributed_optimizer": False,
         "use_dist_checkpointing": True,
@@ -134,12 +136,12 @@ def _verl_sees_a_gpu_host(module: types.ModuleType) -> None:
         module.is_device_available = lambda: True
 
 
-def _ms_swift_args(spec: dict) -> argparse.Namespace:
+def _ms_swift_args(spec: dict, optimizer: Any) -> argparse.Namespace:
     """ms-swift's args for its save and load, as its command line sets them for a full-parameter run."""
     import torch
 
     # ``_load_iteration`` agrees on the iteration in a CUDA tensor (NCCL on a GPU); here a CPU one, which gloo reduces.
-    checkpointing(MS_SWIFT).torch = _CpuForCuda(torch)
+    checkpointing(MS_SWIFT).torch = CpuForCuda(torch)
     if not spec.get("planner_check_as_released"):
         _planner_check_for_this_torch()
     _fully_parallel_load_on_the_cpu()
@@ -156,8 +158,8 @@ def _ms_swift_args(spec: dict) -> argparse.Namespace:
         use_megatron_fsdp=spec.get("ckpt_format") == "fsdp_dtensor",
         strict_fsdp_dtensor_load=spec.get("strict_fsdp_dtensor_load", False),
         async_save=False,
-        no_save_optim=True,
-        no_load_optim=True,
+        no_save_optim=optimizer is None,
+        no_load_optim=optimizer is None,
         no_save_rng=False,
         no_load_rng=spec.get("load_rng") is False,
         finetune=spec.get("finetune", False),
@@ -190,11 +192,11 @@ def _fully_parallel_load_on_the_cpu() -> None:
     import torch
     from megatron.core.dist_checkpointing import exchange_utils
 
-    exchange_utils.torch = _CpuForCuda(torch)
+    exchange_utils.torch = CpuForCuda(torch)
     torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
 
 
-class _CpuForCuda:
+class CpuForCuda:
     """torch, as one module sees it: a tensor it creates on "cuda" is created on the CPU."""
 
     def __init__(self, torch: types.ModuleType) -> None:
@@ -213,19 +215,20 @@ class _CpuForCuda:
         return on_the_cpu
 
 
-def save(loop: str, state: Any, model: list, spec: dict) -> None:
+def save(loop: str, state: Any, model: list, spec: dict, optimizer: Any = None) -> None:
+    """The stack's real save (verl's manager holds the optimizer it saves)."""
     iteration = spec.get("iteration", STEP)
     if loop == VERL:
         state.save_checkpoint(local_path=str(verl_step_dir(spec)), global_step=iteration)
     else:
-        checkpointing(loop).save_mcore_checkpoint(state, model, iteration=iteration)
+        checkpointing(loop).save_mcore_checkpoint(state, model, optimizer, iteration=iteration)
 
 
-def load(loop: str, state: Any, model: list, spec: dict) -> None:
+def load(loop: str, state: Any, model: list, spec: dict, optimizer: Any = None) -> None:
     if loop == VERL:
         state.load_checkpoint(local_path=str(verl_step_dir(spec)))
     else:
-        checkpointing(loop).load_mcore_checkpoint(state, model)
+        checkpointing(loop).load_mcore_checkpoint(state, model, optimizer)
 
 
 def verl_step_dir(spec: dict) -> Path:
