@@ -130,6 +130,18 @@ def test_a_loop_the_package_does_not_patch_calls_the_first_step_check_itself(job
     assert "torch moved on ranks 0, 1, 2, 3" in loaded[0]["first_step_check"]["line"]
 
 
+@pytest.mark.parametrize("env", LOOPS, ids=lambda env: env.name)
+def test_with_the_stored_layout_load_off_the_first_step_holds_what_the_releases_own_restore_left(jobs, env):
+    """The keep acts on what the resume watch notes, whoever restored: with ``layout_load`` switched off the release's
+    own restore (DP rank 0's state for every rank, the old bug) is what each rank starts its first step with."""
+    loaded = _resumed(jobs, env, "layout-load-off", environment={"BRIDGE_RNG_PATCH_DISABLE": "layout_load"})
+    for rank in loaded:
+        assert rank["error"] is None, rank["error"]
+        assert rank["torch_draws_past_restore"] == 0, f"rank {rank['rank']}"
+        assert lost_streams(rank["loaded"], rank["at_first_step"]) == [], f"rank {rank['rank']}"
+    assert FIRST_STEP_OK in rank_zero_logs(loaded)
+
+
 def _defined_in(path, dotted: str) -> bool:
     """Whether the module file defines ``Class.method`` (read with ``ast``: ms-swift's trainers import Transformer
     Engine's PyTorch layers through mcore_bridge at import, which a CPU cannot)."""

@@ -19,6 +19,7 @@ NEEDS_CUDA = {
     "cuda_graph_replay",
     "bridge_checkpoint[1 rank, gloo, fully_parallel_load=True]",
     "async_save[2 ranks, gloo, EP 2]",
+    "trajectory[2 ranks, gloo, EP 2]",
 }
 
 
@@ -41,7 +42,7 @@ def test_cpu_mode_passes_every_check_that_can_run_without_cuda_and_skips_the_res
     outcomes = {check["check"]: check["outcome"] for check in report["checks"]}
     assert {name for name, outcome in outcomes.items() if outcome == "SKIP"} == NEEDS_CUDA
     assert {outcome for name, outcome in outcomes.items() if name not in NEEDS_CUDA} == {"PASS"}
-    assert len(outcomes) == 11
+    assert len(outcomes) == 12
     assert report["versions"]["megatron-core"] == "0.16.1"
 
 

@@ -31,32 +31,46 @@ from tools.release_envs import (
     ensure,
 )
 
-# The loop's module first, so that the originals are seen before the package patches them at its import.
-DECIDE = """
-import json
-import {module} as checkpointing
-targets = ("get_rng_state", "{restore_function}", "_load_global_dist_base_checkpoint")
-originals = {{name: getattr(checkpointing, name) for name in targets}}
+# Every release of one megatron-core decided in one interpreter, each Bridge release's modules imported afresh (its
+# package dropped from sys.modules, its folder first on the path) while megatron-core and what both import stay: an
+# import of megatron-core costs most of a fresh interpreter's seconds. The package is off while a release's module is
+# imported, so that its originals are seen before the package patches it, as where the loop's module comes first.
+DECIDE_EACH = """
+import importlib, json, sys
 import bridge_rng_patch
-import importlib
-elsewhere = {{}}
-for module_name, path in {elsewhere}:
-    try:
-        function = importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        continue
-    for part in path.split("."):
-        function = getattr(function, part)
-    elsewhere[f"{{module_name}}.{{path}}"] = wrappers(function)
-print(json.dumps({{
-    "states": {{s.name: s.state for s in bridge_rng_patch.status("{name}")}},
-    "reasons": {{s.name: s.reason for s in bridge_rng_patch.status("{name}")}},
-    "bridge_version": bridge_rng_patch.status()[0].versions["megatron-bridge"],
-    "core_version": bridge_rng_patch.status()[0].versions["megatron-core"],
-    "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
-    "restore_wrappers": wrappers(getattr(checkpointing, "{restore_function}")),
-    "elsewhere": elsewhere,
-}}))
+from bridge_rng_patch.probe import installed_versions
+bridge_rng_patch.undo()
+decided = {{}}
+for version, path in {releases!r}:
+    for name in [name for name in sys.modules if name.split(".")[:2] == ["megatron", "bridge"]]:
+        del sys.modules[name]
+    sys.path.insert(0, path)
+    checkpointing = importlib.import_module("{module}")
+    targets = ("get_rng_state", "{restore_function}", "_load_global_dist_base_checkpoint")
+    originals = {{name: getattr(checkpointing, name) for name in targets}}
+    bridge_rng_patch.apply()
+    elsewhere = {{}}
+    for module_name, path_there in {elsewhere}:
+        try:
+            function = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        for part in path_there.split("."):
+            function = getattr(function, part)
+        elsewhere[f"{{module_name}}.{{path_there}}"] = wrappers(function)
+    statuses, versions = bridge_rng_patch.status("{name}"), installed_versions()
+    decided[version] = {{
+        "states": {{s.name: s.state for s in statuses}},
+        "reasons": {{s.name: s.reason for s in statuses}},
+        "bridge_version": versions["megatron-bridge"],
+        "core_version": versions["megatron-core"],
+        "untouched": [getattr(checkpointing, name) is original for name, original in originals.items()],
+        "restore_wrappers": wrappers(getattr(checkpointing, "{restore_function}")),
+        "elsewhere": elsewhere,
+    }}
+    bridge_rng_patch.undo()
+    sys.path.remove(path)
+print(json.dumps(decided))
 """
 # The wrappers around a function, outermost first (wrapt keeps each wrapper as ``_self_wrapper``).
 WRAPPERS = """
@@ -96,29 +110,40 @@ FIXED_DECISIONS = {**ALL_APPLIED, "tracker_restore": "not needed"}
 AUDITED_AND_CONVERTING = ["noting_resume", "after_resume", "ConvertingTrackerWhileLoading"]
 
 
-def _decide(release) -> dict:
-    loop = BRIDGE if release.bridge is not None else MEGATRON_LM_LOOP
-    elsewhere = [
-        (target.module, target.path)
-        for target in (
-            *loop.before_first_step.keeps_restored,
-            loop.before_first_step.first_step,
-            loop.before_first_step.data_init_callbacks,
-        )
-        if target is not None
-    ]
-    process = run_python(release, WRAPPERS + DECIDE.format(**loop._asdict(), elsewhere=elsewhere))
+def _decide_each(group: list[Release]) -> dict[str, dict]:
+    """What the package decides on each release of a group that shares one megatron-core, by release."""
+    loop = BRIDGE if group[0].bridge is not None else MEGATRON_LM_LOOP
+    elsewhere = [(target.module, target.path) for target in _targets_elsewhere(loop)]
+    releases = [(release.name, str(release.pythonpath[0])) for release in group]
+    code = WRAPPERS + DECIDE_EACH.format(**loop._asdict(), elsewhere=elsewhere, releases=releases)
+    process = run_python(group[0], code, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
     return json.loads(process.stdout.splitlines()[-1])
 
 
+def _targets_elsewhere(loop) -> list:
+    before = loop.before_first_step
+    targets = (*before.keeps_restored, before.first_step, before.data_init_callbacks)
+    return [target for target in targets if target is not None]
+
+
+def _decide(release: Release) -> dict:
+    return _decide_each([release])[release.name]
+
+
 def _decisions(releases: tuple[Release, ...], version_of: Callable[[Release], str]) -> dict[str, dict]:
-    """What the package decides on each release, by its version, two releases at a time (each import takes
-    seconds)."""
+    """What the package decides on each release, by its version: the releases of one megatron-core in one interpreter,
+    two interpreters at a time."""
     for release in releases:
         ensure(release)
+    groups: dict[tuple[str, str], list[Release]] = {}
+    for release in releases:
+        groups.setdefault((release.core, release.python_line), []).append(release)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(map(version_of, releases), pool.map(_decide, releases), strict=True))
+        decided = {
+            name: decision for each in pool.map(_decide_each, groups.values()) for name, decision in each.items()
+        }
+    return {version_of(release): decided[release.name] for release in releases}
 
 
 @pytest.fixture(scope="session")

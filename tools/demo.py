@@ -14,6 +14,9 @@ run would.
 3. No lock-in: the checkpoint 0.2.0rc6 saved with the package in 1, resumed by 0.2.0rc6 without it.
 4. The first step: the resumes of 1 go on as Bridge's ``setup()`` goes on after its load (the real
    ``setup_data_iterators``), into the real ``train_step``: what each rank holds there, against the uninterrupted run.
+5. Training through the resume: a tiny real megatron-core MoE model (``tests/jobs/trajectory.py``) on 0.2.0rc6 with
+   megatron-core 0.16.1, 2 ranks at EP 2, 6 steps saved after step 3, then resumed: each rank's loss at steps 4 to 6,
+   uninterrupted | unpatched | patched, and where each resume parts from the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.jobs import coordinates, lost_streams, run_job, saved_by_coordinates
-from tools.release_envs import RELEASES, Release, ensure
+from tools.release_envs import OLD_ON_NEWER_CORE, RELEASES, Release, ensure
 
 OLD, FIXED = RELEASES["bridge-0.2.0rc6"], RELEASES["bridge-0.3.1"]
+# Its forced router logits draw from the expert-parallel tracker from megatron-core 0.16 (on 0.15, from a generator of
+# their own that no release checkpoints).
+TRAINED = OLD_ON_NEWER_CORE
+TRAJECTORY = {"world": 2, "tp": 1, "pp": 1, "ep": 2, "action": "train", "steps": 6, "iteration": 3, "first_step": True}
 EP2_DP4 = {"world": 4, "tp": 1, "pp": 1, "ep": 2}
 EP2_DP2 = {**EP2_DP4, "world": 2}
 EXPERT_STREAM = "expert-parallel-rng"
@@ -62,6 +69,16 @@ class Demo:
             for patched in (False, True)
         }
         return saved, resumes
+
+    def trajectories(self) -> dict[bool, tuple[list[dict], list[dict]]]:
+        """The tiny MoE model's run, saved after step 3, and its resume in new processes, unpatched and patched."""
+        runs = {}
+        for patched in (False, True):
+            name = f"trajectory-{patched}"
+            spec = {**TRAJECTORY, "checkpoint_dir": str(self.work / name), "patched": patched}
+            uninterrupted = run_job(TRAINED, spec, self.work, name)
+            runs[patched] = uninterrupted, run_job(TRAINED, {**spec, "resume": True}, self.work, f"{name}-resumed")
+        return runs
 
     def as_described(self, expectation: bool) -> str:
         self.all_as_described &= expectation
@@ -118,6 +135,28 @@ class Demo:
         line = next((line for line in runs[True][1][0]["logs"] if "RNG first-step check" in line), "no line")
         print(f"\n   With the package, rank 0's log at the first step:\n   {line}")
 
+    def print_losses(self, runs: dict[bool, tuple[list[dict], list[dict]]]) -> None:
+        """Per rank and step after the resume, the loss of the uninterrupted run and of each resume (* where it parts
+        from the uninterrupted run's), then whether the final weights are the uninterrupted run's."""
+        print(f"  {'rank':>4} {'ep':>3} {'step':>4}   {'uninterrupted':<15}{'unpatched':<17}{'patched'}")
+        uninterrupted = runs[True][0]
+        for rank, run in enumerate(uninterrupted):
+            resumed = {patched: runs[patched][1][rank] for patched in runs}
+            for step in sorted(resumed[True]["losses"], key=int):
+                shown = [f"{float.fromhex(run['losses'][step]):<14.9f}"]
+                for patched in (False, True):
+                    loss = resumed[patched]["losses"][step]
+                    shown.append(f"{float.fromhex(loss):.9f}{' *' if loss != run['losses'][step] else '  '}   ")
+                print(f"  {rank:>4} {run['coords']['ep']:>3} {step:>4}   {' '.join(shown)}")
+            same = {patched: _trains_as(run, resumed[patched]) for patched in runs}
+            print(
+                f"  {'':>13}final weights: unpatched {'the same' if same[False] else 'DIFFERENT'}, patched "
+                f"{'the same' if same[True] else 'DIFFERENT'}{self.as_described(same[True] and not same[False])}"
+            )
+        alike = [rank["losses"] for rank in runs[False][0]] == [rank["losses"] for rank in uninterrupted]
+        verdict = "the same losses" if alike else "DIFFERENT"
+        print(f"\n   The runs never interrupted, unpatched and patched: {verdict}{self.as_described(alike)}")
+
     def print_resize(self, saved: list[dict], resumes: dict[bool, list[dict]]) -> None:
         for patched, resumed in resumes.items():
             label = "with the package" if patched else "unpatched"
@@ -138,8 +177,14 @@ class Demo:
                 label = ""
 
 
+def _trains_as(uninterrupted: dict, resumed: dict) -> bool:
+    """Whether a resumed rank's losses after the resume, and its final weights, are the uninterrupted run's."""
+    losses = {step: loss for step, loss in uninterrupted["losses"].items() if step in resumed["losses"]}
+    return resumed["losses"] == losses and resumed["weights"] == uninterrupted["weights"]
+
+
 def main() -> int:
-    for env in (OLD, FIXED):
+    for env in (OLD, FIXED, TRAINED):
         ensure(env)
     with tempfile.TemporaryDirectory() as work_dir, ThreadPoolExecutor(max_workers=2) as pool:
         demo = Demo(Path(work_dir))
@@ -154,6 +199,7 @@ def main() -> int:
             for patched in (False, True)
         }
         resize = pool.submit(demo.resize)
+        trajectories = pool.submit(demo.trajectories)
         # Submitted once the save with the package (step 1) is written: the same release resumes it without the package.
         without = pool.submit(
             lambda: (
@@ -196,6 +242,19 @@ def main() -> int:
             "\n   uninterrupted run holds at its step 11 (what it saved at step 10):\n"
         )
         demo.print_first_step({patched: run.result() for patched, run in old.items()}, EP_RANK_1)
+        print(
+            "\n5. Training through the resume: a tiny real MoE model (megatron-core's GPTModel, 4 experts top-2,"
+            f"\n   random router logits, dropout, DDP, Adam) on Megatron-Bridge {TRAINED.bridge} with megatron-core"
+            f"\n   {TRAINED.core}, 2 ranks (EP 2, DP 2), 6 steps, saved after step 3, resumed in new processes."
+            "\n   Each rank's loss (* where it parts from the uninterrupted run's):\n",
+            flush=True,
+        )
+        demo.print_losses(trajectories.result())
+        print(
+            "\n   On the CPU the device generator is torch's own, so the data iterators' base-seed draws after the load"
+            "\n   move dropout too: unpatched, both ranks part at step 4. On a GPU they move a shuffled loader's order"
+            "\n   instead, and EP rank 1, which lost its expert stream, parts first."
+        )
     verdict = "as described" if demo.all_as_described else "NOT as described: see the rows marked"
     print(f"\nEvery rank, every stream: {verdict}.")
     return 0 if demo.all_as_described else 1

@@ -19,6 +19,10 @@ script checks those lines where they are meant to run, on one GPU:
 6. ``fsdp_dtensor``: the same 2-rank save and resume in the fsdp_dtensor format (torch DCP): each rank's own RNG
    entry, with the jobs' small model of plain tensors. A model wrapped in Megatron-FSDP is not in this check yet:
    it needs CUDA to build at all, so it could not be prepared where the project develops.
+7. ``trajectory``: the tests' tiny MoE model (tests/jobs/trajectory.py) on the GPU, 2 ranks over gloo at EP 2, with
+   the real CUDA generator and a graph-safe tracker: 6 steps saved after step 3 through Bridge's real save, resumed
+   in new processes through its real load and set-up; every rank's losses at steps 4 to 6 and its final weights
+   must be the uninterrupted run's, bit for bit. On the CPU the tests train it (tests/test_trajectory.py).
 
 Each checkpoint check (3, 5, 6) also reads the resume audit's line after the load: its collective runs over the
 job's backend (NCCL in the 1-rank checks), its fingerprints read the real device generator and tracker.
@@ -255,6 +259,29 @@ def check_bridge_checkpoint(
     return PASS, f"{world} rank(s): {restored}; the resume audit over {backend} passed"
 
 
+def check_trajectory(on_gpu: bool) -> tuple[str, str]:
+    if not on_gpu:
+        return SKIP, "on the CPU the tests train it (tests/test_trajectory.py)"
+    spec = {"world": 2, "tp": 1, "pp": 1, "ep": 2, "action": "train", "steps": 6, "iteration": 3, "backend": "gloo"}
+    spec.update(real_cuda=True, graph_safe_tracker=True, first_step=True)
+    with tempfile.TemporaryDirectory() as work:
+        spec["checkpoint_dir"] = f"{work}/checkpoint"
+        uninterrupted, problem = _job({**spec, "out": f"{work}/run.json"})
+        if problem is None:
+            resumed, problem = _job({**spec, "resume": True, "out": f"{work}/resumed.json"})
+    if problem is not None:
+        return FAIL, problem
+    parted = {
+        rank["rank"]: [step for step, loss in rank["losses"].items() if loss != run["losses"][step]]
+        for run, rank in zip(uninterrupted, resumed, strict=True)
+        if rank["losses"] != {step: run["losses"][step] for step in rank["losses"]} or rank["weights"] != run["weights"]
+    }
+    if parted:
+        return FAIL, f"resumed ranks parted from the uninterrupted run (rank: steps): {parted}"
+    steps = ", ".join(sorted(resumed[0]["losses"], key=int))
+    return PASS, f"2 ranks: losses at steps {steps} and final weights bit-identical to the uninterrupted run's"
+
+
 def _job(spec: dict) -> tuple[list[dict], str | None]:
     """The tests' rank job (Bridge's real save or load) with this interpreter; its reports, or why it failed."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
@@ -320,20 +347,24 @@ def checks(on_gpu: bool) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
 def job_checks(on_gpu: bool) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
     """The jobs run after the in-process checks, outside their torch.distributed job."""
     backend = "nccl" if on_gpu else "gloo"
-    return [
-        (
-            f"bridge_checkpoint[1 rank, {backend}, fully_parallel_load={fully}]",
-            _bound(check_bridge_checkpoint, on_gpu, 1, backend, fully),
-        )
-        for fully in (False, True)
-    ] + [
-        (f"{name}[2 ranks, gloo, EP 2]", _bound(check_bridge_checkpoint, on_gpu, 2, "gloo", False, saved_as))
-        for name, saved_as in (
-            ("bridge_checkpoint", None),
-            ("async_save", {"async_save": True, "persistent_worker": True}),
-            ("fsdp_dtensor", {"ckpt_format": "fsdp_dtensor"}),
-        )
-    ]
+    return (
+        [
+            (
+                f"bridge_checkpoint[1 rank, {backend}, fully_parallel_load={fully}]",
+                _bound(check_bridge_checkpoint, on_gpu, 1, backend, fully),
+            )
+            for fully in (False, True)
+        ]
+        + [
+            (f"{name}[2 ranks, gloo, EP 2]", _bound(check_bridge_checkpoint, on_gpu, 2, "gloo", False, saved_as))
+            for name, saved_as in (
+                ("bridge_checkpoint", None),
+                ("async_save", {"async_save": True, "persistent_worker": True}),
+                ("fsdp_dtensor", {"ckpt_format": "fsdp_dtensor"}),
+            )
+        ]
+        + [("trajectory[2 ranks, gloo, EP 2]", _bound(check_trajectory, on_gpu))]
+    )
 
 
 def _bound(check: Callable[..., tuple[str, str]], *args: Any) -> Callable[[], tuple[str, str]]:

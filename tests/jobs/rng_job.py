@@ -270,7 +270,9 @@ def _train(spec: dict, device_generator: Any) -> dict:
     """The action "train" (trajectory.py): a run of the tiny MoE model that saves after ``save_after`` (its
     ``iteration``), or, with ``resume``, that run resumed from its checkpoint in new processes."""
     _loop_seed(trajectory.SEED, spec)
-    state, model, optimizer = _trajectory_state(spec)
+    if spec.get("graph_safe_tracker"):
+        _switch_to_graph_safe_tracker(device_generator.device)
+    state, model, optimizer = _trajectory_state(spec, device_generator.device)
     steps, save_after = spec["steps"], spec["iteration"]
     if not spec.get("resume"):
         save = lambda step: save_checkpoint(state, model, spec, optimizer)  # noqa: E731
@@ -283,23 +285,22 @@ def _train(spec: dict, device_generator: Any) -> dict:
     return trajectory.trained(model, optimizer, range(save_after + 1, steps + 1))
 
 
-def _trajectory_state(spec: dict) -> tuple[Any, list, Any]:
+def _trajectory_state(spec: dict, device: Any) -> tuple[Any, list, Any]:
     """What the loop saves and loads with, around the tiny MoE model and its optimizer."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if _job_loop == BRIDGE:
         state, _ = _build_state_and_model(spec, trajectory.model_config(spec))
         state.cfg.model.finalize()  # what Bridge's set-up does to its model configuration before building
-        return (state, *trajectory.build(state.cfg.model))
+        return (state, *trajectory.build(state.cfg.model, device=device))
     if _job_loop == MEGATRON_LM:
         megatron_lm_loop.configure({**spec, "extra_arguments": trajectory.MEGATRON_LM_ARGUMENTS})
     # verl 0.9.1 cannot load a megatron-core optimizer's state here (its load builds the optimizer's request from the
     # model's sharded state dict after megatron-core's load consumed it: "Param id 0 does not match any model sharded
     # param", with the package or without): its runs train with SGD without momentum, whose state is empty.
     stateless = _job_loop == stack_loops.VERL
-    model, optimizer = trajectory.build(
-        TransformerConfig(**trajectory.model_config(spec)), "sgd" if stateless else "adam"
-    )
+    config = TransformerConfig(**trajectory.model_config(spec))
+    model, optimizer = trajectory.build(config, "sgd" if stateless else "adam", device)
     saved_optimizer = None if stateless else optimizer
     state = None if _job_loop == MEGATRON_LM else stack_loops.build(_job_loop, spec, model, saved_optimizer)
     return state, model, optimizer

@@ -114,7 +114,7 @@ def model_config(spec: dict) -> dict:
     }
 
 
-def build(config: Any, optimizer: str = "adam") -> tuple[list, Any]:
+def build(config: Any, optimizer: str = "adam", device: Any = "cpu") -> tuple[list, Any]:
     """The model, wrapped in megatron-core's DDP, and its optimizer (Adam, or SGD without momentum, whose state is
     empty), as the loops build them."""
     import torch
@@ -124,7 +124,7 @@ def build(config: Any, optimizer: str = "adam") -> tuple[list, Any]:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     layer_spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
-    gpt = GPTModel(config, layer_spec, vocab_size=VOCAB, max_sequence_length=SEQUENCE)
+    gpt = GPTModel(config, layer_spec, vocab_size=VOCAB, max_sequence_length=SEQUENCE).to(device)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt)]
     optimizer_config = OptimizerConfig(
@@ -133,7 +133,7 @@ def build(config: Any, optimizer: str = "adam") -> tuple[list, Any]:
     return model, get_megatron_optimizer(optimizer_config, model)
 
 
-def batch(step: int) -> tuple[Any, Any, Any, Any]:
+def batch(step: int, device: Any) -> tuple[Any, Any, Any, Any]:
     """This DP rank's batch of ``step``: tokens, position ids, the causal mask and the labels, drawn from a generator
     of its own, so that the data is the same whatever state the RNG sources are in."""
     import torch
@@ -143,7 +143,7 @@ def batch(step: int) -> tuple[Any, Any, Any, Any]:
     tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQUENCE + 1), generator=generator)
     positions = torch.arange(SEQUENCE).unsqueeze(0).expand(MICRO_BATCH, SEQUENCE)
     mask = torch.triu(torch.ones(1, 1, SEQUENCE, SEQUENCE, dtype=torch.bool), diagonal=1)
-    return tokens[:, :-1], positions, mask, tokens[:, 1:]
+    return tuple(tensor.to(device) for tensor in (tokens[:, :-1], positions, mask, tokens[:, 1:]))
 
 
 def train_step(model: list, optimizer: Any, step: int) -> float:
@@ -151,7 +151,7 @@ def train_step(model: list, optimizer: Any, step: int) -> float:
     (ddp,) = model
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    tokens, positions, mask, labels = batch(step)
+    tokens, positions, mask, labels = batch(step, next(ddp.parameters()).device)
     loss = ddp(tokens, positions, mask, labels=labels).float().mean()
     loss.backward()
     ddp.finish_grad_sync()
@@ -160,7 +160,7 @@ def train_step(model: list, optimizer: Any, step: int) -> float:
 
 
 def weights_digest(model: list) -> str:
-    data = b"".join(parameter.detach().numpy().tobytes() for parameter in model[0].parameters())
+    data = b"".join(parameter.detach().cpu().numpy().tobytes() for parameter in model[0].parameters())
     return hashlib.sha256(data).hexdigest()[:16]
 
 
