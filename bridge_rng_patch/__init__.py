@@ -1,11 +1,7 @@
-"""Give each Megatron training stack's installed release the RNG checkpointing fixes it lacks.
-
-``import bridge_rng_patch`` at the start of training (or ``bridge-rng-patch run -- COMMAND``) registers an import hook:
-when a stack's checkpointing module is imported, each patch probes the installed code and applies only where its fix
-is missing. ``BRIDGE_RNG_PATCH_DISABLE=1`` (or ``=NAME[,NAME]``) switches patches off; ``undo()`` restores the
-originals. A loop the package does not patch calls ``audit_restored_rng()`` after its load and
-``check_first_step(audit)`` at its first step.
-"""
+"""Give each Megatron training stack's installed release the RNG checkpointing fixes it lacks: ``import
+bridge_rng_patch`` at the start of training (or ``bridge-rng-patch run -- COMMAND``) patches each stack's modules as
+they are imported, each patch only where the installed code lacks its fix. ``BRIDGE_RNG_PATCH_DISABLE`` switches
+patches off, ``undo()`` restores the originals."""
 
 import importlib
 from typing import Any

@@ -17,14 +17,14 @@ checkpoint on disk holds of its ranks' RNG state.
       Runs COMMAND with every Python process it starts patched; the exit code
       is COMMAND's (2 without one, 127 if not found). --check says what such
       a process would do, and runs nothing.
-
-bridge-rng-patch is the same command.
+  bridge-rng-patch is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -115,10 +115,10 @@ def inspect_command(options: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CODES[UNREADABLE]
     if options.json:
-        print(json.dumps([report.as_dict() for report in reports], indent=1))
+        print(json.dumps([dataclasses.asdict(report) for report in reports], indent=1))
     else:
         print("\n\n".join(report.as_table() for report in reports))
-    return max(report.exit_code for report in reports)
+    return max(EXIT_CODES[report.verdict] for report in reports)
 
 
 if __name__ == "__main__":

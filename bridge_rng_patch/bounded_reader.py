@@ -52,8 +52,7 @@ def unpickled(data: bytes) -> Any:
 
 
 def bounded_read(where: Path, stream: Any, size: int, what: str) -> bytes:
-    """The ``size`` bytes of ``stream`` where they are at most ``READ_LIMIT``; CheckpointInputError, with nothing
-    read, where they are more."""
+    """The ``size`` bytes of ``stream``; CheckpointInputError, nothing read, where they exceed ``READ_LIMIT``."""
     if size > READ_LIMIT:
         raise CheckpointInputError(
             f"{where}: its {what} holds {size:,} bytes, more than the {READ_LIMIT >> 20} MiB this inspector "
@@ -72,8 +71,7 @@ def item_storage(metadata: Path, data: bytes, matches: Callable[[str], bool], wh
 
 
 def pickle_in_archive(where: Path, archive_file: Any, what: str) -> Any:
-    """What the pickle of a torch zip archive holds (tensor data is not read); zipfile inflates no more than the size
-    its header states."""
+    """What a torch zip archive's pickle holds; zipfile inflates no more than its header states."""
     try:
         with zipfile.ZipFile(archive_file) as archive:
             pickled = next(info for info in archive.infolist() if info.filename.endswith("/data.pkl"))
@@ -88,8 +86,7 @@ def pickle_in_archive(where: Path, archive_file: Any, what: str) -> Any:
 
 
 def archive_item(directory: Path, metadata: Path, data: bytes, matches: Callable[[str], bool], what: str) -> Any:
-    """What the pickle of the torch archive stored as a DCP item holds, read where ``.metadata`` (its bytes
-    ``data``) places it."""
+    """What the pickle of a torch archive stored as a DCP item holds, where ``.metadata`` places it."""
     where = item_storage(metadata, data, matches, what)
     with (directory / where["relative_path"]).open("rb") as storage:
         storage.seek(where["offset"])

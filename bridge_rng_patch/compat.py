@@ -33,7 +33,6 @@ def _own_convert_cuda_rng_state(
 
 
 def _own_is_graph_safe_cuda_rng_tracker(tracker: Any) -> bool:
-    """True for Transformer Engine's tracker or one created with ``use_cudagraphable_rng``."""
     # A TE tracker can only exist once megatron-core's TE extension is imported, so its absence answers no.
     # Without Transformer Engine that module defines placeholders, not classes.
     te_extension = sys.modules.get(_TE_EXTENSION_MODULE)

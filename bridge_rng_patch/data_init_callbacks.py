@@ -15,7 +15,6 @@ DATA_INIT_EVENT = "on_data_init_start"
 
 
 def keeping_rng_over_data_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """The wrapper of the callback manager's ``fire(event_name, context)``."""
     event = kwargs.get("event_name", args[0] if args else None)
     if event != DATA_INIT_EVENT:
         return wrapped(*args, **kwargs)

@@ -33,8 +33,7 @@ class Decision(NamedTuple):
 
 
 class Wrapping(NamedTuple):
-    """One wrapper on an attribute path of the stack's checkpointing module (``targets.py``), or of another module of
-    the stack (``module``), put on once that module has finished executing."""
+    """A wrapper on a path of the stack's checkpointing module, or of another of its modules (``module``)."""
 
     path: str
     wrapper: Any
@@ -42,9 +41,7 @@ class Wrapping(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """What a patch decided for one stack, and the wrappers that carry it out where it applies. ``watched``: the
-    wrappers act on what the stack's resume watch notes (``resume.ResumeWatch``), so the patch applies only where the
-    watch's own wrappers are on."""
+    """A patch's decision for one stack, its wrappers, and whether they act on what the resume watch notes."""
 
     decision: Decision
     wrappings: tuple[Wrapping, ...] = ()
@@ -90,8 +87,7 @@ def switched_off(variable: str) -> bool:
 
 
 def disabled_patches(names: tuple[str, ...]) -> frozenset[str]:
-    """The patches ``BRIDGE_RNG_PATCH_DISABLE`` switches off: all of them for 1 (true, yes, on, all), those it names
-    for NAME[,NAME], none when it is unset or says off."""
+    """The patches ``BRIDGE_RNG_PATCH_DISABLE`` switches off: all for 1 (true, yes, on, all), or those it names."""
     value = os.environ.get(DISABLE_ENV, "").strip().lower()
     if value in _OFF:
         return frozenset()

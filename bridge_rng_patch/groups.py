@@ -23,8 +23,7 @@ _NOT_PASSED = object()
 
 
 def _passed_group(passed: Mapping[str, Any], axis: str) -> Any:
-    """The group the loop passed for ``axis``: its ``pg_collection``'s (None where the collection has none), else
-    the argument of that name; ``_NOT_PASSED`` where it passed neither."""
+    """The group the loop passed for ``axis`` (None: its collection has none); ``_NOT_PASSED`` where none."""
     pg_collection = passed.get("pg_collection")
     if pg_collection is not None:
         return getattr(pg_collection, axis, None)
@@ -47,7 +46,6 @@ def size(passed: Mapping[str, Any], axis: str) -> int:
 
 
 def rank(passed: Mapping[str, Any], axis: str) -> int:
-    """This rank's index along ``axis``; 0 where the loop's collection has no such group."""
     group = _passed_group(passed, axis)
     if group is _NOT_PASSED:
         return _from_mpu(axis, "rank")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ from bridge_rng_patch.rng_layout import (
     read_stored_layouts,
 )
 from bridge_rng_patch.storage import StorageUnavailable, checkpoint_path
-
-__all__ = ["CheckpointInputError", "inspect_checkpoint"]
 
 COMPLETE, INCOMPLETE, NO_RNG_STATE, UNREADABLE = "complete", "incomplete", "no RNG state", "unreadable"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, NO_RNG_STATE: 1, UNREADABLE: 2}
@@ -72,13 +70,6 @@ class IterationReport:
     resume: list[dict[str, Any]] = field(default_factory=list)
     resume_note: str | None = None
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.verdict]
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def as_table(self) -> str:
         where = "" if self.iteration is None else f" (iteration {self.iteration})"
         if self.verdict == UNREADABLE:
@@ -105,8 +96,7 @@ class IterationReport:
 def inspect_checkpoint(
     checkpoint: str, iteration: int | None = None, resume_with: str | None = None
 ) -> list[IterationReport]:
-    """One report per iteration of ``checkpoint``, latest first. Raises CheckpointInputError for a path that
-    is no checkpoint at all; an iteration that cannot be read gets an "unreadable" report saying why."""
+    """One report per iteration, latest first; CheckpointInputError where ``checkpoint`` is none at all."""
     target = parse_layout(resume_with) if resume_with else None
     return [inspect_iteration(directory, target) for directory in iteration_dirs(checkpoint, iteration)]
 
@@ -153,7 +143,6 @@ def _iteration_number(path: Path) -> int | None:
 
 
 def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None) -> IterationReport:
-    """One iteration's verdict; every problem becomes an "unreadable" report that says why."""
     report = IterationReport(str(directory), _iteration_number(directory), UNREADABLE, "")
     try:
         writer = next((loop for loop in _CONFIGURED if (directory / loop.on_disk.run_config).is_file()), None)
@@ -188,8 +177,7 @@ def inspect_iteration(directory: Path, resume_with: dict[str, int] | None = None
 
 
 def _plain_rng_layout(directory: Path) -> StoredRngLayout | None:
-    """The layout of the one RNG object (``rng_state``, Megatron-LM's ``{key_prefix}rng_state``); a MegatronMIMO
-    checkpoint, with one per module, is refused."""
+    """The layout of the one RNG object; a MegatronMIMO checkpoint, with one per module, is refused."""
     layouts = read_stored_layouts(str(directory))
     if len(layouts) > 1:
         raise CheckpointInputError(
@@ -225,9 +213,7 @@ def _check_format(directory: Path) -> None:
 def _run_configuration(
     directory: Path, writer: TrainingLoop | None
 ) -> tuple[TrainingLoop, dict[str, int], bool, dict[str, int]]:
-    """The stack that wrote the save, its run's sizes, whether it gathered its states over DP, and its DP size where
-    its configuration records one: from the file ``writer`` keeps beside the save, else from the ``args`` in its
-    common state."""
+    """The stack that wrote the save, its sizes, whether it gathered its states, and its DP size where recorded."""
     if writer is not None:
         return writer, *_configured(directory / writer.on_disk.run_config), {}
     args = _common_state_args(directory)
@@ -249,8 +235,7 @@ def _run_configuration(
 
 
 def _configured(config_file: Path) -> tuple[dict[str, int], bool]:
-    """The sizes and ``data_parallel_random_init`` in a stack's run configuration: YAML with them under ``model``
-    (``rng`` for the latter), or JSON with them at its top."""
+    """The sizes and ``data_parallel_random_init`` in a run configuration: YAML under ``model``, or JSON."""
     try:
         with config_file.open("rb") as stream:
             text = bounded_read(config_file, stream, config_file.stat().st_size, "run configuration")
@@ -279,9 +264,7 @@ def _data_parallel_size(
     states: int | None,
     random_init: bool,
 ) -> tuple[int | None, str]:
-    """DP size, and where it was read, in one order: the stored RNG layout where it counts the DP ranks (a third
-    axis, or a list of every DP rank's state, with context parallel where this package gathered it), the saved args,
-    the world size in the stack's manifest, the ranks that wrote the model's (else the RNG) shard files."""
+    """DP size and its source, in one order: the stored layout, the saved args, a manifest, the shard writers."""
     model_parallel = sizes["tp"] * sizes["pp"] * sizes["cp"]
     counted = None
     if stored is not None:
@@ -316,8 +299,7 @@ def _world_size(manifest: Path, model_parallel: int) -> int | None:
 
 
 def _common_state_args(directory: Path) -> argparse.Namespace | None:
-    """The ``args`` of a Megatron common state, or None where the checkpoint keeps none: ``common.pt`` up to
-    megatron-core 0.18, from 0.19 a ``common_state/...`` item inside the checkpoint, placed by ``.metadata``."""
+    """A common state's ``args``: ``common.pt`` up to megatron-core 0.18, an item inside the checkpoint from 0.19."""
     for name in dict.fromkeys(loop.on_disk.common_state for loop in _FROM_ARGS):
         common = directory / name
         if common.is_file():
@@ -339,8 +321,7 @@ def _args_of(state: Any) -> Any:
 
 
 def _states_per_entry(directory: Path, stored: StoredRngLayout) -> int | None:
-    """How many states the first (pp, tp) entry of a torch_dist checkpoint holds: 1 (its writer's), or every DP
-    rank's; None for another layout or where it cannot be read."""
+    """How many states the first (pp, tp) entry of a torch_dist checkpoint holds; None where not known."""
     if stored.per_dp_rank or stored.fsdp_dtensor:
         return None
     dotted = ".".join
@@ -385,8 +366,7 @@ def _verdict(stored: StoredRngLayout, run: RunLayout, states: int | None) -> tup
 
 
 def _without_package(stored: StoredRngLayout, run: RunLayout) -> str:
-    """Whether the writer's releases resume the checkpoint's RNG state without this package: a release loads the
-    layout it writes itself, and fails on the other (the stack's own switch then skips RNG state)."""
+    """Whether the writer's releases resume it without the package: a release reads the layout it writes."""
     writer = next(loop for loop in LOOPS if loop.name == run.loop)
     fixed = writer.fixed_in[SAVE_SHARDING].known
     by_pp_tp = f"{writer.name} before {fixed}" if fixed else f"every {writer.name} release on the registry"
@@ -421,8 +401,7 @@ def _model_parallel_change(run: RunLayout, target: dict[str, int]) -> str | None
 def _resume_plan(
     stored: StoredRngLayout, run: RunLayout, states: int | None, target: dict[str, int]
 ) -> list[dict[str, Any]]:
-    """What each (pp, tp, dp) rank of the target layout restores on a resume with this package: the stored-layout
-    load's rule (``StoredRngLayout.restore``); dp counts DP ranks with context parallel, as the RNG layout does."""
+    """What each rank of the target layout restores on a patched resume: the live load's rule."""
     model_parallel = (target.get("pp", run.pp), target.get("tp", run.tp))
     dp_size = target.get("dp", run.dp)
     if dp_size is None:

@@ -14,9 +14,7 @@ from bridge_rng_patch.resume import ResumeWatch
 
 
 class KeepingRestored:
-    """The wrapper of a function that runs between the restore and the first step: while the watch says a resume
-    restored RNG state and training has not started, every source is put back as it was when the function was called
-    (once training has started, the uninterrupted run draws there too)."""
+    """Puts every source back after the function, between a restore and the first step; else goes through."""
 
     def __init__(self, watch: ResumeWatch) -> None:
         self._watch = watch

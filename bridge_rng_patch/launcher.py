@@ -31,7 +31,6 @@ sys.exit(main(sys.argv[1:]))
 
 
 def environment() -> dict[str, str]:
-    """This process's environment with the bootstrap folder first on ``PYTHONPATH``."""
     environment = dict(os.environ)
     existing = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, (str(BOOTSTRAP), existing)))
@@ -57,8 +56,7 @@ def run(command: list[str], check: bool = False, quiet: bool = False) -> int:
 
 
 def _check(command: list[str], env: dict[str, str], quiet: bool) -> int:
-    """Starts the Python that COMMAND would start (the command itself, or its script's interpreter; this
-    launcher's Python when it tells nothing) under the bootstrap environment, and prints what it does."""
+    """Runs the Python COMMAND would start, under the bootstrap environment, to say what it does."""
     python = _python_of(command, env) if command else sys.executable
     if python is None:
         return _fail(EXIT_NOT_FOUND, f"{command[0]}: command not found")
@@ -70,8 +68,7 @@ def _check(command: list[str], env: dict[str, str], quiet: bool) -> int:
 
 
 def _python_of(command: list[str], env: dict[str, str]) -> str | None:
-    """The interpreter COMMAND runs: itself when it is a Python, the one its ``#!`` line names when it is a
-    script (torchrun, a console script), else this launcher's."""
+    """The interpreter COMMAND runs: itself, the one its ``#!`` line names (torchrun), else this launcher's."""
     executable = _executable(command[0], env)
     if executable is None:
         return None
@@ -92,7 +89,6 @@ def _python_of(command: list[str], env: dict[str, str]) -> str | None:
 
 
 def _executable(name: str, env: dict[str, str]) -> str | None:
-    """Where ``name`` is, as a shell finds it: on ``PATH``, or the path itself when it names a file."""
     found = shutil.which(name, path=env.get("PATH"))
     if found is None and os.sep in name and os.path.isfile(name):
         return name  # exists but is not executable: exec says why

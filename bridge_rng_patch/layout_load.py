@@ -164,15 +164,13 @@ def _fsdp_entries(request: Any) -> dict[str, tuple[int, ...]] | None:
 
 
 def _loads_strictly(arguments: Mapping[str, Any]) -> bool:
-    """Whether the loop's fsdp_dtensor load fails on what the checkpoint lacks (``strict_fsdp_dtensor_load`` in
-    Bridge's checkpoint config or Megatron-LM's args); so taken where the config is not found."""
+    """Whether the fsdp_dtensor load fails on what the checkpoint lacks; so taken where the config is not found."""
     config = arguments.get("ckpt_cfg", arguments.get("args"))
     return config is None or bool(getattr(config, "strict_fsdp_dtensor_load", False))
 
 
 def _stored_fsdp_entry(checkpoint_dir: str, entry: str | None, unloaded: list) -> list:
-    """The states the checkpoint stores under ``entry`` (None: none for this rank), read with torch DCP after a strict
-    load: a collective, which every rank joins."""
+    """The states stored under ``entry``, read with torch DCP after a strict load: a collective every rank joins."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 

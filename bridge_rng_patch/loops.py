@@ -30,10 +30,8 @@ class FixedIn(NamedTuple):
 
 
 class LoadFunction(NamedTuple):
-    """A function a stack loads checkpoint state (the RNG request among it) through, known by what it binds by name:
-    its ``request`` and what names the checkpoint (``named_by``; ``checkpoint``, the argument that is its directory,
-    else ``get_checkpoint_name`` or the result says). ``returns_tuple``: it returns ``(state_dict, checkpoint_name,
-    release, checkpoint_type)``, as the Megatron loops' loads do; else the state dict."""
+    """A load of checkpoint state, known by what it binds by name: its ``request``, what names the checkpoint
+    (``checkpoint``: the argument that is its directory); ``returns_tuple``, as the Megatron loops' loads do."""
 
     path: str
     named_by: tuple[str, ...]
@@ -43,10 +41,8 @@ class LoadFunction(NamedTuple):
 
 
 class OnDisk(NamedTuple):
-    """How one save of a stack sits on disk, for the inspector: its directory; the file that records the run's sizes
-    (``run_config``: YAML under ``model``, or JSON; None: the ``args`` in its ``common_state``, this stack's where they
-    have ``args_mark``); its RNG dist-checkpoint inside it, newest first (none: the save itself); what counts its DP
-    ranks where the RNG layout does not (a ``manifest``'s ``world_size``, the writers of ``model_dir``)."""
+    """How one save sits on disk: its directory, what records the run's sizes (``run_config``, else the ``args`` of its
+    ``common_state``), where its RNG dist-checkpoint is, and what counts its DP ranks (``manifest``, ``model_dir``)."""
 
     iteration_dir: str = "iter_{:07d}"
     run_config: str | None = None
@@ -65,10 +61,8 @@ class Elsewhere(NamedTuple):
 
 
 class BeforeFirstStep(NamedTuple):
-    """What a stack runs between its restore and its first training ``first_step``: ``keeps_restored``, functions that
-    draw from or re-seed the RNG sources (the iterators' builders); ``data_init_callbacks``, where it fires user
-    callbacks before its data is built (in ``callbacks_fired_in``, which has ``preserves_callbacks`` where a release
-    keeps the RNG state over them itself, upstream #5255)."""
+    """What a stack runs between its restore and its ``first_step``: functions that draw or re-seed
+    (``keeps_restored``), and where it fires data-init callbacks (upstream #5255 keeps the RNG state over them)."""
 
     keeps_restored: tuple[Elsewhere, ...]
     first_step: Elsewhere | None
@@ -78,14 +72,12 @@ class BeforeFirstStep(NamedTuple):
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """The modules those functions are in."""
         targets = (*self.keeps_restored, self.first_step, self.data_init_callbacks)
         return tuple(dict.fromkeys(target.module for target in targets if target is not None))
 
 
 class Seeding(NamedTuple):
-    """How far apart a stack's own seeding puts each rank's seed: per PP rank, and per DP rank with
-    ``data_parallel_random_init`` (megatron-core's tracker adds its own offsets)."""
+    """How far apart a stack's seeding puts each PP rank's seed, and each DP rank's with data_parallel_random_init."""
 
     pipeline: int
     data_parallel: int
@@ -96,16 +88,9 @@ MEGATRON_SEEDING = Seeding(pipeline=100, data_parallel=10)
 
 
 class TrainingLoop(NamedTuple):
-    """A training stack whose checkpointing module the package patches.
-
-    ``package`` must be importable for there to be anything to patch. ``get_rng_state`` builds the RNG state a save
-    writes, taking one of ``rng_state_first`` first (or nothing), then any of ``rng_state_optional``.
-    ``resume_function`` runs a resume, ``restore_function`` sets the loaded RNG state, ``dist_load`` and ``fsdp_load``
-    load a torch_dist and an fsdp_dtensor checkpoint. ``skip_rng_load`` is the stack's switch that resumes without RNG
-    state, the remedy its messages give; ``optional_sources``, keys an RNG entry may lack (verl saves the device
-    generator where there is one). ``distribution`` states the release, which ``version_from``'s ``package_info``
-    states in the code itself (for sources on ``PYTHONPATH``).
-    """
+    """A stack the package patches: ``get_rng_state`` (taking one of ``rng_state_first``, then any of
+    ``rng_state_optional``) builds what a save writes; ``resume_function`` runs a resume, ``restore_function`` sets the
+    RNG state; ``skip_rng_load`` is its switch that resumes without; ``version_from`` states its release in code."""
 
     name: str
     module: str

@@ -1,9 +1,6 @@
-"""The one place that applies and undoes the patches and keeps their status.
-
-When a stack's checkpointing module is imported, every patch gets the stack resolved once and its resume watch, and
-returns a plan; the plans are carried out in ``PATCHES`` order, then the watch goes on, outermost, where a plan acts
-on it. Nothing heavy is imported here: the patches, with wrapt, torch and megatron, come with a stack's module.
-"""
+"""The one place that applies and undoes the patches and keeps their status: each stack resolved once, with its resume
+watch, handed to every patch, whose plan is carried out in ``PATCHES`` order; then the watch, outermost, where a plan
+acts on it. Nothing heavy is imported here: the patches, with wrapt, torch and megatron, come with a stack's module."""
 
 from __future__ import annotations
 
@@ -67,8 +64,7 @@ _switched_off = False
 
 
 class _PostImportHook:
-    """Patches a stack's module once it has executed, as wrapt's post-import hook would (importing wrapt, and asyncio,
-    at ``import bridge_rng_patch``): the spec found gets a loader wrapping the one found, never edited."""
+    """Patches a stack's module once it has executed, as wrapt's post-import hook (which imports asyncio) would."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in _LOOPS_BY_MODULE and fullname not in _OTHER_MODULES:
@@ -132,7 +128,6 @@ def install() -> None:
 
 
 def apply() -> tuple[PatchStatus, ...]:
-    """Apply every patch the installed code needs (again, after ``undo``); returns the status."""
     install()
     return status()
 
@@ -148,21 +143,17 @@ def undo() -> tuple[PatchStatus, ...]:
             for name in (_WATCH, *reversed(PATCHES)):
                 key = (loop.name, name)
                 placed = _placed.pop(key, None)
-                if placed is not None:
-                    for wrapper in reversed(placed):
-                        wrapper.saved.put_back()
-                if name == _WATCH:
-                    continue
-                if placed is not None:
+                for wrapper in reversed(placed or []):
+                    wrapper.saved.put_back()
+                if name != _WATCH and placed is not None:
                     _record(key, Decision(UNDONE, "original functions restored"))
-                elif _states[key].state == PENDING:
+                elif name != _WATCH and _states[key].state == PENDING:
                     _record(key, Decision(UNDONE, f"switched off before {loop.module} was imported"))
     return status()
 
 
 def status(loop: str | None = None) -> tuple[PatchStatus, ...]:
-    """Per loop (or ``loop``'s alone) and patch: applied / not needed / disabled / refused / pending / undone, why,
-    and the versions found."""
+    """Per loop (or ``loop``'s alone) and patch: its state, why, and the versions found."""
     with _lock:
         if not _versions:
             from bridge_rng_patch.probe import installed_versions
@@ -231,7 +222,6 @@ def _apply_all(loop: TrainingLoop, checkpointing: ModuleType) -> None:
 
 
 def _put_on(key: tuple[str, str], module: ModuleType, wrappings: tuple[Wrapping, ...]) -> None:
-    """Put ``wrappings`` on ``module``, all or none; what each replaces is kept for undo."""
     from bridge_rng_patch import targets
 
     placed = []
@@ -248,8 +238,7 @@ def _put_on(key: tuple[str, str], module: ModuleType, wrappings: tuple[Wrapping,
 
 
 def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> None:
-    """Put the plan's wrappers on the checkpointing module, all or none, and those on other modules now or once the
-    module has finished executing: until then the patch waits, and says for which modules."""
+    """The plan's wrappers on the checkpointing module, all or none; on other modules once they are imported."""
     try:
         _put_on(key, checkpointing, tuple(wrapping for wrapping in plan.wrappings if wrapping.module is None))
     except Exception as error:
@@ -268,8 +257,7 @@ def _carry_out(key: tuple[str, str], checkpointing: ModuleType, plan: Plan) -> N
 
 
 def _wrap_awaited(module: ModuleType, record: bool = True) -> None:
-    """Put on the wrappers that await ``module``; a patch the release lacks a function of there is refused, and its
-    wrappers taken off."""
+    """The wrappers awaiting ``module``; a patch whose function it lacks is refused, its wrappers taken off."""
     from bridge_rng_patch import targets
 
     touched = []
@@ -301,7 +289,6 @@ def _awaited_state(key: tuple[str, str]) -> Decision:
 
 
 def _executed(name: str) -> ModuleType | None:
-    """The module ``name`` once it has finished executing; None before (or while) it does."""
     module = sys.modules.get(name)
     if module is None or getattr(getattr(module, "__spec__", None), "_initializing", False):
         return None
@@ -309,8 +296,7 @@ def _executed(name: str) -> ModuleType | None:
 
 
 def _refuse_carried(key: tuple[str, str], reason: str) -> None:
-    """Refuse a patch already carried out: each of its wrappers comes off, and any put on since over the same function
-    stay, so that undo later puts back, through them, what stood there first."""
+    """Refuse a patch carried out: its wrappers come off; those put on since stay, and undo still puts back all."""
     from bridge_rng_patch import targets
 
     _awaiting.pop(key, None)

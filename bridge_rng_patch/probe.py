@@ -44,8 +44,7 @@ _GROUP_ARGUMENTS = ("pg_collection", "dp_cp_group")
 
 
 def installed_version(distribution: str) -> str | None:
-    """The version of ``distribution`` as the imported code states it, else its metadata: images that put sources on
-    ``PYTHONPATH`` have none, or another copy's. "unknown" for code that states none; None when absent."""
+    """The version the imported code states (sources on ``PYTHONPATH`` lack metadata), else its metadata's."""
     package = _VERSION_FROM.get(distribution)
     present, version = _code_version(package) if package else (False, None)
     if version is not None:
@@ -86,7 +85,6 @@ def installed_versions() -> dict[str, str]:
 
 
 def describe_signature(function: Callable) -> str:
-    """``(name, ..., *, name)``: the parameters a function binds, without annotations or defaults."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -122,7 +120,6 @@ class RngStateSignature:
     shown: str
 
     def position(self, name: str) -> int | None:
-        """Where ``name`` may come positionally; None when it is keyword-only or not taken."""
         if name not in self.names or name in self.keyword_only:
             return None
         return self.names.index(name)
@@ -133,8 +130,7 @@ class RngStateSignature:
 
 
 def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop, method: bool = False) -> RngStateSignature | None:
-    """The signature of ``get_rng_state`` if every parameter is one the package knows how to fix, else None; a
-    ``method`` is known by the parameters after the instance, which a wrapper of a bound call does not see."""
+    """The signature of ``get_rng_state`` where the package knows every parameter (a method's after its instance)."""
     try:
         parameters = list(inspect.signature(get_rng_state).parameters.values())[1 if method else 0 :]
     except (TypeError, ValueError):
@@ -152,8 +148,7 @@ def rng_state_signature(get_rng_state: Callable, loop: TrainingLoop, method: boo
 
 
 def fsdp_load_ignores_rng_after_model_parallel_change(restore: Callable) -> bool | None:
-    """Whether the loop's fsdp_dtensor load compares the stored TP and PP with the running ones, as every torch_dist
-    load does; None without source or such a branch."""
+    """Whether the loop's fsdp_dtensor load compares the stored TP and PP itself; None where not known."""
     branch = _FSDP_LOAD_BRANCH.search(source_of(restore) or "")
     return None if branch is None else bool(_COMPARES_MODEL_PARALLEL.search(branch.group(1)))
 
@@ -168,15 +163,13 @@ def missing_parameters(function: Callable, names: tuple[str, ...]) -> list[str]:
 
 
 class InstalledStack:
-    """A stack's checkpointing module as installed: what its declaration names there, and what the probes found, each
-    worked out on first use and kept, so that a fact that cannot be worked out fails only the patch that needs it."""
+    """A stack's module as installed: what its declaration names there, and each fact the probes find, kept."""
 
     def __init__(self, loop: TrainingLoop, module: ModuleType) -> None:
         self.loop = loop
         self.module = module
 
     def function(self, path: str) -> Any:
-        """What ``path`` names in the module; None where it names nothing."""
         try:
             return targets.lookup(self.module, path)
         except AttributeError:
@@ -197,7 +190,6 @@ class InstalledStack:
 
     @functools.cached_property
     def loads(self) -> tuple[LoadFunction, ...]:
-        """The stack's loads that are there: its torch_dist one, and its fsdp_dtensor one where it has one."""
         declared = (self.loop.dist_load, self.loop.fsdp_load)
         return tuple(load for load in declared if load is not None and self.function(load.path) is not None)
 
@@ -218,8 +210,7 @@ class InstalledStack:
 
     @functools.cached_property
     def keys_fsdp_rng_by_pp_tp(self) -> bool | None:
-        """Whether ``get_rng_state``, or a function it calls through a module global (ms-swift's
-        ``fsdp_checkpoint.build_rng_state``), keys fsdp_dtensor's RNG state by (pp, tp) alone; None without source."""
+        """Whether ``get_rng_state``, or what it calls through a module global, keys fsdp_dtensor's by (pp, tp)."""
         source = source_of(self.get_rng_state)
         if source is None:
             return None
@@ -241,9 +232,7 @@ class InstalledStack:
 
     @functools.cached_property
     def load_follows_stored_rng_layout(self) -> bool | None:
-        """Whether the loop's own load already asks for the RNG shards the checkpoint stores: its resume or torch_dist
-        load calls a helper about RNG state and metadata (upstream's ``_align_rng_state_sharded_metadata``), by name
-        or by a source that reads the metadata. None without source."""
+        """Whether the loop's load already calls a helper about RNG state and the stored metadata (upstream's)."""
         paths = (self.loop.resume_function, self.loop.dist_load.path)
         sources = [source for path in paths if (source := source_of(self.function(path)))]
         if not sources:
@@ -271,7 +260,6 @@ class InstalledStack:
 
     @functools.cached_property
     def names_base_dir(self) -> bool:
-        """Whether ``get_checkpoint_name`` names the iteration's directory when asked (``return_base_dir``)."""
         return not missing_parameters(self.module.get_checkpoint_name, ("return_base_dir",))
 
     @functools.cached_property
@@ -283,7 +271,6 @@ class InstalledStack:
             return None
 
     def claims_fix(self, patch: str) -> bool:
-        """Whether the release number says the release has the fix ``patch`` carries (the second signal)."""
         known = self.loop.fixed_in[patch].known
         return self.release is not None and known is not None and self.release >= Version(known)
 

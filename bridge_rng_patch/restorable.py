@@ -62,8 +62,7 @@ _LEFT_OUT = object()  # an optional source the entry does not hold
 
 
 def rng_entry_problem(entry: Any, optional: frozenset[str] = frozenset()) -> str | None:
-    """What keeps ``entry`` from being restored whole (a key in ``optional`` may be left out); None when nothing does.
-    It runs at every restore: no loop over keys, a message built only on failure."""
+    """What keeps ``entry`` from being restored whole; None when nothing does (runs at every restore: no loop)."""
     if not isinstance(entry, Mapping):
         return f" is a {type(entry).__name__}, expected a dict of RNG states"
     try:
@@ -90,9 +89,7 @@ def rng_entry_problem(entry: Any, optional: frozenset[str] = frozenset()) -> str
 
 
 class RestorableRngStates(list):
-    """A rank's loaded RNG states, checked when the restore picks one: the one the rule found (``restore.index``,
-    whatever index is asked). A rank with none stored keeps its current state, and says so unless ``by_design``; an
-    entry that cannot be restored fails the load with the stack's remedy. What is handed is noted in the watch."""
+    """A rank's loaded states: the restore gets the rule's entry, checked first, or keeps its current state."""
 
     def __init__(
         self, states: list, load: StoredLayoutLoad, where: str, rank: ResumingRank, restore: Restore, by_design: bool
@@ -130,8 +127,7 @@ class RestorableRngStates(list):
 
 
 class StoredLayoutLoad:
-    """What the wrappers of a stack's loads share: the load, the stack's resume watch, the stored layouts, storage the
-    package cannot judge (left alone), and the checked list the restore gets."""
+    """What the wrappers of a stack's loads share: the load, the watch, the stored layouts, the checked list."""
 
     def __init__(self, stack: InstalledStack, load: LoadFunction, watch: ResumeWatch) -> None:
         self.stack = stack
@@ -143,15 +139,12 @@ class StoredLayoutLoad:
         return LoadCall.bind(self.stack, self.load, args, kwargs)
 
     def stored_layouts(self, checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-        """The layouts ``checkpoint_dir`` stores, read once per job; an unknown one fails with the stack's remedy."""
         try:
             return stored_layouts_read_once_per_job(checkpoint_dir)
         except UnknownRngLayout as error:
             raise RngCheckpointError(f"{error}; {self.remedy}") from None
 
     def left_alone(self, checkpoint_dir: str, as_released: str) -> bool:
-        """Whether the checkpoint is where the package cannot judge how the release reads it (the same on every
-        rank), said in one line."""
         unjudged = storage_not_judged(checkpoint_dir)
         if unjudged is not None:
             report(f"checkpoint {checkpoint_dir}: {unjudged}; {as_released}")
@@ -166,8 +159,7 @@ class StoredLayoutLoad:
 def resuming_rank(
     call: LoadCall, coordinates: tuple[int, int, int], model_parallel: tuple[int, int], states_asked: int
 ) -> ResumingRank:
-    """The resuming rank as the restore rule sees it, from the call's groups (else mpu's): a request of more than one
-    state is the run's own gather, over DP with context parallel where it lists that many (indexed by DP rank)."""
+    """The rank as the rule sees it, from the call's groups: more than one state asked is the run's own gather."""
     dp_cp_size, dp_size = (groups.size(call.arguments, groups.DP_CP), groups.size(call.arguments, groups.DP))
     return ResumingRank(
         *coordinates,
@@ -179,8 +171,7 @@ def resuming_rank(
 
 
 def stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-    """Rank 0 reads the stored layouts and every rank receives them, or the same error: one read per load, and no
-    rank left waiting in the collective."""
+    """Rank 0 reads the layouts and every rank receives them, or the same error: no rank left waiting."""
     distributed = torch.distributed
     if not distributed.is_initialized() or distributed.get_world_size() == 1:
         return read_stored_layouts(checkpoint_dir)
@@ -199,8 +190,7 @@ def stored_layouts_read_once_per_job(checkpoint_dir: str) -> dict[str, StoredRng
 
 
 def storage_not_judged(checkpoint_dir: str) -> str | None:
-    """Why the package cannot read the layout where the release does (an unknown scheme, or ``msc://`` where
-    megatron-core does not read through the Multi-Storage Client), so must not fail the load."""
+    """Why the package cannot read the layout where the release does, so must leave the load alone."""
     unknown = unknown_scheme(checkpoint_dir)
     if unknown is not None:
         return unknown

@@ -22,8 +22,7 @@ _signature = functools.cache(inspect.signature)
 
 
 class Handed(NamedTuple):
-    """What the stored-layout load handed this rank's restore: whose state (``rng_layout.OWN``, ``SHARED``, ``FRESH``),
-    the entry, and whether the run gathers its states over DP (``data_parallel_random_init``)."""
+    """What the stored-layout load handed a rank's restore: whose state, the entry, whether the run gathers."""
 
     kind: str
     entry: Mapping[str, Any]
@@ -47,8 +46,7 @@ class LoadCall:
         return cls(stack, load, arguments)
 
     def checkpoint_dir(self, result: Any = None) -> str | None:
-        """Where the release loads from: the argument naming it, an override, the iteration's directory (asked of
-        ``get_checkpoint_name`` as a directory where it can say so), else what the load returned."""
+        """Where the release loads from: the argument naming it, an override, ``get_checkpoint_name``, or the result."""
         arguments, load = self.arguments, self.load
         if load.checkpoint is not None:
             return str(arguments[load.checkpoint])
@@ -65,9 +63,7 @@ class LoadCall:
 
 
 class ResumeWatch:
-    """One stack's resumes as this rank sees them: how many run (``get_rng_state`` then builds a load request, not a
-    save), the latest's loads (whether one asked for RNG state, where from, what the restore was handed), and whether
-    a resume restored RNG state and training has not started since. The same on every rank but ``handed``."""
+    """One stack's resumes: how many run, the latest's loads, and whether one restored RNG state before training."""
 
     def __init__(self, stack: InstalledStack) -> None:
         self._stack = stack
@@ -80,7 +76,6 @@ class ResumeWatch:
         self.loads, self.rng_requested, self.checkpoint_dir, self.handed = (0, False, None, None)
 
     def lacks(self) -> str | None:
-        """Why the watch cannot go on this stack; None when it can."""
         loop, stack = self._stack.loop, self._stack
         lacks = stack.lacks(loop.resume_function, loop.dist_load.path)
         return lacks or next(filter(None, (stack.unbound(load, (load.request,)) for load in stack.loads)), None)
@@ -90,8 +85,7 @@ class ResumeWatch:
         return (*notes, Wrapping(self._stack.loop.resume_function, self.noting_resume))
 
     def noting_resume(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        """A resume that asked for RNG state and returned restored it; a later one that asks for none (ms-swift's
-        reference model) leaves that noted until the first step."""
+        """A resume that asked for RNG state restored it; a later one that asks for none leaves that noted."""
         with self._lock:
             outermost = self.resumes_running == 0
             if outermost:
@@ -121,5 +115,4 @@ class ResumeWatch:
         self.handed = handed
 
     def note_first_step(self) -> None:
-        """Training has started: from here on, what the loop draws the uninterrupted run draws too."""
         self.before_first_step = False

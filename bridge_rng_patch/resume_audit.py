@@ -1,8 +1,6 @@
-"""The resume audit: right after a resume restores RNG state, every rank fingerprints each source, one small
-collective brings them together, and rank 0 says in one line whether each rank holds what it was handed and whether
-the streams Megatron seeds apart are apart; at the first training step, whether any rank's state moved since. A wrong
-resume fails silently (Megatron-LM #6858 found its own by hand); the audit never fails a job.
-"""
+"""The resume audit: after a resume, every rank fingerprints each RNG source and rank 0 says in one line whether each
+holds what it was handed and whether the streams Megatron seeds apart are apart; at the first step, whether any moved.
+A wrong resume fails silently (Megatron-LM #6858 found its own by hand); the audit never fails a job."""
 
 from __future__ import annotations
 
@@ -91,10 +89,7 @@ class FirstStep(NamedTuple):
 def audit_restored_rng(
     data_parallel_random_init: bool = False, seeding: Seeding = MEGATRON_SEEDING, skip_rng_load: str = ANY_LOOPS_SWITCH
 ) -> ResumeAudit | None:
-    """Audit the RNG state this rank holds right after its loop restored a checkpoint, on every rank of a loop the
-    package does not patch: the streams Megatron seeds apart are compared (``seeding``: the loop's own;
-    ``skip_rng_load``: the remedy a WARNING names). The same result on every rank, or None (switched off, or failed).
-    """
+    """Audit this rank's RNG state right after a loop the package does not patch restored it; on every rank."""
     if switched_off(AUDIT_ENV):
         return None
     return _audit(_this_rank(None, data_parallel_random_init), seeding, skip_rng_load)
@@ -108,8 +103,7 @@ def check_first_step(audit: ResumeAudit | None) -> FirstStep | None:
 
 
 def _in_one_line(own: Any, judge: Callable[[list], Any], what: str, unaffected: str) -> Any:
-    """Every rank's ``own``, gathered and judged alike on every rank; rank 0 logs the line (a WARNING where it did not
-    pass). A failure is logged once and swallowed."""
+    """Every rank's ``own``, gathered and judged alike; rank 0 logs the line; a failure is logged once."""
     try:
         verdict = judge(_from_every_rank(own))
     except Exception as error:
@@ -158,16 +152,12 @@ def _this_rank(handed: Handed | None, data_parallel_random_init: bool) -> RankAu
     try:
         from megatron.core import parallel_state as mpu
 
-        expert_tensor_rank = getattr(mpu, "get_expert_tensor_parallel_rank", lambda: 0)
-        coordinates = {
-            "pp": mpu.get_pipeline_model_parallel_rank(),
-            "tp": mpu.get_tensor_model_parallel_rank(),
-            "dp": mpu.get_data_parallel_rank(),
-            "ep": mpu.get_expert_model_parallel_rank(),
-            "etp": expert_tensor_rank(),
-        }
+        expert_tensor_rank = getattr(mpu, "get_expert_tensor_parallel_rank", lambda: 0)()
+        pp, tp = mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank()
+        dp, ep = mpu.get_data_parallel_rank(), mpu.get_expert_model_parallel_rank()
         holds = _live_fingerprint()
-        audit = RankAudit(rank, **coordinates, data_parallel_random_init=data_parallel_random_init, digests=holds)
+        coordinates = {"pp": pp, "tp": tp, "dp": dp, "ep": ep, "etp": expert_tensor_rank, "digests": holds}
+        audit = RankAudit(rank, data_parallel_random_init=data_parallel_random_init, **coordinates)
         if handed is None:
             return audit
         expected = rng_sources.fingerprint(handed.entry)
@@ -192,8 +182,7 @@ def _warn_once(message: str) -> None:
 
 
 def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool, seeding: Seeding) -> int:
-    """Where the seeding puts ``stream`` of ``rank``, from the run's seed (megatron-core's tracker adds ``2718 + tp``
-    for the model-parallel stream, ``1024 + 100 * ep + etp`` for the expert one)."""
+    """Where the seeding puts ``stream`` of ``rank`` (megatron-core's tracker adds its own offsets)."""
     offset = seeding.pipeline * rank.pp + (seeding.data_parallel * rank.dp if data_parallel_random_init else 0)
     if stream == MODEL_PARALLEL_STREAM:
         return offset + 2718 + rank.tp
@@ -203,8 +192,7 @@ def seed_offset(stream: str, rank: RankAudit, data_parallel_random_init: bool, s
 
 
 def collapsed_streams(ranks: Sequence[RankAudit], seeding: Seeding) -> list[Collapse]:
-    """Every stream some ranks hold in one state although seeded apart (ranks seeded alike, as Megatron's seeding puts
-    PP rank 1 and EP rank 1, are not compared)."""
+    """Every stream some ranks hold in one state although seeded apart (ranks seeded alike are not compared)."""
     random_init = any(rank.data_parallel_random_init for rank in ranks)  # the run's, known to every rank handed state
     holders: dict[tuple[str, str], dict[int, list[int]]] = {}
     for rank in ranks:
@@ -224,7 +212,6 @@ def judge(
     where: str = "",
     skip_rng_load: str = ANY_LOOPS_SWITCH,
 ) -> ResumeAudit:
-    """The audit's verdict and its line, from every rank's contribution."""
     audited = [rank for rank in ranks if rank.error is None]
     result = ResumeAudit(len(ranks))
     result.unaudited = {rank.rank: rank.error for rank in ranks if rank.error is not None}
@@ -283,7 +270,6 @@ def _count(ranks: int) -> str:
 
 
 def _ranks(ranks: Sequence[int]) -> str:
-    """ "rank 3", "ranks 1, 3", or the first few and how many more."""
     shown = ", ".join(map(str, ranks[:_NAMED_RANKS]))
     more = f" and {len(ranks) - _NAMED_RANKS} more" if len(ranks) > _NAMED_RANKS else ""
     return f"rank{'s' * (len(ranks) > 1)} {shown}{more}"
@@ -301,7 +287,6 @@ def _likely_cause(moved: tuple[str, ...]) -> str:
 
 
 def judge_first_step(ranks: Sequence[RankAtFirstStep]) -> FirstStep:
-    """The first-step check's verdict and its line, from every rank's."""
     moved: dict[tuple[str, ...], list[int]] = {}
     unchecked = [rank.rank for rank in ranks if not rank.checked]
     for rank in ranks:
@@ -322,8 +307,7 @@ def judge_first_step(ranks: Sequence[RankAtFirstStep]) -> FirstStep:
 
 
 class ResumeAuditing:
-    """The audit's two wrappers, sharing what this rank held after the restore until its first step. Whether a load
-    asked for RNG state is decided by the configuration and the checkpoint, alike on every rank, so all join."""
+    """The audit's two wrappers, sharing what this rank held after the restore until its first step."""
 
     def __init__(self, seeding: Seeding, skip_rng_load: str, watch: ResumeWatch) -> None:
         self._seeding = seeding

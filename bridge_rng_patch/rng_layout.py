@@ -1,8 +1,6 @@
-"""The stored layouts of a checkpoint's RNG state, how to read them, and what a rank restores from one. torch_dist
-keeps a ``rng_state`` ShardedObject (one per MIMO module, Megatron-LM's prefixed) sharded by (pp, tp), one list written
-per (pp, tp), or by (pp, tp, dp); fsdp_dtensor keeps lists under ``(pp, tp)`` or ``(pp, tp, dp)`` entries, stored by
-torch DCP leaf by leaf. The stored layout, not the running configuration, decides what a rank can read back.
-"""
+"""The stored layouts of a checkpoint's RNG state, how to read them, and what a rank restores from one: torch_dist's
+``rng_state`` ShardedObject sharded by (pp, tp) or by (pp, tp, dp), fsdp_dtensor's lists under ``(pp, tp)`` or
+``(pp, tp, dp)`` entries. The stored layout, not the running configuration, decides what a rank can read back."""
 
 from __future__ import annotations
 
@@ -37,20 +35,16 @@ class UnknownRngLayout(RngCheckpointError):
 
 
 def fsdp_entry(*coordinates: int) -> str:
-    """The key of an fsdp_dtensor RNG entry: ``"(pp, tp)"`` as the releases write it, ``"(pp, tp, dp)"`` per rank."""
     return f"({', '.join(str(index) for index in coordinates)})"
 
 
 def fsdp_entry_coordinates(entry: object) -> tuple[int, ...] | None:
-    """(pp, tp) or (pp, tp, dp) from an fsdp_dtensor RNG entry's key; None for any other key."""
     match = _FSDP_ENTRY.fullmatch(entry) if isinstance(entry, str) else None
     return None if match is None else tuple(int(index) for index in match.groups() if index is not None)
 
 
 def with_own_fsdp_entry(by_pp_tp: dict, dp_rank: int) -> dict:
-    """fsdp_dtensor's RNG dict with this rank's states also under an entry of its own, ``(pp, tp, dp)``, which has
-    one writer where DCP keeps one per leaf of the shared ``(pp, tp)`` entry; that stays, for releases without the
-    package. A list gathered with data_parallel_random_init already holds every DP rank's state."""
+    """fsdp_dtensor's RNG dict with this rank's states under an entry of its own too, which has one writer."""
     if len(by_pp_tp) != 1:
         return by_pp_tp
     ((entry, states),) = by_pp_tp.items()
@@ -69,11 +63,8 @@ def coordinates_of(request: ShardedObject) -> tuple[int, int, int]:
 
 
 class ResumingRank(NamedTuple):
-    """A rank of a resuming job as the restore rule needs it: where it sits (DP with context parallel, as the layouts
-    count it), the job's (PP, TP) sizes, whether the run gathers its states over DP itself
-    (``data_parallel_random_init``) and whether its restore indexes that list as it was gathered (not where it
-    gathers over DP with context parallel and indexes by DP rank alone), and whether the DP ranks of a (pp, tp) held
-    one state (EP 1)."""
+    """A resuming rank as the restore rule needs it: where it sits (DP with CP), the job's (PP, TP), whether the run
+    gathers its own states (and its restore indexes them as gathered), whether its DP ranks held one state (EP 1)."""
 
     pp_rank: int
     tp_rank: int
@@ -85,8 +76,7 @@ class ResumingRank(NamedTuple):
 
 
 class Restore(NamedTuple):
-    """Whose state a rank restores (``OWN``, ``SHARED``, ``FRESH``), and the index of that state in the list its
-    load hands the restore (None: the one the restore picks itself)."""
+    """Whose state a rank restores, and its index in the list the load hands (None: the restore picks)."""
 
     kind: str
     index: int | None = None
@@ -122,15 +112,10 @@ class StoredRngLayout:
         return offset if offset in self.offsets else None
 
     def restore(self, rank: ResumingRank, states: int | None = None) -> Restore:
-        """Whose state ``rank`` restores, and at which index of the list its load hands the restore (``states``: how
-        many states that list holds; None before the load): the one rule the live loads and ``inspect`` share.
-
-        After a TP or PP change no stored state is a running rank's (Megatron seeds the model-parallel stream per TP
-        rank, every source per PP stage): fresh state. A (pp, tp) list of every DP rank's state (gathered with
-        ``data_parallel_random_init``, or by this package's save under EP > 1) holds each rank's own; a list of one
-        holds DP rank 0's in torch_dist (its writer) and leaves mixed from several ranks in fsdp_dtensor, which is
-        each rank's own only where the DP ranks of a (pp, tp) held one state (``ranks_alike``: EP 1).
-        """
+        """Whose state ``rank`` restores from a list of ``states`` (None before the load): the rule the live loads and
+        ``inspect`` share. After a TP or PP change no stored state is a rank's (Megatron seeds per TP and PP rank); a
+        (pp, tp) list of every DP rank's state holds each rank's own; a list of one, the writer's (torch_dist) or one
+        mixed from several ranks (fsdp_dtensor), which is each rank's own only where its DP ranks held one state."""
         if self.global_shape[:2] != rank.model_parallel or self.stored_offset(rank) is None:
             return Restore(FRESH)
         if self.per_dp_rank:
@@ -142,9 +127,7 @@ class StoredRngLayout:
         return Restore(OWN if alike else SHARED)
 
     def requests_for(self, rank: ResumingRank, dp_size: int, data: object) -> dict[str, ShardedObject]:
-        """The load requests of ``rank`` in a job of ``dp_size`` DP ranks, by state-dict key: its own stored shard
-        (where there is one), and after a DP shrink those of DP ranks that no longer exist, read and dropped, since
-        a load must cover every stored shard of a ShardedObject."""
+        """A rank's requests: its own stored shard, and after a DP shrink those of ranks gone (a load covers all)."""
         requests = {}
         own = self._shard(rank, rank.dp_rank, data)
         if own is not None:
@@ -207,8 +190,7 @@ def stored_rng_shard_keys(checkpoint_dir: str) -> set[str]:
 
 
 def _pickled_key_around(data: bytes, at: int) -> str | None:
-    """The RNG shard key whose pickled short string holds position ``at``, found by walking back to its opcode (a
-    key prefix puts it further back); None where none does."""
+    """The RNG key whose pickled short string holds position ``at``, found from its opcode; None where none."""
     floor = max(0, at - 256)
     start = data.rfind(_SHORT_STRING, floor, at)
     while start != -1:
@@ -225,9 +207,7 @@ _FRAME = 0x95  # pickle protocol 4 and later: FRAME, then the frame's length in 
 
 
 def _is_whole_pickle(data: bytes) -> bool:
-    """Whether ``data`` is a whole pickle, told without unpickling it: a cut one may end with a "." of its own, but
-    protocol 4 (torch's) frames state their length, so a walk over the frame headers finds a cut anywhere (where
-    unframed data follows a frame, it is judged by its last byte)."""
+    """Whether ``data`` is a whole pickle: a walk over protocol 4's frame headers finds a cut anywhere."""
     if not (data.startswith(b"\x80") and data.endswith(b".")):
         return False
     position = 2
@@ -246,8 +226,7 @@ def _rng_shard_keys_read_by_torch(checkpoint_dir: str) -> set[str]:
 
 
 def read_stored_layouts(checkpoint_dir: str) -> dict[str, StoredRngLayout]:
-    """The RNG layouts stored in ``checkpoint_dir``, by key (``rng_state``, a MIMO checkpoint's ``rng_state.{module}``);
-    empty when it stores no RNG state; UnknownRngLayout for shards of an object that fit no known layout."""
+    """The RNG layouts ``checkpoint_dir`` stores, by key; UnknownRngLayout for shards that fit none known."""
     shards_by_key: dict[str, list[tuple[str, str]]] = {}
     fsdp_entries = set()
     for key in stored_rng_shard_keys(checkpoint_dir):

@@ -25,8 +25,7 @@ TRACKER_KEY = "rng_tracker_states"
 
 
 def live_rng_state() -> dict[str, Any]:
-    """This rank's RNG state in the checkpoint's format, the device generator included where this process has one:
-    restoring it leaves every source as it is."""
+    """This rank's RNG state in the checkpoint's format, the device's where there is one."""
     state = {
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
@@ -40,8 +39,7 @@ def live_rng_state() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def every_source_kept() -> Iterator[None]:
-    """Leave every RNG source as it was before the block, whatever the block draws or seeds. A graph-safe tracker
-    hands out its generators as they are: their states are copied, and put back into the same generators."""
+    """Every source as it was before the block; a graph-safe tracker's generators are set back, not replaced."""
     tracker = tensor_parallel.get_cuda_rng_tracker()
     kept = live_rng_state()
     streams = {name: _copy(state) for name, state in kept[TRACKER_KEY].items()}

@@ -1,10 +1,6 @@
-"""Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, in the release's own layout.
-
-Without the fix one DP rank's state is saved per (pp, tp), while EP ranks hold different expert streams. The release's
-own object keeps its key, shape and writer, its list filled with every DP rank's state (as with
-``data_parallel_random_init``): entry 0 stays the writer's, for releases without the package. fsdp_dtensor's
-``{"(pp, tp)": states}`` gets the rank's own ``(pp, tp, dp)`` entry beside it.
-"""
+"""Save side: with EP > 1, ``get_rng_state`` keeps every DP rank's RNG state, in the release's own layout: its (pp, tp)
+object's list holds every DP rank's state (entry 0 stays the writer's, for releases without the package), and
+fsdp_dtensor's ``{"(pp, tp)": states}`` gets the rank's own ``(pp, tp, dp)`` entry beside it."""
 
 from __future__ import annotations
 
@@ -24,10 +20,7 @@ from bridge_rng_patch.rng_layout import with_own_fsdp_entry
 def ep_aware_rng_state(
     signature: probe.RngStateSignature, watch: ResumeWatch, torch_dist: bool = True
 ) -> Callable[..., Any]:
-    """The ``get_rng_state`` wrapper for a loop's signature (mpu globals, or the groups passed to it); it fills
-    torch_dist's ShardedObject only where ``torch_dist`` (upstream's own is not EP-aware), and at a save only (no
-    resume running, as ``watch`` sees it), so that a load's request stays the release's own. A plain function with
-    the argument positions found once: it runs at every save."""
+    """The ``get_rng_state`` wrapper: fills the release's object at saves only, argument positions found once."""
     group_positions = {name: signature.position(name) for name in signature.names if name in groups.ARGUMENTS}
 
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -49,11 +42,7 @@ def ep_aware_rng_state(
 
 
 def with_every_dp_rank_state(per_pp_tp: ShardedObject, passed: dict[str, Any]) -> ShardedObject:
-    """The release's (pp, tp) object with every DP rank's state in its list, in the order of their DP ranks (with
-    context parallel, as its replica ids count them); a list the release gathered itself stays as it is.
-
-    One small collective over DP, which the release makes itself with ``data_parallel_random_init``; the list is
-    filled in place, in the object ``get_rng_state`` has just built for its caller alone."""
+    """The (pp, tp) object's list filled with every DP rank's state, in one collective over DP, in place."""
     group = groups.dp_cp_group(passed)
     if len(per_pp_tp.data) != 1 or group is None or group.size() <= 1:
         return per_pp_tp
@@ -64,7 +53,6 @@ def with_every_dp_rank_state(per_pp_tp: ShardedObject, passed: dict[str, Any]) -
 
 
 def _passed(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
-    """The argument a call passed for ``name``, by keyword or at ``position``; None when it passed none."""
     if name in kwargs:
         return kwargs[name]
     return args[position] if position is not None and position < len(args) else None

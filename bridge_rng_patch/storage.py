@@ -19,7 +19,6 @@ class StorageUnavailable(Exception):
 
 
 def scheme_of(location: str) -> str | None:
-    """``msc`` for ``msc://profile/...``; None for a file system path."""
     match = _SCHEME.match(location)
     return match.group(1).lower() if match else None
 
@@ -43,14 +42,12 @@ def checkpoint_path(location: str) -> Any:
     try:
         return multistorageclient.Path(location)
     except Exception as error:  # the client's configuration errors: no MSC_CONFIG, an unknown profile, ...
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}".rstrip(": ")
         hint = "" if os.environ.get("MSC_CONFIG") else "; MSC_CONFIG, the file of its profiles, is not set"
-        raise StorageUnavailable(
-            f"{location}: the Multi-Storage Client cannot resolve it ({_one_line(error)}){hint}"
-        ) from None
+        raise StorageUnavailable(f"{location}: the Multi-Storage Client cannot resolve it ({why}){hint}") from None
 
 
 def dcp_metadata_reader(location: str) -> Any:
-    """torch's reader of a checkpoint's ``.metadata``, for the same storage as ``checkpoint_path``."""
     if scheme_of(location) == MSC_SCHEME:
         return _multistorageclient(location).torch.MultiStorageFileSystemReader(location)
     from torch.distributed.checkpoint import FileSystemReader
@@ -66,8 +63,3 @@ def _multistorageclient(location: str) -> Any:
             f"{location}: msc:// paths are read with the multi-storage-client package, which is not installed here"
         ) from None
     return multistorageclient
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

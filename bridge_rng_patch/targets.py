@@ -12,8 +12,7 @@ _ABSENT = object()
 
 
 class ModuleSeenByOneStack:
-    """A module as one stack's module sees it: its attributes, but for the wrappers set on this view alone (a
-    setattr here stays here, where wrapt's ObjectProxy would pass it on to the module everyone shares)."""
+    """A shared module as one stack sees it: a setattr here stays here (wrapt's proxy would pass it on)."""
 
     def __init__(self, module: ModuleType) -> None:
         self.__dict__["_shared_module"] = module
@@ -37,7 +36,6 @@ class Saved(NamedTuple):
 
 
 def lookup(module: ModuleType, path: str) -> Any:
-    """The object at ``path`` in ``module``; AttributeError naming the path where it is not there."""
     found: Any = module
     for part in path.split("."):
         found = getattr(found, part)
@@ -51,7 +49,6 @@ def is_method(module: ModuleType, path: str) -> bool:
 
 
 def save(module: ModuleType, path: str) -> Saved:
-    """What ``wrap(module, path, ...)`` will replace."""
     first, _, rest = path.partition(".")
     through = vars(module).get(first)
     if rest and isinstance(through, ModuleType):
@@ -77,9 +74,7 @@ def wrap(module: ModuleType, path: str, wrapper: Any) -> None:
 
 
 def take_out(saved: Saved, proxy: Any) -> Any:
-    """Take the wrapper ``proxy``, put on where ``saved`` was taken, out of the wrappers there, leaving those put on
-    over it (wrapt lets a proxy's wrapped object be replaced); returns the one directly over it, whose saved value is
-    now ``saved``'s, or None where it was outermost."""
+    """Take ``proxy`` out from under the wrappers put on since; returns the one over it, or None if outermost."""
     current = vars(saved.owner).get(saved.name)
     if current is proxy:
         saved.put_back()

@@ -20,8 +20,7 @@ from bridge_rng_patch.rng_layout import RngCheckpointError, nothing_restored
 
 
 class GraphSafeRestoringTracker(wrapt.ObjectProxy):
-    """The CUDA RNG tracker in use, converting states it is given to the form it keeps; states it cannot take fail
-    the load with the stack's own ``remedy``."""
+    """The tracker in use, converting the states it is given to the form it keeps."""
 
     def __init__(self, tracker: Any, remedy: str) -> None:
         super().__init__(tracker)
@@ -60,8 +59,7 @@ class ConvertingTensorParallel(wrapt.ObjectProxy):
 
 
 class ConvertingTrackerWhileLoading:
-    """The restore function's wrapper: the loop's module sees the converting ``tensor_parallel`` while it runs (a
-    nested restore finds it there and leaves it), and what it saw before once it returns."""
+    """The restore function's wrapper: its module sees the converting ``tensor_parallel`` while it runs."""
 
     def __init__(self, checkpointing: ModuleType, remedy: str) -> None:
         self._checkpointing = checkpointing

@@ -1,9 +1,6 @@
-"""Put first on ``PYTHONPATH`` by ``bridge-rng-patch run``: each Python process of the job imports
-bridge_rng_patch before its own code runs, then runs the ``sitecustomize`` that was there before, if any.
-
-Python imports one ``sitecustomize`` at start-up, the first on its path; this one hands over to the next, so an
-image's own keeps working, as ddtrace-run and opentelemetry-instrument chain theirs.
-"""
+"""Put first on ``PYTHONPATH`` by ``bridge-rng-patch run``: each Python process of the job imports bridge_rng_patch
+before its own code runs, then the ``sitecustomize`` that was there before (Python imports only the first on its
+path), as ddtrace-run and opentelemetry-instrument chain theirs."""
 
 import importlib.machinery
 import importlib.util
