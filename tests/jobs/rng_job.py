@@ -6,8 +6,9 @@ seeds its RNG sources with the loop's own seeding (the tracker through megatron-
 loads a checkpoint, and reports fingerprints of every RNG source. Only CUDA calls are faked (see fake_cuda.py, and
 megatron_lm_loop.py for Megatron-LM's loop).
 
-Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", or one a job script built on this one registers in
-``EXTRA_ACTIONS``), checkpoint_dir, out; optional: loop ("megatron-bridge", the default, or "megatron-lm": Megatron-LM's
+Spec keys: world, tp, pp, ep, action ("save", "load", "signatures", "train": the tiny MoE model of trajectory.py, with
+steps, iteration (saved after it) and resume; or one a job script built on this one registers in ``EXTRA_ACTIONS``),
+checkpoint_dir, out; optional: loop ("megatron-bridge", the default, or "megatron-lm": Megatron-LM's
 own loop, ``megatron.training``), cp (context parallel, default 1), patched (default true), package_first (default
 true), key_prefix (Megatron-LM 0.19's RNG key prefix), real_cuda (on a GPU: nothing faked, one device for all ranks),
 backend (default gloo), fully_parallel_load, data_parallel_random_init, graph_safe_tracker, seeding ("per-rank", the
