@@ -26,7 +26,8 @@ MEGATRON_LM = RELEASES["megatron-lm-0.19.2"]
 # at once (its valid iterator is cyclic: it draws at its first ``next()``), Megatron-LM train, valid and test.
 BUILD_DRAWS = {OLD_BRIDGE.name: 2, CALLBACK_BRIDGE.name: 2, MEGATRON_LM.name: 3}
 LOOPS = [OLD_BRIDGE, MEGATRON_LM]
-NO_PACKAGE = {"environment": {"BRIDGE_RNG_PATCH_DISABLE": "1"}}
+# Switched off in each rank (undo puts back the exact originals), so that the jobs fork from one parent per loop.
+NO_PACKAGE = {"rank_environment": {"BRIDGE_RNG_PATCH_DISABLE": "1"}}
 FIRST_STEP_OK = "RNG first-step check, 4 ranks: 4 started the first step with the RNG state the restore left them"
 
 
@@ -108,7 +109,7 @@ def test_with_the_package_a_data_init_callback_leaves_every_rank_its_saved_state
 
 def test_the_first_step_check_names_the_torch_generator_when_a_data_loader_moved_it(jobs):
     """Broken on purpose: the package without its iterator closure. The check must see the builders' draws."""
-    loaded = _resumed(jobs, MEGATRON_LM, "no-closure", environment={"BRIDGE_RNG_PATCH_DISABLE": "keep_restored"})
+    loaded = _resumed(jobs, MEGATRON_LM, "no-closure", rank_environment={"BRIDGE_RNG_PATCH_DISABLE": "keep_restored"})
     warning = next(line for line in loaded[0]["logs"] if "RNG first-step check" in line)
     assert warning.startswith("WARNING: RNG first-step check, 4 ranks: MOVED since the restore: torch moved on ranks")
     assert "a DataLoader iterated after the load" in warning
@@ -116,7 +117,7 @@ def test_the_first_step_check_names_the_torch_generator_when_a_data_loader_moved
 
 
 def test_the_first_step_check_is_off_with_the_audit(jobs):
-    loaded = _resumed(jobs, MEGATRON_LM, "audit-off", environment={"BRIDGE_RNG_PATCH_AUDIT": "0"})
+    loaded = _resumed(jobs, MEGATRON_LM, "audit-off", rank_environment={"BRIDGE_RNG_PATCH_AUDIT": "0"})
     assert "RNG first-step check" not in rank_zero_logs(loaded)
     assert all(rank["torch_draws_past_restore"] == 0 for rank in loaded)  # the closure does not depend on it
 
@@ -134,7 +135,7 @@ def test_a_loop_the_package_does_not_patch_calls_the_first_step_check_itself(job
 def test_with_the_stored_layout_load_off_the_first_step_holds_what_the_releases_own_restore_left(jobs, env):
     """The keep acts on what the resume watch notes, whoever restored: with ``layout_load`` switched off the release's
     own restore (DP rank 0's state for every rank, the old bug) is what each rank starts its first step with."""
-    loaded = _resumed(jobs, env, "layout-load-off", environment={"BRIDGE_RNG_PATCH_DISABLE": "layout_load"})
+    loaded = _resumed(jobs, env, "layout-load-off", rank_environment={"BRIDGE_RNG_PATCH_DISABLE": "layout_load"})
     for rank in loaded:
         assert rank["error"] is None, rank["error"]
         assert rank["torch_draws_past_restore"] == 0, f"rank {rank['rank']}"

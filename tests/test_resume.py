@@ -329,5 +329,7 @@ def test_a_rank_that_fails_inside_the_audit_is_named_and_the_job_goes_on(jobs):
 
 def test_the_audit_is_switched_off_by_its_variable(jobs):
     jobs.save(OLD, "patched-ep2")
-    loaded = jobs.load(OLD, "patched-ep2", "patched-ep2-load-no-audit", environment={"BRIDGE_RNG_PATCH_AUDIT": "0"})
+    loaded = jobs.load(
+        OLD, "patched-ep2", "patched-ep2-load-no-audit", rank_environment={"BRIDGE_RNG_PATCH_AUDIT": "0"}
+    )
     assert not any("RNG resume audit" in line for rank in loaded for line in rank["logs"])

@@ -25,7 +25,9 @@ MEGATRON_LM = RELEASES["megatron-lm-0.19.2"]
 STACKS = [MEGATRON_LM, RELEASES["bridge-0.6.2"], OLD_ON_NEWER_CORE, RELEASES["verl-0.9.1"], RELEASES["ms-swift-4.6.0"]]
 SAVE_AFTER, STEPS = 3, 6
 TRAJECTORY = {"world": 2, "tp": 1, "pp": 1, "ep": 2, "action": "train", "steps": STEPS, "iteration": SAVE_AFTER}
-NO_PACKAGE = {"patched": False}
+# Without the package: each rank switches it off first (undo puts back the exact originals, tests/test_patcher.py), so
+# that a stack's runs with and without it fork from one parent that imported the stack once.
+NO_PACKAGE = {"rank_environment": {"BRIDGE_RNG_PATCH_DISABLE": "1"}}
 # Where each rank (by rank) first parts from the uninterrupted run without the package: every rank at the first step
 # where a loop's set-up drew after the load; else EP rank 1, which resumed EP rank 0's expert stream, first, and EP
 # rank 0 a step later (the experts' outputs reach it through the next step's gradients).
@@ -78,7 +80,12 @@ def parting(uninterrupted: list[dict], resumed: list[dict]) -> dict[int, int]:
     return parted
 
 
-@pytest.mark.parametrize("env", STACKS, ids=lambda env: env.name)
+@pytest.fixture(scope="module", params=STACKS, ids=lambda env: env.name)
+def env(request):
+    """A stack: module-scoped, so that its tests run one after another, from the parent that imported it."""
+    return request.param
+
+
 def test_with_the_package_a_resumed_run_trains_as_the_uninterrupted_one_bit_for_bit(jobs, env):
     uninterrupted = _trained(jobs, env, "patched")
     resumed = _resumed(jobs, env, "patched", "patched-resumed")
@@ -87,7 +94,6 @@ def test_with_the_package_a_resumed_run_trains_as_the_uninterrupted_one_bit_for_
         assert resume["weights"] == run["weights"], f"rank {run['rank']}"
 
 
-@pytest.mark.parametrize("env", STACKS, ids=lambda env: env.name)
 def test_without_the_package_the_resumed_run_parts_from_the_uninterrupted_one(jobs, env):
     uninterrupted = _trained(jobs, env, "unpatched", **NO_PACKAGE)
     # The package changes nothing in a run that is not resumed: the same losses and weights, with or without it.

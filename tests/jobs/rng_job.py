@@ -21,8 +21,10 @@ runs before its first step, and that step: ``jobs/first_step.py``), data_init_ca
 draws, fired first), build_again (the iterators built once more after the first step), tensors (how many small
 parameters the model has, default 8), audit_call (after the load, call ``bridge_rng_patch.audit_restored_rng()`` as a
 loop the package does not patch would; with ``patched`` false the package is switched off first), audit_fails_on (a rank
-whose part of the resume audit raises), environment (variables set before anything is imported), collective_timeout
-(seconds a collective waits for a rank that never joins it, default 90: shorter for a job measured to hang).
+whose part of the resume audit raises), environment (variables set before anything is imported), rank_environment
+(the package's switches set in each rank, and the package applied again under them: jobs with and without a patch
+fork from one parent), collective_timeout (seconds a collective waits for a rank that never joins it, default 90:
+shorter for a job measured to hang).
 """
 
 from __future__ import annotations
@@ -210,6 +212,10 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
     else:
         device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
+    if spec.get("rank_environment"):  # the package's switches set in the rank, and the package applied again under them
+        os.environ.update(spec["rank_environment"])
+        sys.modules["bridge_rng_patch"].undo()
+        sys.modules["bridge_rng_patch"].apply()
     if training:
         report = {"rank": rank, "coords": _coordinates(), **_train(spec, device_generator), "logs": logs}
         torch.distributed.barrier()
