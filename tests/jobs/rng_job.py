@@ -213,9 +213,11 @@ def run_rank(rank: int, port: int | None, spec: dict) -> dict:
         device_generator = fake_cuda.install(seed=rank)
     logs = _capture_package_logs()
     if spec.get("rank_environment"):  # the package's switches set in the rank, and the package applied again under them
+        import bridge_rng_patch
+
         os.environ.update(spec["rank_environment"])
-        sys.modules["bridge_rng_patch"].undo()
-        sys.modules["bridge_rng_patch"].apply()
+        bridge_rng_patch.undo()
+        bridge_rng_patch.apply()
     if training:
         report = {"rank": rank, "coords": _coordinates(), **_train(spec, device_generator), "logs": logs}
         torch.distributed.barrier()
